@@ -1,0 +1,331 @@
+"""Reference numbers for the federated runs: unigram, Kneser-Ney n-gram and server-trained model.
+
+    python -m models.baselines                       # chitchat, gboard preset, capped: a few minutes
+    python -m models.baselines --full --epochs 3     # no caps (hours on a CPU)
+    python -m models.baselines --preset tiny --clients 150 --max-sentences 2000 --out /tmp/b
+
+Every model uses the vocabulary of the training clients' train split and is evaluated on
+(a) "test": the training clients' test split (seen users, their most recent text) and
+(b) "heldout": everything the held-out clients wrote (unseen users).
+The count models train on all pooled training sentences (seconds); the server-trained
+Keras model on a seeded sample of at most --max-sentences of them (CPU time is the limit).
+Evaluation uses a seeded sample of at most --max-eval-sentences per split, the same
+sentences for every model. Writes results.json (read by tff_sim as reference rows),
+results.csv, results.png, vocab.json, ngram-<order>.npz, unigram.npz, the server-trained
+model bundle (server_trained/), TensorBoard logs and report.md into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from models.config import NUM_SPECIAL_TOKENS, PRESETS, preset
+from models.ngram import NgramModel, UnigramModel
+from models.vocab import Vocabulary
+
+DEFAULT_OUT = "artifacts/baselines"
+# Defaults sized for "a few minutes on 2 CPU cores": the count models see all the data, the
+# LSTM (the slow part) one epoch over a sample; --full lifts both caps.
+DEFAULT_MAX_SENTENCES = 20_000
+DEFAULT_MAX_EVAL_SENTENCES = 5_000
+DEFAULT_EPOCHS = 1
+DEFAULT_BATCH_SIZE = 64
+DEFAULT_LR = 1e-3
+ROW_KEYS = ("model", "split", "top1_recall", "top3_recall", "perplexity", "tokens", "oov_rate",
+            "top1_recall_in_vocab", "top3_recall_in_vocab", "loss", "sentences")
+SPLITS = ("test", "heldout")
+
+
+def _row(model: str, split: str, metrics: dict[str, Any], sentences: int) -> dict[str, Any]:
+    row: dict[str, Any] = {"model": model, "split": split, "sentences": sentences}
+    for key in ROW_KEYS[2:-1]:
+        value = metrics[key]
+        row[key] = int(value) if key == "tokens" else (None if not math.isfinite(value) else round(float(value), 6))
+    return row
+
+
+def _dropped_lines(dropped: dict[str, Any]) -> list[str]:
+    """Markdown bullets: each filter rule with the clients and items it removed."""
+    rules = dropped.get("rules", {})
+    clients, items = dropped.get("clients", {}), dropped.get("items", {})
+    lines = []
+    if dropped.get("clients_before") is not None:
+        lines.append(f"- before filtering: {dropped['clients_before']} clients, {dropped.get('items_before', '?')} items")
+    for key in sorted(set(rules) | set(clients) | set(items)):
+        lines.append(f"- `{key}` ({rules.get(key, 'no description')}): {clients.get(key, 0)} clients, {items.get(key, 0)} items dropped")
+    return lines
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    head = f"{'model':<16} {'split':<8} {'top-1':>7} {'top-3':>7} {'perplexity':>11} {'tokens':>9} {'OOV':>6}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        ppl = "inf" if r["perplexity"] is None else f"{r['perplexity']:.1f}"
+        lines.append(
+            f"{r['model']:<16} {r['split']:<8} {r['top1_recall']:>7.2%} {r['top3_recall']:>7.2%} {ppl:>11} "
+            f"{r['tokens']:>9} {r['oov_rate']:>6.1%}"
+        )
+    return "\n".join(lines)
+
+
+def _markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["| model | split | top-1 recall | top-3 recall | perplexity | tokens | OOV rate | top-1 in-vocab |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ppl = "inf" if r["perplexity"] is None else f"{r['perplexity']:.1f}"
+        lines.append(f"| {r['model']} | {r['split']} | {r['top1_recall']:.2%} | {r['top3_recall']:.2%} | {ppl} | "
+                     f"{r['tokens']} | {r['oov_rate']:.1%} | {r['top1_recall_in_vocab']:.2%} |")
+    return "\n".join(lines)
+
+
+def save_plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
+    """Grouped bars: top-1 and top-3 recall per model, one panel per split."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on servers or CI
+    import matplotlib.pyplot as plt
+
+    splits = [s for s in SPLITS if any(r["split"] == s for r in rows)]
+    fig, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 3.6), sharey=True, squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        sub = [r for r in rows if r["split"] == split]
+        xs = range(len(sub))
+        for offset, key, label in ((-0.2, "top1_recall", "top-1"), (0.2, "top3_recall", "top-3")):
+            bars = ax.bar([x + offset for x in xs], [100 * r[key] for r in sub], width=0.4, label=label)
+            ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        ax.set_xticks(list(xs), [r["model"] for r in sub])
+        ax.set_title(f"{split} ({sub[0]['tokens']:,} tokens)" if sub else split)
+        ax.set_ylabel("recall (%)")
+        ax.legend(loc="upper left", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_baselines(
+    dataset: str = "chitchat",
+    out: str | os.PathLike = DEFAULT_OUT,
+    preset_name: str = "gboard",
+    vocab_size: int | None = None,
+    order: int = 5,
+    max_sentences: int | None = DEFAULT_MAX_SENTENCES,
+    max_eval_sentences: int | None = DEFAULT_MAX_EVAL_SENTENCES,
+    epochs: int = DEFAULT_EPOCHS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    lr: float = DEFAULT_LR,
+    seed: int = 0,
+    clients: int | None = None,
+    heldout_clients: int | None = None,
+    full: bool = False,
+    tensorboard: bool = True,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Train and evaluate the three baselines, write the artifacts into `out`, return results.json's dict."""
+    from tqdm import tqdm
+
+    from models.bundle import save_bundle
+    from models.central import evaluate_keras, sample_sentences, token_lists, train_central
+    from models.data import load_dataset
+
+    def say(msg: str) -> None:
+        if verbose:
+            print(msg, flush=True)
+
+    started = time.time()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        timings[name] = round(time.time() - since, 2)
+        return time.time()
+
+    if full:
+        max_sentences = max_eval_sentences = None
+    # 0 or a negative cap means no cap, like --full for that one cap.
+    max_sentences = max_sentences if max_sentences and max_sentences > 0 else None
+    max_eval_sentences = max_eval_sentences if max_eval_sentences and max_eval_sentences > 0 else None
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t = time.time()
+    ds = load_dataset(dataset, seed=seed)
+    if clients is not None or heldout_clients is not None:
+        ds = ds.subset(n_clients=clients, n_heldout=heldout_clients)
+    # Tokenize client by client (tqdm shows progress on the big corpora); sentences keep client order.
+    def tokenized(ids: Sequence[str], parts: str, desc: str) -> list[list[str]]:
+        result: list[list[str]] = []
+        for cid in tqdm(ids, desc=desc, unit="client", leave=False, disable=None if verbose else True):  # None: off without a TTY
+            c = ds.clients[cid]
+            result.extend(token_lists(c.train if parts == "train" else c.test if parts == "test" else [*c.train, *c.test]))
+        return result
+
+    train = tokenized(ds.train_ids, "train", "tokenize train")
+    evals_all = {"test": tokenized(ds.train_ids, "test", "tokenize test"),
+                 "heldout": tokenized(ds.heldout_ids, "all", "tokenize heldout")}
+    if vocab_size is None:
+        vocab_size = PRESETS[preset_name].vocab_size - NUM_SPECIAL_TOKENS
+    vocab = Vocabulary.build(train, size=vocab_size)
+    config = preset(preset_name, vocab_size=len(vocab))
+    evals = {split: sample_sentences(s, max_eval_sentences, seed + 1) for split, s in evals_all.items()}
+    t = lap("data", t)
+    say(f"{dataset}: {len(ds.train_ids)} training clients ({len(train):,} train sentences), "
+        f"{len(ds.heldout_ids)} held-out clients; vocabulary {len(vocab):,} ids; "
+        f"eval sentences: " + ", ".join(f"{k} {len(v):,}/{len(evals_all[k]):,}" for k, v in evals.items()))
+
+    rows: list[dict[str, Any]] = []
+
+    def evaluate_all(name: str, evaluate) -> None:
+        for split in SPLITS:
+            rows.append(_row(name, split, evaluate(evals[split]), len(evals[split])))
+
+    unigram = UnigramModel.train(train, vocab)
+    evaluate_all("unigram", unigram.evaluate)
+    t = lap("unigram", t)
+    ngram = NgramModel.train(train, vocab, order=order)
+    t = lap("ngram_train", t)
+    say(f"{ngram.name}: {ngram.info['ngrams']} n-grams per order, trained in {timings['ngram_train']} s")
+    evaluate_all(ngram.name, ngram.evaluate)
+    t = lap("ngram_eval", t)
+
+    say(f"server-trained ({preset_name}, {config.num_parameters():,} parameters): Adam lr {lr}, {epochs} epoch(s), "
+        f"batch {batch_size}, at most {max_sentences or 'all'} sentences")
+    weights, history = train_central(
+        ds, vocab, config, epochs=epochs, batch_size=batch_size, lr=lr, max_sentences=max_sentences, seed=seed,
+        log_dir=str(out / "tensorboard") if tensorboard else None, verbose=None if verbose else 0, sentences=train,
+    )
+    t = lap("server_train", t)
+    evaluate_all("server-trained", lambda s: evaluate_keras(config, weights, s, vocab, progress=verbose))
+    t = lap("server_eval", t)
+
+    # Artifacts: models first, then the result files that point at them.
+    vocab.save(out / "vocab.json")
+    ngram.save(out / f"{ngram.name}.npz")
+    unigram.save(out / "unigram.npz")
+    run_config = {
+        "preset": preset_name, "model": config.to_dict(), "config_hash": config.config_hash(),
+        "vocab_size": len(vocab), "vocab_hash": vocab.content_hash(), "order": order, "seed": seed,
+        "max_sentences": max_sentences, "max_eval_sentences": max_eval_sentences, "epochs": epochs,
+        "batch_size": batch_size, "lr": lr, "optimizer": "adam", "full": full,
+        "clients": clients, "heldout_clients": heldout_clients,
+    }
+    save_bundle(out / "server_trained", config, vocab, weights, model_version=0,
+                meta={"source": "models.baselines", "dataset": dataset, "history": history, "run": run_config})
+    timings["total"] = round(time.time() - started, 2)
+    results = {
+        "dataset": dataset,
+        "config": run_config,
+        "rows": rows,
+        "data": {
+            "train_clients": len(ds.train_ids), "heldout_clients": len(ds.heldout_ids),
+            "train_sentences": len(train), "train_tokens": sum(len(s) + 1 for s in train),
+            "eval_sentences_available": {k: len(v) for k, v in evals_all.items()},
+            "dropped": {k: v for k, v in ds.dropped.items() if k != "junk_senders"},
+        },
+        "ngram": {"order": order, "discounts": ngram.discounts.round(4).tolist(), **ngram.info},
+        "server_trained": history,
+        "timings_s": timings,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "artifacts": {"vocab": "vocab.json", "ngram": f"{ngram.name}.npz", "unigram": "unigram.npz",
+                      "server_trained_bundle": "server_trained", "plot": "results.png", "csv": "results.csv"},
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(ROW_KEYS))
+        writer.writeheader()
+        writer.writerows(rows)
+    save_plot(rows, out / "results.png", f"{dataset} baselines (vocab {len(vocab) - NUM_SPECIAL_TOKENS:,}, {preset_name} preset)")
+    (out / "report.md").write_text(_report(results, ds.dropped), encoding="utf-8")
+    say("\n" + format_table(rows))
+    say(f"\nwrote {out}/ (results.json, results.csv, results.png, report.md, models) in {timings['total']:.0f} s")
+    return results
+
+
+def _report(results: dict[str, Any], dropped: dict[str, Any]) -> str:
+    c, d, h, tm = results["config"], results["data"], results["server_trained"], results["timings_s"]
+    cap = lambda v: "none" if v is None else f"{v:,}"  # noqa: E731
+    lines = [
+        f"# Baselines on {results['dataset']}",
+        "",
+        f"Created {results['created']}; wall time {tm['total']:.0f} s "
+        f"(data {tm['data']:.0f} s, unigram {tm['unigram']:.0f} s, n-gram train {tm['ngram_train']:.0f} s + eval "
+        f"{tm['ngram_eval']:.0f} s, server-trained train {tm['server_train']:.0f} s + eval {tm['server_eval']:.0f} s).",
+        "",
+        _markdown_table(results["rows"]),
+        "",
+        "Recall as in Hard et al. 2018: the share of next-word targets (words and <eos>) among the top-k",
+        "suggestions; <pad>, <bos>, <oov> are never suggested, so every OOV target is a miss (OOV rate above).",
+        "",
+        "## Data",
+        "",
+        f"- {d['train_clients']} training clients, {d['heldout_clients']} held-out clients; "
+        f"{d['train_sentences']:,} training sentences ({d['train_tokens']:,} targets incl. <eos>).",
+        f"- test = training clients' test split (their latest 20%); heldout = all text of the held-out clients.",
+        f"- evaluation sample (seeded, same for every model): at most {cap(c['max_eval_sentences'])} sentences per split "
+        f"of {', '.join(f'{k} {v:,}' for k, v in d['eval_sentences_available'].items())} available.",
+        f"- vocabulary: top {c['vocab_size'] - NUM_SPECIAL_TOKENS:,} words of the training clients' train split "
+        f"(+4 special ids), hash {c['vocab_hash']}.",
+        "",
+        "Filters of the loader (what was dropped):",
+        "",
+        *_dropped_lines(dropped),
+        "",
+        "## Models",
+        "",
+        f"- unigram: add-one smoothed word frequencies; always suggests the most frequent words (the floor).",
+        f"- ngram-{c['order']}: interpolated modified Kneser-Ney, discounts per order {results['ngram']['discounts']}, "
+        f"n-grams per order {results['ngram']['ngrams']}; trained on all {d['train_sentences']:,} training sentences.",
+        f"- server-trained: the {c['preset']} CIFG model ({c['model']}) trained centrally on the pooled training "
+        f"sentences: Adam lr {c['lr']} (chosen over SGD for fast convergence on a CPU budget), batch {c['batch_size']}, "
+        f"{c['epochs']} epoch(s), at most {cap(c['max_sentences'])} sentences (used {h['sentences']:,}, "
+        f"{h['examples']:,} windows, {h['steps_per_epoch']} steps/epoch); training loss per epoch {[round(x, 3) for x in h.get('loss', [])]}.",
+        "",
+        "Caps: " + ("none (--full)." if c["full"] else
+                    f"--max-sentences {cap(c['max_sentences'])} for the server-trained model, --max-eval-sentences "
+                    f"{cap(c['max_eval_sentences'])}; run with --full for uncapped numbers."),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m models.baselines", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="chitchat", help="chitchat, shakespeare, a .txt file or a folder")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    parser.add_argument("--preset", default="gboard", choices=sorted(PRESETS), help="server-trained model preset")
+    parser.add_argument("--vocab-size", type=int, default=None, help="words in the vocabulary (default: the preset's, 10,000 for gboard)")
+    parser.add_argument("--order", type=int, default=5, help="n-gram order (default 5)")
+    parser.add_argument("--max-sentences", type=int, default=DEFAULT_MAX_SENTENCES,
+                        help=f"server-trained model: train on at most this many sentences, 0 = all (default {DEFAULT_MAX_SENTENCES:,})")
+    parser.add_argument("--max-eval-sentences", type=int, default=DEFAULT_MAX_EVAL_SENTENCES,
+                        help=f"evaluate on at most this many sentences per split, 0 = all (default {DEFAULT_MAX_EVAL_SENTENCES:,})")
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="Adam learning rate")
+    parser.add_argument("--seed", type=int, default=0, help="held-out clients, samples, initialisation")
+    parser.add_argument("--clients", type=int, default=None, help="use only this many training clients (quick runs)")
+    parser.add_argument("--heldout-clients", type=int, default=None, help="use only this many held-out clients")
+    parser.add_argument("--full", action="store_true", help="no caps: all training and evaluation sentences")
+    parser.add_argument("--no-tensorboard", action="store_true", help="skip TensorBoard logs")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    run_baselines(
+        dataset=args.dataset, out=args.out, preset_name=args.preset, vocab_size=args.vocab_size, order=args.order,
+        max_sentences=args.max_sentences, max_eval_sentences=args.max_eval_sentences, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, seed=args.seed, clients=args.clients,
+        heldout_clients=args.heldout_clients, full=args.full, tensorboard=not args.no_tensorboard, verbose=not args.quiet,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
