@@ -1,0 +1,103 @@
+"""The aggregation server devices talk to: rounds, validation, versions, rollout, crash safety.
+
+FastAPI + uvicorn, SQLite (WAL) and blob files in one data dir, numpy only (no TensorFlow).
+
+Run
+---
+    python -m server --data-dir server_data --port 8080 --init-bundle artifacts/baselines/bundle
+    python -m server --data-dir /tmp/d --port 0 --port-file /tmp/d.port --init-preset tiny --admin-token s3cret
+
+Every ServerConfig field (server/config.py) is a flag: --round-goal, --min-count, --over-admit, --deadline-s,
+--epochs, --batch-size, --learning-rate, --dp-mode {none,central,distributed,local}, --clip-norm,
+--noise-multiplier, --aggregator {mean,trimmed_mean,median}, --server-optimizer {sgd,momentum,adam},
+--server-lr, --candidate-eval-fraction, --promotion-tolerance, ...; --config FILE.json sets many at once.
+Admin token: --admin-token, else $FK_ADMIN_TOKEN, else generated into <data-dir>/admin_token.
+The deployment's model config and vocabulary are fixed by the first model (--init-bundle DIR, or
+--init-preset NAME [--vocab-file vocab.json] with numpy random weights, or POST /v1/admin/init).
+
+Modules
+-------
+config.py       ServerConfig (defaults, validation, frozen per round)
+db.py           SQLite schema + queries; WAL, synchronous=FULL, one writer lock
+store.py        model / update / optimizer-state files: temp + fsync + rename before the row commits
+aggregation.py  streaming (weighted) mean, coordinate-wise trimmed mean and median (pure numpy)
+strategy.py     Strategy interface: decode_upload / accept / finalize (StreamingMean, Robust); secure
+                aggregation plugs in here as another strategy
+optimizers.py   server SGD / momentum (Nesterov) / Adam with persisted state
+rounds.py       RoundManager: round state machine, admission + pace steering, deadlines, aggregation,
+                evaluation rounds, versions, rollback, privacy ledger, crash recovery
+auth.py         registration, bearer tokens (stored as SHA-256), admin token
+app.py          FastAPI routes, create_app(config)
+metrics.py      Prometheus text;  status_page.py  HTML + server-rendered SVG (no JavaScript)
+bootstrap.py    first model from a bundle or a preset;  __main__.py  argparse + uvicorn
+errors.py       rejection reasons -> HTTP status
+
+HTTP API (all bodies JSON unless noted; auth = "Authorization: Bearer <token>")
+--------------------------------------------------------------------------------
+POST /v1/devices/register      none    {"registration_key"?}          201 {device_id, token, global_version, config_hash}
+GET  /v1/model/info            device  -                              {config, config_hash, vocab_hash, vocab_size,
+                                                                       num_parameters, global_version, candidate_version,
+                                                                       dp_mode, upload_dtypes, max_upload_bytes, ...}
+GET  /v1/model/vocab           device  -                              models.vocab JSON; ETag = vocab hash, 304 on match
+GET  /v1/models/current        device  -                              wire bytes (kind weights); ETag, X-Model-Version; 304
+GET  /v1/models/{version}      device  -                              same, any stored version (candidates too), immutable
+POST /v1/checkin               device  {"eligibility": {"charging", "unmetered", "idle"}, "model_version"}
+                                       -> {"action": "train"|"evaluate"|"retry", "task", "retry_after", "reason",
+                                           "global_version"}  (+ Retry-After header on retry)
+POST /v1/rounds/{id}/update    device  wire bytes (application/octet-stream), see below
+                                       -> 200 {"status": "accepted", round_id, payload_sha256, num_examples, norm}
+POST /v1/rounds/{id}/eval      device  {"results": [{"model_version", "num_examples", "recall", "loss", "metrics"?}
+                                       for the candidate and the baseline]} -> 200 {"status": "accepted", ...}
+GET  /v1/rounds/{id}           device  -                              {id, kind, state, base_version, deadline, goal,
+                                                                       admitted, accepted, result_version, ...}
+GET  /v1/admin/status|config|rounds[?limit&kind]|rounds/{id}|versions|privacy[?accountant=rdp|pld]
+POST /v1/admin/training/start|stop
+POST /v1/admin/models[?promote=true&note=...]   wire weights -> {version, state: candidate|global, eval_round_id}
+POST /v1/admin/candidate/discard               -> {discarded}
+POST /v1/admin/rollback        {"version", "note"?} -> {version (new), rollback_of}
+POST /v1/admin/init            {"config", "vocab", "seed"?} (empty server only) -> 201 {version: 1}
+GET  /healthz  /metrics (Prometheus)  /status (HTML)  /docs  /openapi.json
+
+Train task: {type: "train", round_id, base_version, model_url, deadline (unix s), epochs, batch_size,
+learning_rate, dp_mode, clip_norm, noise_multiplier, noise_stddev (what this device adds), upload_url,
+upload_dtypes, max_upload_bytes, max_examples, config_hash, secure_aggregation: null}.
+Evaluate task: {type: "evaluate", round_id, candidate_version, baseline_version, model_urls, report_url, deadline}.
+Retry reasons: ineligible, not_initialized, training_stopped, no_round, aggregating, round_full, already_participated.
+
+Update upload
+-------------
+Body = models.wire.encode(delta, config, kind="delta", model_version=<task base_version>,
+dtype=float32|float16|int8|int16, metadata={"num_examples": int >= 1, "metrics": {name: number}}).
+delta = locally trained weights - base weights, clipped to clip_norm and noised with noise_stddev by the
+device. The example count and metrics ride in the wire metadata (covered by the checksum).
+Validation, in order: auth; size; round exists; device admitted; same device already uploaded (same
+bytes -> the original 200 again, other bytes -> 409 duplicate_upload); round open and before its deadline;
+wire framing + SHA-256 checksum; config hash; tensor names/shapes; kind delta; base version; dtype allowed;
+all finite; metadata; L2 norm <= clip + noise tolerance (models.dp.norm_tolerance) + quantization error.
+Large bodies: send with Content-Length, and from httpx as an iterator of ~256 KB chunks (httpcore copies
+the rest of a `bytes` body after each partial socket send, which is quadratic under load).
+
+Rejections: 4xx {"error": reason, "detail": "..."}; reasons in server/errors.py (unauthorized, forbidden,
+not_admitted, unknown_round, round_closed, stale_base_version, duplicate_upload, config_mismatch,
+too_large, truncated, bad_magic, unsupported_format_version, corrupt_header, checksum_mismatch,
+shape_mismatch, non_finite, unsupported_dtype, wrong_kind, norm_exceeded, bad_metadata, bad_report,
+bad_request, ...). A rejection changes nothing: no row, no file, no aggregate.
+
+Rounds, aggregation, privacy
+----------------------------
+open -> aggregating -> closed | abandoned. The deadline starts at the first admission. Admission up to
+ceil(goal * over_admit); at goal, or at the deadline with >= min_count updates, the round aggregates;
+below min_count at the deadline it is abandoned and a new round opens on the same base.
+Mean: uniform for DP rounds, example-weighted otherwise, streamed into one float64 sum; trimmed_mean /
+median (dp_mode none or local only) read the stored updates chunk by chunk. Server optimizer turns the
+aggregate into a new version; DP rounds add (noise_multiplier, q = aggregated / registered devices) to the
+dp_accounting ledger and the round records the cumulative epsilon (delta = 1/population^1.1 by default).
+Evaluation rounds send a staged candidate to candidate_eval_fraction of devices; it is promoted (as a new
+version) only if its recall >= the baseline's - promotion_tolerance. Promotion, rollback and admin pushes
+abandon the open training round (reason global_changed) and reset the optimizer state.
+
+Crash safety: an accepted update's file is fsynced and renamed, then its row commits (fsync), then the
+200 goes out. After kill -9 the open round resumes with every accepted update (the running sum is
+rebuilt from the files in acceptance order, bit-identically); a round caught aggregating is aggregated
+again; unreferenced files are deleted. Individual updates are deleted once their round closes.
+"""

@@ -1,0 +1,214 @@
+"""Server configuration: one dataclass, filled from defaults, a JSON file, flags and environment.
+
+Round parameters are copied into each round when it opens (rounds.params), so changing the
+configuration and restarting never changes a round that is already running.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from models.dp import ACCOUNTANTS, DP_MODES
+
+AGGREGATORS = ("mean", "trimmed_mean", "median")
+SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
+WIRE_DTYPES = ("float32", "float16", "int8", "int16")
+ADMIN_TOKEN_ENV = "FK_ADMIN_TOKEN"
+REGISTRATION_KEY_ENV = "FK_REGISTRATION_KEY"
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    # --- where
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: str = "server_data"
+    db_path: str | None = None  # default: <data_dir>/server.sqlite3
+
+    # --- auth
+    admin_token: str | None = None  # --admin-token or $FK_ADMIN_TOKEN; if neither, generated into <data_dir>/admin_token
+    registration_key: str | None = None  # if set, devices must present it to register ($FK_REGISTRATION_KEY)
+
+    # --- training rounds
+    training_on_start: bool = True  # only for a fresh data dir; later the admin start/stop state persists
+    round_goal: int = 100  # updates aggregated per round
+    min_count: int = 80  # fewest updates a round may close with at its deadline
+    over_admit: float = 1.3  # admit up to ceil(goal * over_admit) devices to absorb dropouts
+    deadline_s: float = 600.0  # from the round's first admission
+    epochs: int = 1
+    batch_size: int = 16
+    learning_rate: float = 0.5  # device SGD learning rate
+    max_examples_per_update: int = 100_000  # an update claiming more is refused (bad_metadata)
+
+    # --- differential privacy
+    dp_mode: str = "none"  # none | central | distributed | local (see models/dp.py)
+    clip_norm: float = 1.0  # L2 bound on each device delta; 0 disables clipping (dp_mode none only)
+    noise_multiplier: float = 0.0  # z: total noise stddev on the sum = z * clip_norm
+    dp_delta: float | None = None  # default: 1 / population^1.1
+    accountant: str = "rdp"  # rdp | pld
+    norm_sigmas: float = 6.0  # how far past E||noise|| an upload's norm may go before norm_exceeded
+
+    # --- aggregation and server optimizer
+    aggregator: str = "mean"  # mean (uniform for DP rounds, example-weighted otherwise) | trimmed_mean | median
+    trim_fraction: float = 0.1  # trimmed_mean drops this fraction at each end, per coordinate
+    server_optimizer: str = "sgd"  # sgd | momentum | adam
+    server_lr: float = 1.0  # sgd with lr 1 is plain FedAvg
+    server_momentum: float = 0.9
+    nesterov: bool = False
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-3  # FedAdam's tau (Reddi et al. 2021)
+    seed: int = 0  # random init of a preset model (central-DP noise uses a secret random seed per round)
+
+    # --- uploads
+    max_upload_bytes: int | None = None  # default: float32 delta size + 1 MiB
+    upload_dtypes: tuple[str, ...] = WIRE_DTYPES
+    keep_update_blobs: bool = False  # delete individual updates once their round is closed
+
+    # --- candidates and evaluation
+    candidate_eval_fraction: float = 0.1  # share of check-ins (by device hash) that evaluate a staged candidate
+    eval_goal: int = 50
+    eval_min_count: int = 20
+    eval_deadline_s: float = 600.0
+    promotion_tolerance: float = 0.0  # promote iff candidate recall >= global recall - tolerance
+    promotion_loss_tolerance: float | None = None  # optional: and candidate loss <= global loss + this
+
+    # --- pace steering (seconds a device is told to wait)
+    retry_ineligible_s: int = 600
+    retry_idle_s: int = 300  # training stopped, nothing to do
+    retry_min_s: int = 5
+    retry_max_s: int = 3600
+
+    # --- ops
+    tick_s: float = 0.1  # how often deadlines are checked
+    status_page_public: bool = True  # /status and /metrics without a token (they show counts only)
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        self.upload_dtypes = tuple(self.upload_dtypes)
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        def need(cond: bool, message: str) -> None:
+            if not cond:
+                raise ValueError(f"invalid server config: {message}")
+
+        need(self.round_goal >= 1, "round_goal must be >= 1")
+        need(1 <= self.min_count <= self.round_goal, "min_count must be in [1, round_goal]")
+        need(self.over_admit >= 1.0, "over_admit must be >= 1")
+        need(self.deadline_s > 0 and self.eval_deadline_s > 0, "deadlines must be > 0")
+        need(self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be >= 1")
+        need(self.learning_rate > 0, "learning_rate must be > 0")
+        need(self.dp_mode in DP_MODES, f"dp_mode must be one of {DP_MODES}")
+        need(self.accountant in ACCOUNTANTS, f"accountant must be one of {ACCOUNTANTS}")
+        need(self.clip_norm >= 0 and math.isfinite(self.clip_norm), "clip_norm must be >= 0")
+        need(self.noise_multiplier >= 0, "noise_multiplier must be >= 0")
+        if self.dp_mode != "none":
+            need(self.clip_norm > 0, "DP modes need clip_norm > 0")
+            need(self.noise_multiplier > 0, "DP modes need noise_multiplier > 0")
+        need(self.dp_delta is None or 0 < self.dp_delta < 1, "dp_delta must be in (0, 1)")
+        need(self.aggregator in AGGREGATORS, f"aggregator must be one of {AGGREGATORS}")
+        need(0 <= self.trim_fraction < 0.5, "trim_fraction must be in [0, 0.5)")
+        # Distributed noise only protects a sum, and central noise is calibrated to the mean's
+        # sensitivity; a median/trimmed mean of individual updates is private only in local mode.
+        need(self.aggregator == "mean" or self.dp_mode in ("none", "local"),
+             "robust aggregators (trimmed_mean, median) need dp_mode none or local")
+        need(self.server_optimizer in SERVER_OPTIMIZERS, f"server_optimizer must be one of {SERVER_OPTIMIZERS}")
+        need(self.server_lr > 0, "server_lr must be > 0")
+        need(0 <= self.server_momentum < 1, "server_momentum must be in [0, 1)")
+        need(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1 and self.adam_eps > 0, "bad Adam parameters")
+        need(all(d in WIRE_DTYPES for d in self.upload_dtypes) and self.upload_dtypes, "bad upload_dtypes")
+        need(self.max_upload_bytes is None or self.max_upload_bytes > 0, "max_upload_bytes must be > 0")
+        need(0 <= self.candidate_eval_fraction <= 1, "candidate_eval_fraction must be in [0, 1]")
+        need(1 <= self.eval_min_count <= self.eval_goal, "eval_min_count must be in [1, eval_goal]")
+        need(self.promotion_tolerance >= 0, "promotion_tolerance must be >= 0")
+        need(self.max_examples_per_update >= 1, "max_examples_per_update must be >= 1")
+        need(self.tick_s > 0, "tick_s must be > 0")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    @property
+    def sqlite_path(self) -> Path:
+        return Path(self.db_path) if self.db_path else self.data_path / "server.sqlite3"
+
+    @property
+    def max_admitted(self) -> int:
+        return math.ceil(self.round_goal * self.over_admit - 1e-9)
+
+    @property
+    def max_eval_admitted(self) -> int:
+        return math.ceil(self.eval_goal * self.over_admit - 1e-9)
+
+    def round_params(self) -> dict[str, Any]:
+        """The parameters frozen into a training round when it opens."""
+        return {
+            "goal": self.round_goal,
+            "min_count": self.min_count,
+            "max_admitted": self.max_admitted,
+            "deadline_s": self.deadline_s,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "learning_rate": self.learning_rate,
+            "dp_mode": self.dp_mode,
+            "clip_norm": self.clip_norm,
+            "noise_multiplier": self.noise_multiplier,
+            "aggregator": self.aggregator,
+            "trim_fraction": self.trim_fraction,
+            "norm_sigmas": self.norm_sigmas,
+            "max_examples_per_update": self.max_examples_per_update,
+            "upload_dtypes": list(self.upload_dtypes),
+        }
+
+    def eval_params(self) -> dict[str, Any]:
+        return {
+            "goal": self.eval_goal,
+            "min_count": self.eval_min_count,
+            "max_admitted": self.max_eval_admitted,
+            "deadline_s": self.eval_deadline_s,
+            "promotion_tolerance": self.promotion_tolerance,
+            "promotion_loss_tolerance": self.promotion_loss_tolerance,
+        }
+
+    def public_dict(self) -> dict[str, Any]:
+        """Everything but secrets (for the admin API)."""
+        data = dataclasses.asdict(self)
+        data["admin_token"] = "***" if self.admin_token else None
+        data["registration_key"] = "***" if self.registration_key else None
+        data["upload_dtypes"] = list(self.upload_dtypes)
+        return data
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ServerConfig":
+        unknown = set(data) - cls.field_names()
+        if unknown:
+            raise ValueError(f"unknown server config keys: {sorted(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **overrides: Any) -> "ServerConfig":
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: server config must be a JSON object")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(data)
+
+    def with_env(self) -> "ServerConfig":
+        """Fill secrets from the environment where flags/files left them unset."""
+        if self.admin_token is None and os.environ.get(ADMIN_TOKEN_ENV):
+            self.admin_token = os.environ[ADMIN_TOKEN_ENV]
+        if self.registration_key is None and os.environ.get(REGISTRATION_KEY_ENV):
+            self.registration_key = os.environ[REGISTRATION_KEY_ENV]
+        return self

@@ -1,0 +1,59 @@
+"""Rejections: every refused request is a 4xx with a stable machine-readable reason.
+
+The body is always JSON {"error": reason, "detail": "human sentence"}. A rejection changes
+nothing on the server (no row, no file, no aggregate).
+"""
+from __future__ import annotations
+
+# reason -> HTTP status. Devices branch on the reason, never on the detail text.
+REASONS: dict[str, int] = {
+    # authentication
+    "unauthorized": 401,          # missing, malformed or unknown bearer token
+    "forbidden": 403,             # a valid device token on an admin route
+    "registration_refused": 403,  # wrong or missing registration key
+    # request shape
+    "bad_request": 422,           # JSON body failed validation
+    "not_found": 404,             # unknown route
+    "method_not_allowed": 405,
+    "unknown_round": 404,
+    "unknown_version": 404,
+    "not_initialized": 503,       # the server has no model yet
+    # uploads
+    "not_admitted": 403,          # the device was not admitted to this round
+    "round_closed": 409,          # round no longer open (goal reached, deadline passed, abandoned)
+    "stale_base_version": 409,    # delta computed from another model version than the round's base
+    "duplicate_upload": 409,      # a different payload was already accepted from this device in this round
+    "config_mismatch": 409,       # blob made for another model config
+    "too_large": 413,
+    "truncated": 400,
+    "bad_magic": 400,
+    "unsupported_format_version": 400,
+    "corrupt_header": 400,
+    "checksum_mismatch": 400,
+    "shape_mismatch": 400,
+    "non_finite": 400,
+    "unsupported_dtype": 400,     # not a wire dtype, or not one this deployment accepts
+    "wrong_kind": 400,            # weights where a delta was expected or vice versa
+    "norm_exceeded": 400,         # L2 norm above the round's clip bound plus the noise tolerance
+    "bad_metadata": 400,          # num_examples / metrics missing or invalid
+    "bad_report": 400,            # evaluation report for the wrong models or with invalid values
+    # admin
+    "already_initialized": 409,
+    "no_candidate": 409,
+    "already_global": 409,        # rollback target is the current global model
+    "not_a_global_version": 409,  # rollback target was never a global model
+    "wire_error": 400,
+}
+
+
+class Rejection(Exception):
+    """Raised anywhere below the HTTP layer; app.py turns it into the JSON 4xx answer."""
+
+    def __init__(self, reason: str, detail: str = "", status: int | None = None) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail or reason
+        self.status = status if status is not None else REASONS.get(reason, 400)
+
+    def body(self) -> dict[str, str]:
+        return {"error": self.reason, "detail": self.detail}

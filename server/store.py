@@ -1,0 +1,146 @@
+"""Blobs on disk: model versions, accepted updates, server optimizer state.
+
+Every file is written to a temporary name, fsynced, renamed into place and its directory
+fsynced *before* the database row that points at it commits. A crash can therefore leave
+an unreferenced file behind (removed by `collect_garbage` at the next start) but never a
+row pointing at a missing or half-written file.
+
+Layout under the data dir:
+
+    models/v000001.fkw        wire format, kind "weights", float32, header model_version = version
+    updates/r000012/<device>-<nonce>.npy
+                              one accepted delta as a flat float32 .npy (the decoded wire payload
+                              in config.weight_specs() order); memory-mappable for robust aggregators
+    optimizer/v000001.npz     server optimizer state after producing that version
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import secrets
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+TMP_SUFFIX = ".tmp"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Store:
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        for sub in ("models", "updates", "optimizer"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    # ------------------------------------------------------------------ generic
+    def write_atomic(self, rel: str, write: Callable[[io.BufferedWriter], None]) -> None:
+        """Write through `write(f)` to a temp file, fsync, rename to `rel`, fsync the directory."""
+        final = self.root / rel
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(final.parent)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        self.write_atomic(rel, lambda f: f.write(data))
+
+    def read_bytes(self, rel: str) -> bytes:
+        return (self.root / rel).read_bytes()
+
+    def delete(self, rel: str | None) -> None:
+        if rel:
+            (self.root / rel).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ models
+    @staticmethod
+    def model_rel(version: int) -> str:
+        return f"models/v{version:06d}.fkw"
+
+    def write_model(self, version: int, blob: bytes) -> tuple[str, str, int]:
+        """Store a wire blob; returns (relative path, sha256 hex, size)."""
+        rel = self.model_rel(version)
+        self.write_bytes(rel, blob)
+        return rel, hashlib.sha256(blob).hexdigest(), len(blob)
+
+    # ------------------------------------------------------------------ updates
+    @staticmethod
+    def update_dir_rel(round_id: int) -> str:
+        return f"updates/r{round_id:06d}"
+
+    def write_update(self, round_id: int, device_id: str, tensors: Sequence[np.ndarray]) -> str:
+        """Store one delta as a flat little-endian float32 .npy without concatenating it in memory."""
+        total = int(sum(t.size for t in tensors))
+        rel = f"{self.update_dir_rel(round_id)}/{device_id}-{secrets.token_hex(6)}.npy"
+
+        def write(f: io.BufferedWriter) -> None:
+            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (total,)})
+            for t in tensors:
+                arr = np.ascontiguousarray(t, dtype="<f4")
+                f.write(memoryview(arr).cast("B"))
+
+        self.write_atomic(rel, write)
+        return rel
+
+    def open_update(self, rel: str) -> np.ndarray:
+        """A read-only memory map of a stored delta (flat float32)."""
+        return np.load(self.root / rel, mmap_mode="r")
+
+    def delete_round_updates(self, round_id: int, rels: Iterable[str | None]) -> None:
+        for rel in rels:
+            self.delete(rel)
+        d = self.root / self.update_dir_rel(round_id)
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------------ optimizer state
+    @staticmethod
+    def opt_rel(version: int) -> str:
+        return f"optimizer/v{version:06d}.npz"
+
+    def write_opt_state(self, version: int, state: dict[str, np.ndarray]) -> str:
+        rel = self.opt_rel(version)
+        self.write_atomic(rel, lambda f: np.savez(f, **state))
+        return rel
+
+    def read_opt_state(self, rel: str) -> dict[str, np.ndarray]:
+        with np.load(self.root / rel) as data:
+            return {k: data[k] for k in data.files}
+
+    # ------------------------------------------------------------------ recovery
+    def collect_garbage(self, live: set[str]) -> list[str]:
+        """Delete temp files and any blob no database row references; returns what was removed."""
+        removed = []
+        for sub in ("models", "updates", "optimizer"):
+            for p in sorted((self.root / sub).rglob("*")):
+                if not p.is_file():
+                    continue
+                rel = p.relative_to(self.root).as_posix()
+                if p.name.endswith(TMP_SUFFIX) or rel not in live:
+                    p.unlink(missing_ok=True)
+                    removed.append(rel)
+        for d in sorted((self.root / "updates").iterdir()):
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        return removed

@@ -1,0 +1,216 @@
+"""Shared fixtures for the server tests: a real `python -m server` subprocess on a free loopback port,
+a real SQLite file in a temp data dir, and real HTTP clients (httpx).
+
+Use from a test module with `from tests.server_fixtures import *  # noqa: F401,F403` (pytest then
+sees the fixtures) or import the helpers by name.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import httpx
+import numpy as np
+import pytest
+
+from models import wire
+from models.config import ModelConfig, preset
+
+ROOT = Path(__file__).resolve().parents[1]
+ADMIN_TOKEN = "test-admin-token"
+ELIGIBLE = {"charging": True, "unmetered": True, "idle": True}
+TINY = preset("tiny")
+
+
+class ServerProcess:
+    """One server subprocess; `restart()` keeps the data dir (for crash tests)."""
+
+    def __init__(self, data_dir: Path, args: Sequence[str], log_path: Path) -> None:
+        self.data_dir = data_dir
+        self.args = list(args)
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> "ServerProcess":
+        port_file = self.data_dir.parent / f"{self.data_dir.name}.port"
+        port_file.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
+               "--data-dir", str(self.data_dir), "--admin-token", ADMIN_TOKEN, "--log-level", "warning", *self.args]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.pop("FK_ADMIN_TOKEN", None)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            if port_file.exists() and port_file.read_text().strip():
+                self.port = int(port_file.read_text())
+                try:
+                    if httpx.get(self.url + "/healthz", timeout=2.0).status_code == 200:
+                        return self
+                except httpx.TransportError:
+                    pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"server did not become healthy in {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def restart(self) -> "ServerProcess":
+        self.stop()
+        return self.start()
+
+    # ------------------------------------------------------------------ clients
+    def admin(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=60.0)
+
+    def anon(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60.0)
+
+    def device(self) -> "Device":
+        return Device(self)
+
+    def admin_get(self, path: str, **kw: Any) -> Any:
+        with self.admin() as c:
+            r = c.get(path, **kw)
+            r.raise_for_status()
+            return r.json()
+
+    def admin_post(self, path: str, **kw: Any) -> httpx.Response:
+        with self.admin() as c:
+            return c.post(path, **kw)
+
+    def round(self, round_id: int) -> dict[str, Any]:
+        return self.admin_get(f"/v1/admin/rounds/{round_id}")
+
+    def wait_round(self, round_id: int, states: Sequence[str] = ("closed", "abandoned"), timeout: float = 30.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = self.round(round_id)
+            if r["state"] in states:
+                return r
+            time.sleep(0.05)
+        raise AssertionError(f"round {round_id} did not reach {states}: {self.round(round_id)}")
+
+    def model(self, version: int | str = "current") -> tuple[int, list[np.ndarray]]:
+        with self.admin() as c:
+            r = c.get(f"/v1/models/{version}")
+            r.raise_for_status()
+        payload = wire.decode(r.content, TINY, expected_kind="weights")
+        assert payload.model_version == int(r.headers["X-Model-Version"])
+        return payload.model_version, [np.array(t) for t in payload.tensors]
+
+
+class Device:
+    """A registered device speaking the HTTP API."""
+
+    def __init__(self, server: ServerProcess) -> None:
+        r = httpx.post(server.url + "/v1/devices/register", timeout=30.0)
+        assert r.status_code == 201, r.text
+        data = r.json()
+        self.id, self.token = data["device_id"], data["token"]
+        self.client = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=60.0)
+
+    def checkin(self, eligible: dict[str, bool] | None = None, model_version: int | None = None) -> dict[str, Any]:
+        r = self.client.post("/v1/checkin", json={"eligibility": ELIGIBLE if eligible is None else eligible,
+                                                  "model_version": model_version})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def task(self) -> dict[str, Any]:
+        answer = self.checkin()
+        assert answer["action"] in ("train", "evaluate"), answer
+        return answer["task"]
+
+    def upload(self, round_id: int, body: bytes) -> httpx.Response:
+        return self.client.post(f"/v1/rounds/{round_id}/update", content=body,
+                                headers={"Content-Type": "application/octet-stream"})
+
+    def report(self, round_id: int, results: list[dict[str, Any]]) -> httpx.Response:
+        return self.client.post(f"/v1/rounds/{round_id}/eval", json={"results": results})
+
+    def close(self) -> None:
+        self.client.close()
+
+
+# ---------------------------------------------------------------------- payloads
+def dyadic_delta(seed: int, config: ModelConfig = TINY, scale_bits: int = 12, spread: int = 8) -> list[np.ndarray]:
+    """A delta whose values are small multiples of 2^-scale_bits: float64 sums of these are exact."""
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(-spread, spread + 1, size=shape) / 2.0 ** scale_bits).astype(np.float32)
+            for _, shape in config.weight_specs()]
+
+
+def encode_delta(tensors: Sequence[np.ndarray], base_version: int, num_examples: int = 10,
+                 metrics: dict[str, float] | None = None, dtype: str = "float32",
+                 config: ModelConfig = TINY, **meta: Any) -> bytes:
+    metadata = {"num_examples": num_examples, "metrics": metrics or {}, **meta}
+    return wire.encode(list(tensors), config, kind="delta", model_version=base_version, dtype=dtype, metadata=metadata)
+
+
+def expected_mean(base: Sequence[np.ndarray], deltas: Sequence[Sequence[np.ndarray]],
+                  weights: Sequence[float] | None = None) -> list[np.ndarray]:
+    """float32(base + sum(w_i d_i) / sum(w_i)) computed in float64, as the server's plain FedAvg does."""
+    weights = [1.0] * len(deltas) if weights is None else [float(w) for w in weights]
+    out = []
+    for k, b in enumerate(base):
+        total = np.zeros(b.shape, dtype=np.float64)
+        for d, w in zip(deltas, weights):
+            total += d[k].astype(np.float64) * w
+        out.append((b.astype(np.float64) + 1.0 * (total / sum(weights))).astype(np.float32))
+    return out
+
+
+def assert_weights_equal(got: Sequence[np.ndarray], want: Sequence[np.ndarray]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
+# ---------------------------------------------------------------------- fixtures
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator:
+    """start(*args, name="srv") -> ServerProcess (tiny preset model, admin token ADMIN_TOKEN)."""
+    started: list[ServerProcess] = []
+
+    def start(*args: str, name: str = "srv", init: bool = True) -> ServerProcess:
+        extra = ["--init-preset", "tiny"] if init else []
+        srv = ServerProcess(tmp_path / name, [*extra, *args], tmp_path / f"{name}.log")
+        started.append(srv)
+        return srv.start()
+
+    yield start
+    for srv in started:
+        srv.stop()
+
+
+__all__ = ["ServerProcess", "Device", "ADMIN_TOKEN", "ELIGIBLE", "TINY", "dyadic_delta", "encode_delta",
+           "expected_mean", "assert_weights_equal", "server_factory"]

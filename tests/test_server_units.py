@@ -1,0 +1,177 @@
+"""Server building blocks without HTTP: aggregation math, optimizers, metrics text, status page, config, store."""
+from __future__ import annotations
+
+import math
+import re
+import time
+
+import numpy as np
+import pytest
+
+from models import dp, wire
+from server import aggregation, status_page
+from server.config import ServerConfig
+from server.metrics import Metrics
+from server.optimizers import ServerOptimizer
+from server.store import Store
+from server.strategy import quantization_error_bound
+from tests.server_fixtures import TINY
+
+
+def test_streaming_mean_matches_batch_and_is_order_exact():
+    rng = np.random.default_rng(0)
+    ups = [rng.standard_normal(1000).astype(np.float32) for _ in range(7)]
+    ws = [1, 3, 5, 7, 2, 4, 6]
+    acc = aggregation.MeanAccumulator(1000)
+    for u, w in zip(ups, ws):
+        acc.add([u[:300], u[300:]], w)  # given as tensors
+    want = sum(u.astype(np.float64) * w for u, w in zip(ups, ws)) / sum(ws)
+    np.testing.assert_allclose(acc.mean(), want, rtol=1e-12)
+    again = aggregation.MeanAccumulator(1000)
+    for u, w in zip(ups, ws):
+        again.add(u, w)
+    np.testing.assert_array_equal(again.sum, acc.sum)  # same order, same bits
+    np.testing.assert_allclose(aggregation.weighted_mean(ups), np.mean(np.stack(ups).astype(np.float64), axis=0),
+                               rtol=1e-12)
+    with pytest.raises(ValueError):
+        acc.add(np.zeros(999, np.float32))
+    with pytest.raises(ValueError):
+        aggregation.MeanAccumulator(3).mean()
+
+
+def test_trimmed_mean_and_median_chunked_match_numpy():
+    rng = np.random.default_rng(1)
+    ups = [rng.standard_normal(5000).astype(np.float32) for _ in range(9)]
+    stack = np.stack(ups).astype(np.float64)
+    small_chunks = 9 * 8 * 1024  # forces several coordinate chunks
+    np.testing.assert_allclose(aggregation.coordinate_median(ups, chunk_bytes=small_chunks),
+                               np.median(stack, axis=0), rtol=0, atol=0)
+    k = aggregation.trim_count(9, 0.2)
+    assert k == 1
+    want = np.sort(stack, axis=0)[k : 9 - k].mean(axis=0)
+    np.testing.assert_allclose(aggregation.trimmed_mean(ups, 0.2, chunk_bytes=small_chunks), want, rtol=1e-12)
+    np.testing.assert_allclose(aggregation.trimmed_mean(ups, 0.0), stack.mean(axis=0), rtol=1e-12)
+    assert aggregation.trim_count(2, 0.45) == 0 and aggregation.trim_count(10, 0.49) == 4
+
+
+def test_optimizers_follow_their_formulas():
+    w = np.array([1.0, -2.0, 0.5])
+    d1, d2 = np.array([0.1, 0.2, -0.3]), np.array([-0.05, 0.1, 0.0])
+    sgd = ServerOptimizer("sgd", lr=0.5)
+    np.testing.assert_allclose(sgd.step(w, d1), w + 0.5 * d1)
+    assert sgd.state == {}
+
+    mom = ServerOptimizer("momentum", lr=0.5, momentum=0.9)
+    w1 = mom.step(w, d1)
+    np.testing.assert_allclose(w1, w - 0.5 * (-d1))
+    w2 = mom.step(w1, d2)
+    np.testing.assert_allclose(w2, w1 - 0.5 * (0.9 * -d1 + -d2))
+
+    nes = ServerOptimizer("momentum", lr=0.5, momentum=0.9, nesterov=True)
+    w1 = nes.step(w, d1)
+    v = -d1
+    np.testing.assert_allclose(w1, w - 0.5 * (-d1 + 0.9 * v))
+
+    adam = ServerOptimizer("adam", lr=0.1, beta1=0.9, beta2=0.99, eps=1e-3)
+    w1 = adam.step(w, d1)
+    g = -d1
+    m, vv = 0.1 * g, 0.01 * g * g
+    np.testing.assert_allclose(w1, w - 0.1 * (m / 0.1) / (np.sqrt(vv / 0.01) + 1e-3))
+    # state round trip (as the store persists it), including a refusal of another optimizer's state
+    saved = adam.state_dict()
+    again = ServerOptimizer("adam", lr=0.1, beta1=0.9, beta2=0.99, eps=1e-3)
+    assert again.load_state_dict(saved, 3)
+    np.testing.assert_allclose(again.step(w1, d2), adam.step(w1, d2))
+    assert not ServerOptimizer("momentum").load_state_dict(saved, 3)
+    assert not ServerOptimizer("adam").load_state_dict(saved, 4)
+
+
+def test_quantization_bound_covers_wire_rounding():
+    rng = np.random.default_rng(2)
+    tensors = [rng.standard_normal(shape).astype(np.float32) for _, shape in TINY.weight_specs()]
+    tensors, _ = dp.clip_by_global_norm(tensors, 1.0)
+    for dtype in ("float16", "int8", "int16"):
+        blob = wire.encode(tensors, TINY, kind="delta", dtype=dtype)
+        decoded = wire.decode(blob, TINY).tensors
+        err = dp.l2_norm([d.astype(np.float64) - t for d, t in zip(decoded, tensors)])
+        bound = quantization_error_bound(decoded, dtype, dp.l2_norm(decoded))
+        assert err <= bound, dtype
+        assert dp.l2_norm(decoded) <= 1.0 + bound
+    assert quantization_error_bound(tensors, "float32", 1.0) == 0.0
+
+
+def test_metrics_text_format():
+    m = Metrics()
+    m.inc("fk_uploads_total", {"result": "accepted"}, 3)
+    m.inc("fk_uploads_total", {"result": 'we"ird'})
+    m.observe("fk_upload_seconds", 0.25)
+    text = m.render([("fk_epsilon", "eps", math.inf, None), ("fk_rounds", "r", 2, {"kind": "train", "state": "open"})])
+    assert 'fk_uploads_total{result="accepted"} 3' in text
+    assert 'fk_uploads_total{result="we\\"ird"} 1' in text
+    assert "fk_upload_seconds_count 1" in text and "fk_upload_seconds_sum 0.25" in text
+    assert "fk_epsilon +Inf" in text and 'fk_rounds{kind="train",state="open"} 2' in text
+    assert "# TYPE fk_uploads_total counter" in text and "# TYPE fk_epsilon gauge" in text
+
+
+def _fake_rounds(n: int) -> list[dict]:
+    now = time.time() - 3600
+    out = []
+    for i in range(1, n + 1):
+        abandoned = i % 5 == 0
+        out.append({"id": i, "kind": "train", "state": "abandoned" if abandoned else "closed", "base_version": i,
+                    "candidate_version": None, "created_at": now + 60 * i, "deadline": now + 60 * i + 50,
+                    "closed_at": now + 60 * i + 40, "result_version": None if abandoned else i + 1,
+                    "epsilon": None if abandoned else 0.3 * math.sqrt(i), "delta": 1e-5, "noise_multiplier": 1.0,
+                    "sampling_prob": 0.01, "population": 1000, "goal": 100, "min_count": 80, "max_admitted": 130,
+                    "admitted": 130, "accepted": 60 if abandoned else 100, "dropouts": 70 if abandoned else 30,
+                    "outcome": {"reason": "below_min_count"} if abandoned else
+                    {"local_metrics": {"top1_recall": 0.05 + 0.01 * i, "loss": 5 - 0.1 * i}},
+                    "params": {}})
+    out.append({**out[0], "id": n + 1, "kind": "eval", "state": "closed", "candidate_version": 99, "epsilon": None,
+                "outcome": {"decision": "promoted", "candidate": {"recall": 0.2, "loss": 3.0},
+                            "baseline": {"recall": 0.18, "loss": 3.2}}})
+    return out
+
+
+def test_status_page_renders_self_contained_svg():
+    rounds = _fake_rounds(12)
+    versions = [{"version": v, "created_at": time.time() - 3600 + 60 * v, "source": "round", "parent_version": v - 1,
+                 "candidate_state": None, "was_global": True, "is_global": v == 12, "is_candidate": False,
+                 "note": "<b>x</b>", "info": {}, "sha256": "", "size": 0, "round_id": None} for v in range(1, 13)]
+    status = {"global_version": 12, "candidate_version": None, "training_enabled": True,
+              "devices": {"registered": 1000, "active_24h": 400},
+              "current_round": {"id": 13, "state": "open", "accepted": 5, "goal": 100, "admitted": 20},
+              "privacy": {"dp_mode": "distributed", "epsilon": 1.04, "delta": 1e-5, "accountant": "rdp"}}
+    page = status_page.render(status, rounds, versions)
+    assert page.startswith("<!DOCTYPE html>") and page.count("<svg") == 5
+    assert "<script" not in page and not re.search(r'(src|href)="https?://', page)
+    assert "&lt;b&gt;x&lt;/b&gt;" in page  # escaped
+    assert page.count('class="bar"') >= 12 and page.count("<polyline") >= 5
+    # empty server: charts say so instead of failing
+    empty = status_page.render({"devices": {}, "privacy": None}, [], [])
+    assert empty.count("no data yet") == 5
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="min_count"):
+        ServerConfig(round_goal=5, min_count=6)
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        ServerConfig(dp_mode="distributed", noise_multiplier=0.0)
+    with pytest.raises(ValueError, match="robust"):
+        ServerConfig(aggregator="median", dp_mode="distributed", noise_multiplier=1.0)
+    ServerConfig(aggregator="median", dp_mode="local", noise_multiplier=1.0)
+    c = ServerConfig(round_goal=100, over_admit=1.3, admin_token="secret")
+    assert c.max_admitted == 130 and c.public_dict()["admin_token"] == "***"
+
+
+def test_store_atomic_files_and_garbage_collection(tmp_path):
+    store = Store(tmp_path)
+    tensors = [np.arange(6, dtype=np.float32).reshape(2, 3), np.array([7.0], np.float32)]
+    rel = store.write_update(3, "d_1", tensors)
+    np.testing.assert_array_equal(store.open_update(rel), np.array([0, 1, 2, 3, 4, 5, 7], np.float32))
+    model_rel, sha, size = store.write_model(1, b"blob")
+    (tmp_path / "models" / ".v000002.fkw.abcd.tmp").write_bytes(b"half")
+    orphan = store.write_update(3, "d_2", tensors)
+    removed = store.collect_garbage({rel, model_rel})
+    assert orphan in removed and "models/.v000002.fkw.abcd.tmp" in removed
+    assert (tmp_path / rel).exists() and (tmp_path / model_rel).read_bytes() == b"blob"
