@@ -1,0 +1,168 @@
+"""python -m device_app: the keyboard app, a headless device, or a fleet of simulated devices.
+
+    python -m device_app                                  # the Kivy keyboard (portrait window)
+    python -m device_app --server http://127.0.0.1:8080   # ... talking to a server
+    python -m device_app --headless --server URL --type-file notes.txt --once
+    python -m device_app --headless --server URL          # a device that keeps participating
+    python -m device_app --headless --suggest "see you to"
+    python -m device_app --headless --fleet 20 --dataset chitchat --server URL --rounds 3
+    python -m device_app --screenshot shot.png --type "see you to"   # render the app once, exit
+
+The device data dir defaults to $FK_DEVICE_DIR or ~/.fk-device. The bundled initial model
+(used until the server's global model arrives, and offline) is --bundle, $FK_INITIAL_BUNDLE,
+or the first bundle found in device_app/assets/initial_model and artifacts/baselines/server_trained
+(what ./scripts/demo.sh trains).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("FK_DEVICE_DIR") or Path.home() / ".fk-device")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m device_app", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--server", help="server URL, e.g. http://127.0.0.1:8080 (default: the saved one, or offline)")
+    p.add_argument("--data-dir", type=Path, default=None, help="device data dir (default $FK_DEVICE_DIR or ~/.fk-device)")
+    p.add_argument("--bundle", help="initial model bundle directory (used until a server model arrives)")
+    p.add_argument("--headless", action="store_true", help="no UI")
+    p.add_argument("--interval", type=float, default=30.0, help="seconds between background chores (default 30)")
+    p.add_argument("--once", action="store_true", help="headless: one round of chores, print status, exit")
+    p.add_argument("--type-file", type=Path, help="headless: type these lines (one message per line) first")
+    p.add_argument("--suggest", metavar="TEXT", help="headless: print suggestions for TEXT and exit")
+    p.add_argument("--forget", action="store_true", help="delete this device's typed text and personal model, then exit")
+    p.add_argument("--verbose", "-v", action="store_true")
+    fleet = p.add_argument_group("fleet mode (--headless --fleet N)")
+    fleet.add_argument("--fleet", type=int, metavar="N", help="simulate N devices against --server")
+    fleet.add_argument("--dataset", default="chitchat", help="whose messages the devices type (default chitchat)")
+    fleet.add_argument("--rounds", type=int, help="stop after the global model advanced this many versions")
+    fleet.add_argument("--duration", type=float, help="stop after this many seconds")
+    fleet.add_argument("--p-eligible", type=float, default=0.7, help="chance a device is eligible at a step")
+    fleet.add_argument("--p-dropout", type=float, default=0.1, help="chance a device drops out of a task")
+    fleet.add_argument("--workers", type=int, default=4, help="threads driving the devices")
+    fleet.add_argument("--step", type=float, default=0.5, help="seconds between a device's steps")
+    fleet.add_argument("--max-wait", type=float, default=5.0, help="cap on the server's retry-after (seconds)")
+    fleet.add_argument("--seed", type=int, default=0)
+    fleet.add_argument("--personalize", action="store_true", help="fleet devices also build personal models")
+    fleet.add_argument("--json-out", type=Path, help="write the fleet report here")
+    ui = p.add_argument_group("app")
+    ui.add_argument("--size", default="360x640", help="window size WxH (default 360x640, portrait)")
+    ui.add_argument("--screenshot", type=Path, help="render the app, save a PNG here, print the suggestions, exit")
+    ui.add_argument("--type", dest="type_text", default="", help="with --screenshot: text typed before the shot")
+    ui.add_argument("--status-screen", action="store_true", help="with --screenshot: shoot the status screen")
+    return p
+
+
+def _size(text: str) -> tuple[int, int]:
+    w, _, h = text.lower().partition("x")
+    return int(w), int(h)
+
+
+def _make_client(args: argparse.Namespace):
+    from device_app.client import DeviceClient
+
+    data_dir = args.data_dir or default_data_dir()
+    return DeviceClient(data_dir, args.server, initial_bundle=args.bundle)
+
+
+def run_fleet_cli(args: argparse.Namespace) -> int:
+    from device_app.fleet import FleetConfig, format_report, run_fleet
+
+    if not args.server:
+        print("fleet mode needs --server URL", file=sys.stderr)
+        return 2
+    config = FleetConfig(
+        server_url=args.server, n_devices=args.fleet, dataset=args.dataset, rounds=args.rounds,
+        duration_s=args.duration, p_eligible=args.p_eligible, p_dropout=args.p_dropout, workers=args.workers,
+        step_s=args.step, max_wait_s=args.max_wait, seed=args.seed, personalize=args.personalize,
+        data_dir=str(args.data_dir) if args.data_dir else None, keep_data=args.data_dir is not None,
+    )
+    report = run_fleet(config, on_event=lambda msg: print(f"[fleet] {msg}", flush=True))
+    text = format_report(report)
+    print(text)
+    if args.json_out:
+        args.json_out.write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
+def run_headless(args: argparse.Namespace) -> int:
+    client = _make_client(args)
+    try:
+        if args.forget:
+            client.forget_data()
+            print("forgot the typed text and the personal model")
+            return 0
+        if args.suggest is not None:
+            print(json.dumps(client.suggest(args.suggest)))
+            return 0
+        if args.type_file:
+            lines = args.type_file.read_text(encoding="utf-8").splitlines()
+            typed = sum(client.commit(line, typed_now=False) for line in lines)
+            print(f"typed {typed} messages")
+        if args.once:
+            done = client.tick()
+            client.refresh_privacy()
+            print(json.dumps({"done": done, "status": client.status()}, indent=2, default=str))
+            return 0
+        stop = threading.Event()
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        print(f"headless device in {client.data_dir}; server {client.settings.server_url or '(offline)'}; Ctrl-C stops")
+        while not stop.is_set():
+            for item in client.tick():
+                print(f"{time.strftime('%H:%M:%S')} {item}", flush=True)
+            stop.wait(args.interval)
+        return 0
+    finally:
+        client.close()
+
+
+def run_app(args: argparse.Namespace) -> int:
+    size = _size(args.size)
+    if args.screenshot:
+        from device_app.ui.app import screenshot
+
+        client = _make_client(args)
+        try:
+            result = screenshot(client, args.screenshot, text=args.type_text, size=size, status_screen=args.status_screen)
+        finally:
+            client.close()
+        print(json.dumps(result))
+        return 0
+    from device_app.ui.app import run
+
+    client = _make_client(args)
+    try:
+        run(client, size=size, interval_s=args.interval)
+    finally:
+        client.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.fleet is not None:
+        if not args.headless:
+            print("--fleet runs headless; add --headless", file=sys.stderr)
+        return run_fleet_cli(args)
+    if args.headless:
+        return run_headless(args)
+    return run_app(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

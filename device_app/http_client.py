@@ -1,0 +1,328 @@
+"""The device's HTTP client for the aggregation server (httpx).
+
+Every call the device makes goes through `ServerAPI`, so this file is the complete list of
+what a device ever sends: a registration, check-ins (eligibility booleans and a model
+version), model/vocabulary downloads, wire-format deltas with an example count and a few
+training metrics, and evaluation reports (recall/loss numbers). Never text or token ids.
+
+`transport` and `on_request` are injection points: tests pass a recording transport (or a
+hook) to capture every request body, the fleet may share a connection pool.
+
+Errors: `Offline` when the server cannot be reached (connection refused, DNS, timeout);
+`ServerError` for HTTP errors, with the server's machine-readable reason from its JSON
+body {"error": reason, "detail": ...}.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import httpx
+
+from models.config import ModelConfig
+from models.vocab import Vocabulary
+
+API = "/v1"
+ROUTES = {
+    "register": f"{API}/devices/register",
+    "checkin": f"{API}/checkin",
+    "model_info": f"{API}/model/info",
+    "vocab": f"{API}/model/vocab",
+    "model_current": f"{API}/models/current",
+    "model_version": f"{API}/models/{{version}}",
+    "upload": f"{API}/rounds/{{round_id}}/update",
+    "eval_report": f"{API}/rounds/{{round_id}}/eval",
+    "round": f"{API}/rounds/{{round_id}}",
+    "metrics": "/metrics",
+}
+DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+RequestHook = Callable[[httpx.Request], None]
+
+
+class Offline(Exception):
+    """The server could not be reached; the device keeps working offline."""
+
+
+class ServerError(Exception):
+    """The server answered with an HTTP error; `.reason` is its machine-readable tag."""
+
+    def __init__(self, status: int, reason: str, detail: str = "") -> None:
+        super().__init__(f"HTTP {status} {reason}: {detail}")
+        self.status = status
+        self.reason = reason
+        self.detail = detail
+
+
+# Rejections after which retrying the same upload can never succeed: drop it with its round.
+FINAL_UPLOAD_REASONS = frozenset(
+    {"round_closed", "unknown_round", "not_admitted", "stale_base_version", "duplicate_upload", "config_mismatch"}
+)
+
+
+@dataclass
+class Task:
+    """A task from a check-in: "train" (federated round) or "evaluate" (candidate evaluation)."""
+
+    type: str
+    round_id: int
+    raw: dict[str, Any]
+    deadline: float | None = None
+    config_hash: str | None = None
+    # train
+    base_version: int | None = None
+    model_url: str | None = None
+    epochs: int = 1
+    batch_size: int = 16
+    learning_rate: float = 0.5
+    clip_norm: float = 0.0
+    noise_stddev: float = 0.0
+    dp_mode: str = "none"
+    upload_url: str | None = None
+    upload_dtypes: list[str] = field(default_factory=lambda: ["float32"])
+    max_upload_bytes: int | None = None
+    max_examples: int | None = None
+    secure_aggregation: dict[str, Any] | None = None
+    # evaluate
+    candidate_version: int | None = None
+    baseline_version: int | None = None
+    model_urls: dict[str, str] = field(default_factory=dict)
+    report_url: str | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Task":
+        def opt_int(key: str) -> int | None:
+            return None if data.get(key) is None else int(data[key])
+
+        return cls(
+            type=str(data.get("type", "train")),
+            round_id=int(data["round_id"]),
+            raw=dict(data),
+            deadline=data.get("deadline"),
+            config_hash=data.get("config_hash"),
+            base_version=opt_int("base_version"),
+            model_url=data.get("model_url"),
+            epochs=int(data.get("epochs", 1)),
+            batch_size=int(data.get("batch_size", 16)),
+            learning_rate=float(data.get("learning_rate", data.get("lr", 0.5))),
+            clip_norm=float(data.get("clip_norm") or 0.0),
+            noise_stddev=float(data.get("noise_stddev") or 0.0),
+            dp_mode=str(data.get("dp_mode", "none")),
+            upload_url=data.get("upload_url"),
+            upload_dtypes=list(data.get("upload_dtypes") or ["float32"]),
+            max_upload_bytes=opt_int("max_upload_bytes"),
+            max_examples=opt_int("max_examples"),
+            secure_aggregation=data.get("secure_aggregation") or None,
+            candidate_version=opt_int("candidate_version"),
+            baseline_version=opt_int("baseline_version"),
+            model_urls=dict(data.get("model_urls") or {}),
+            report_url=data.get("report_url"),
+        )
+
+
+@dataclass
+class CheckIn:
+    action: str  # "train" | "evaluate" | "retry"
+    task: Task | None
+    retry_after: float | None
+    reason: str | None
+    global_version: int | None
+    raw: dict[str, Any]
+
+
+@dataclass
+class ModelDownload:
+    status: int  # 200 or 304 (not modified)
+    data: bytes | None
+    etag: str | None
+    version: int | None
+
+
+class ServerAPI:
+    """Thin typed wrapper over the server's HTTP API, authenticated with the device token."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: str | None = None,
+        device_id: str | None = None,
+        transport: httpx.BaseTransport | None = None,
+        on_request: RequestHook | None = None,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        registration_key: str | None = None,
+        client: httpx.Client | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.device_id = device_id
+        self.registration_key = registration_key
+        hooks = {"request": [on_request]} if on_request is not None else {}
+        self._owns_client = client is None
+        self._client = client or httpx.Client(
+            base_url=self.base_url, transport=transport, timeout=timeout, event_hooks=hooks,
+            headers={"User-Agent": "fk-device/1"},
+        )
+
+    def close(self) -> None:
+        if self._owns_client:
+            self._client.close()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        headers = dict(extra or {})
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return headers
+
+    def _url(self, path: str) -> str:
+        return path if path.startswith(("http://", "https://")) else f"{self.base_url}{path}"
+
+    def _request(self, method: str, path: str, *, ok: tuple[int, ...] = (200,), **kwargs: Any) -> httpx.Response:
+        headers = self._headers(kwargs.pop("headers", None))
+        try:
+            response = self._client.request(method, self._url(path), headers=headers, **kwargs)
+        except (httpx.TransportError, OSError) as exc:
+            raise Offline(f"{method} {path}: {exc.__class__.__name__}: {exc}") from exc
+        if response.status_code not in ok:
+            raise _error_of(response)
+        return response
+
+    # ------------------------------------------------------------------ calls
+
+    def register(self) -> tuple[str, str]:
+        body: dict[str, Any] = {}
+        if self.registration_key:
+            body["registration_key"] = self.registration_key
+        data = self._request("POST", ROUTES["register"], json=body, ok=(200, 201)).json()
+        self.device_id, self.token = str(data["device_id"]), str(data["token"])
+        return self.device_id, self.token
+
+    def check_in(self, eligibility: dict[str, bool], model_version: int | None) -> CheckIn:
+        body = {"eligibility": {k: bool(v) for k, v in eligibility.items()}, "model_version": model_version}
+        data = self._request("POST", ROUTES["checkin"], json=body).json()
+        task = Task.from_json(data["task"]) if data.get("task") else None
+        retry = data.get("retry_after")
+        return CheckIn(
+            action=str(data.get("action") or (task.type if task else "retry")),
+            task=task,
+            retry_after=None if retry is None else float(retry),
+            reason=data.get("reason"),
+            global_version=data.get("global_version"),
+            raw=data,
+        )
+
+    def model_info(self) -> dict[str, Any]:
+        return self._request("GET", ROUTES["model_info"]).json()
+
+    def model_config(self, info: dict[str, Any] | None = None) -> ModelConfig:
+        info = info if info is not None else self.model_info()
+        config = info.get("config", info.get("model_config"))
+        return ModelConfig.from_dict(config if isinstance(config, dict) else json.loads(config))
+
+    def vocab(self) -> Vocabulary:
+        return Vocabulary.from_dict(self._request("GET", ROUTES["vocab"]).json())
+
+    def download_model(self, version: int | None = None, etag: str | None = None, url: str | None = None) -> ModelDownload:
+        """The current global model (or `version`) as wire bytes; 304 when `etag` still matches."""
+        path = url or (ROUTES["model_current"] if version is None else ROUTES["model_version"].format(version=version))
+        headers = {"If-None-Match": etag} if etag else None
+        response = self._request("GET", path, headers=headers, ok=(200, 304))
+        version_header = response.headers.get("X-Model-Version")
+        return ModelDownload(
+            status=response.status_code,
+            data=response.content if response.status_code == 200 else None,
+            etag=response.headers.get("ETag", etag),
+            version=int(version_header) if version_header and version_header.isdigit() else version,
+        )
+
+    def upload_update(self, round_id: int, blob: bytes, url: str | None = None) -> dict[str, Any]:
+        """Upload a wire-format delta (example count and metrics are in its metadata)."""
+        path = url or ROUTES["upload"].format(round_id=round_id)
+        return self._request(
+            "POST", path, content=blob, headers={"Content-Type": "application/octet-stream"}, ok=(200, 201)
+        ).json()
+
+    def report_eval(self, round_id: int, results: list[dict[str, Any]], url: str | None = None) -> dict[str, Any]:
+        path = url or ROUTES["eval_report"].format(round_id=round_id)
+        return self._request("POST", path, json={"results": results}, ok=(200, 201)).json()
+
+    def round_info(self, round_id: int) -> dict[str, Any]:
+        return self._request("GET", ROUTES["round"].format(round_id=round_id)).json()
+
+    def privacy(self) -> dict[str, Any]:
+        """The population privacy guarantee the server reports: {"epsilon", "delta", "dp_mode"}.
+
+        Read from the model info when the server puts it there ("privacy" object or "epsilon"),
+        else from the public Prometheus gauges fk_epsilon / fk_dp_delta on /metrics."""
+        info = self.model_info()
+        out: dict[str, Any] = {"dp_mode": info.get("dp_mode")}
+        if isinstance(info.get("privacy"), dict):
+            return {**out, **info["privacy"]}
+        if "epsilon" in info:
+            return {**out, "epsilon": info.get("epsilon"), "delta": info.get("delta")}
+        text = self._request("GET", ROUTES["metrics"]).text
+        gauges = parse_prometheus(text)
+        if "fk_epsilon" in gauges:
+            out["epsilon"] = gauges["fk_epsilon"]
+        if "fk_dp_delta" in gauges:
+            out["delta"] = gauges["fk_dp_delta"]
+        return out
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """Unlabelled samples of a Prometheus text exposition: {name: value}."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "{" in line:
+            continue
+        parts = line.split()
+        if len(parts) >= 2:
+            try:
+                out[parts[0]] = float(parts[1])
+            except ValueError:
+                continue
+    return out
+
+
+def _error_of(response: httpx.Response) -> ServerError:
+    reason, detail = f"http_{response.status_code}", response.text[:500]
+    try:
+        body = response.json()
+        if isinstance(body, dict) and isinstance(body.get("error"), str):
+            reason, detail = body["error"], str(body.get("detail", ""))
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+        pass
+    return ServerError(response.status_code, reason, detail)
+
+
+class RecordingTransport(httpx.BaseTransport):
+    """Wraps a transport and keeps (method, url, headers, body) of every request it sends."""
+
+    def __init__(self, inner: httpx.BaseTransport | None = None) -> None:
+        self.inner = inner or httpx.HTTPTransport()
+        self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        body = request.read()
+        self.requests.append((request.method, str(request.url), dict(request.headers), bytes(body)))
+        return self.inner.handle_request(request)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+__all__ = [
+    "API",
+    "ROUTES",
+    "CheckIn",
+    "FINAL_UPLOAD_REASONS",
+    "ModelDownload",
+    "Offline",
+    "RecordingTransport",
+    "ServerAPI",
+    "ServerError",
+    "Task",
+]

@@ -1,0 +1,316 @@
+"""The device's models: the server's global model and the user's personal model, on disk in the
+device data dir as model bundles, plus the next-word predictor that serves suggestions.
+
+    <data_dir>/model/global/     bundle of the current global model (what the server sent,
+                                 or the bundled initial model when the device never synced)
+    <data_dir>/model/personal/   bundle of the personal model (global fine-tuned on the user's
+                                 own text); its meta records the global version it was built on,
+                                 so a new global version makes it stale. Never leaves the device.
+
+Suggestions use the personal model when it exists, was built on the current global model and
+measured better than the global one on the user's held-back text (see personalize.py);
+otherwise the global model. The predictor is a models.keras_model.NextWordPredictor (one
+tf.function traced once; swapping weights assigns variables, so nothing retraces), built
+lazily so headless fleet devices that never suggest never build one.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from models.bundle import Bundle, BundleError, load_bundle, save_bundle
+from models.config import ModelConfig
+from models.suggest import Suggester
+from models.vocab import Vocabulary
+
+GLOBAL_DIR = "global"
+PERSONAL_DIR = "personal"
+INITIAL_BUNDLE_ENV = "FK_INITIAL_BUNDLE"
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+# Where a bundled initial model may live, first found wins (see find_initial_bundle).
+DEFAULT_INITIAL_BUNDLES = (
+    _REPO_ROOT / "device_app" / "assets" / "initial_model",  # shipped with the app, if the build adds one
+    _REPO_ROOT / "artifacts" / "baselines" / "server_trained",  # what ./scripts/demo.sh trains centrally
+)
+
+
+def find_initial_bundle(explicit: str | os.PathLike | None | bool = None) -> Path | None:
+    """The bundled initial model: `explicit`, else $FK_INITIAL_BUNDLE, else a default location.
+    explicit=False: none (a device that only ever uses the server's model, e.g. fleet devices)."""
+    if explicit is False:
+        return None
+    candidates: list[Path] = []
+    if explicit:
+        candidates.append(Path(explicit))
+    if os.environ.get(INITIAL_BUNDLE_ENV):
+        candidates.append(Path(os.environ[INITIAL_BUNDLE_ENV]))
+    candidates.extend(DEFAULT_INITIAL_BUNDLES)
+    for path in candidates:
+        if (path / "meta.json").is_file():
+            return path
+    return None
+
+
+@dataclass
+class PersonalModel:
+    weights: list[np.ndarray]
+    base_version: int
+    meta: dict[str, Any]
+
+    @property
+    def gain(self) -> dict[str, Any]:
+        return dict(self.meta.get("gain", {}))
+
+
+class _CachedLogprobs:
+    """An LRU cache of next-word log-probabilities keyed by context ids.
+
+    While the user types a word the context does not change, so each keystroke after the
+    first reuses the model call. Cleared whenever the serving weights change.
+    """
+
+    def __init__(self, fn: Any, size: int = 64) -> None:
+        self.fn = fn
+        self.size = size
+        self._cache: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
+        self.enabled = size > 0
+
+    def __call__(self, context_ids: Sequence[int]) -> np.ndarray:
+        if not self.enabled:
+            return self.fn(context_ids)
+        key = tuple(int(i) for i in context_ids)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        value = self.fn(context_ids)
+        self._cache[key] = value
+        if len(self._cache) > self.size:
+            self._cache.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+class ModelState:
+    """Global + personal model of one device. Thread-safe: suggestions may run while a
+    background thread installs a new global or personal model."""
+
+    def __init__(
+        self, model_dir: str | os.PathLike, initial_bundle: str | os.PathLike | None | bool = None, cache_size: int = 64
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._bundle: Bundle | None = None
+        self._personal: PersonalModel | None = None
+        self._predictor: Any = None  # NextWordPredictor, built lazily (imports TensorFlow)
+        self._predictor_config: ModelConfig | None = None
+        self._serving: str | None = None  # "global" | "personal" weights currently in the predictor
+        self._suggester: Suggester | None = None
+        self._cache_size = cache_size
+        self._cached: _CachedLogprobs | None = None
+        self.personal_enabled = True
+        self._load(initial_bundle)
+
+    # ------------------------------------------------------------------ loading
+
+    @property
+    def global_path(self) -> Path:
+        return self.model_dir / GLOBAL_DIR
+
+    @property
+    def personal_path(self) -> Path:
+        return self.model_dir / PERSONAL_DIR
+
+    def _load(self, initial_bundle: str | os.PathLike | None | bool) -> None:
+        bundle = None
+        if (self.global_path / "meta.json").is_file():
+            try:
+                bundle = load_bundle(self.global_path)
+            except BundleError:
+                bundle = None  # damaged: fall back to the initial bundle or the server
+        if bundle is None:
+            source = find_initial_bundle(initial_bundle)
+            if source is not None:
+                bundle = load_bundle(source)
+                save_bundle(self.global_path, bundle.config, bundle.vocab, bundle.weights, bundle.model_version,
+                            {**bundle.meta, "source": "initial"})
+        self._bundle = bundle
+        if bundle is not None and (self.personal_path / "meta.json").is_file():
+            try:
+                p = load_bundle(self.personal_path)
+                if p.config == bundle.config and p.vocab == bundle.vocab:
+                    self._personal = PersonalModel(list(p.weights), int(p.meta.get("base_version", -1)), dict(p.meta))
+            except BundleError:
+                self._personal = None
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def has_model(self) -> bool:
+        return self._bundle is not None
+
+    @property
+    def bundle(self) -> Bundle | None:
+        return self._bundle
+
+    @property
+    def config(self) -> ModelConfig | None:
+        return self._bundle.config if self._bundle else None
+
+    @property
+    def vocab(self) -> Vocabulary | None:
+        return self._bundle.vocab if self._bundle else None
+
+    @property
+    def global_version(self) -> int | None:
+        return self._bundle.model_version if self._bundle else None
+
+    @property
+    def global_weights(self) -> list[np.ndarray]:
+        if self._bundle is None:
+            raise RuntimeError("no global model yet: sync with the server or provide an initial bundle")
+        return [np.array(w, dtype=np.float32) for w in self._bundle.weights]
+
+    @property
+    def personal(self) -> PersonalModel | None:
+        return self._personal
+
+    @property
+    def personal_is_current(self) -> bool:
+        return self._personal is not None and self._personal.base_version == self.global_version
+
+    @property
+    def serving(self) -> str | None:
+        """Which model suggestions come from: "personal", "global" or None (no model)."""
+        if self._bundle is None:
+            return None
+        p = self._personal
+        if (
+            self.personal_enabled
+            and p is not None
+            and self.personal_is_current
+            and float(p.gain.get("gain_top1", 0.0)) > 0.0
+        ):
+            return "personal"
+        return "global"
+
+    # ------------------------------------------------------------------ installing
+
+    def install_global(
+        self,
+        config: ModelConfig,
+        vocab: Vocabulary,
+        weights: Sequence[np.ndarray],
+        version: int,
+        meta: dict[str, Any] | None = None,
+        *,
+        persist: bool = True,
+    ) -> None:
+        """Serve a new global model, saved to the data dir unless `persist` is False (fleet
+        devices share one in-memory copy); the personal model becomes stale."""
+        if persist:
+            save_bundle(self.global_path, config, vocab, list(weights), int(version), dict(meta or {}))
+            bundle = load_bundle(self.global_path)
+        else:
+            if len(vocab) != config.vocab_size:
+                raise BundleError("vocab_size_mismatch", f"vocabulary has {len(vocab)} tokens, config {config.vocab_size}")
+            bundle = Bundle(config=config, vocab=vocab, weights=list(weights), model_version=int(version), meta=dict(meta or {}))
+        with self._lock:
+            if self._bundle is None or bundle.config != self._bundle.config or bundle.vocab != self._bundle.vocab:
+                self._suggester = None  # new vocabulary or layout: rebuild what depends on it
+                if self._personal is not None:
+                    self._drop_personal_files()
+            self._bundle = bundle
+            self._serving = None
+
+    def install_personal(self, weights: Sequence[np.ndarray], meta: dict[str, Any]) -> None:
+        if self._bundle is None:
+            raise RuntimeError("no global model to personalize")
+        base = int(meta.get("base_version", self.global_version))
+        meta = {**meta, "kind": "personal", "base_version": base}
+        save_bundle(self.personal_path, self._bundle.config, self._bundle.vocab, list(weights), base, meta)
+        with self._lock:
+            self._personal = PersonalModel([np.asarray(w, np.float32) for w in weights], base, meta)
+            self._serving = None
+
+    def _drop_personal_files(self) -> None:
+        self._personal = None
+        shutil.rmtree(self.personal_path, ignore_errors=True)
+        self._serving = None
+
+    def drop_personal(self) -> None:
+        """Delete the personal model (forget my data; it was learned from the user's text)."""
+        with self._lock:
+            self._drop_personal_files()
+
+    # ------------------------------------------------------------------ suggestions
+
+    def _ensure_predictor(self) -> None:
+        assert self._bundle is not None
+        if self._predictor is None or self._predictor_config != self._bundle.config:
+            from models.keras_model import NextWordPredictor  # TensorFlow only when suggesting
+
+            self._predictor = NextWordPredictor(self._bundle.config)
+            self._predictor_config = self._bundle.config
+            self._serving = None
+        want = self.serving
+        if self._serving != want:
+            weights = self._personal.weights if want == "personal" and self._personal else self._bundle.weights
+            self._predictor.set_weights(weights)
+            self._serving = want
+            if self._cached is not None:
+                self._cached.clear()
+        if self._suggester is None or self._cached is None:
+            self._cached = _CachedLogprobs(self._predictor.next_word_logprobs, self._cache_size)
+            self._suggester = Suggester(self._bundle.vocab, self._cached)
+
+    def suggester(self) -> Suggester | None:
+        with self._lock:
+            if self._bundle is None:
+                return None
+            self._ensure_predictor()
+            return self._suggester
+
+    def suggest(self, text: str, k: int = 3) -> list[str]:
+        """Top-k suggestions for the typed text ([] until a model exists)."""
+        with self._lock:
+            if self._bundle is None:
+                return []
+            self._ensure_predictor()
+            assert self._suggester is not None
+            return self._suggester.suggest(text, k)
+
+    def warm_up(self) -> None:
+        """Build and trace the predictor now (first suggestion otherwise pays for it)."""
+        self.suggest("")
+
+    def set_cache_enabled(self, enabled: bool) -> None:
+        with self._lock:
+            if self._cached is not None:
+                self._cached.enabled = enabled
+                self._cached.clear()
+            self._cache_size = self._cache_size if enabled else 0
+
+    def status(self) -> dict[str, Any]:
+        p = self._personal
+        return {
+            "has_model": self.has_model,
+            "global_version": self.global_version,
+            "preset": self.config.preset if self.config else None,
+            "vocab_size": len(self.vocab) if self.vocab else None,
+            "serving": self.serving,
+            "personal": None if p is None else {"base_version": p.base_version, "current": self.personal_is_current, **p.gain},
+        }
+
+
+__all__ = ["ModelState", "PersonalModel", "find_initial_bundle", "INITIAL_BUNDLE_ENV"]

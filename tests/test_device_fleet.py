@@ -1,0 +1,76 @@
+"""Fleet mode: simulated devices replaying users' messages against a real server subprocess."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from device_app.fleet import FleetConfig, run_fleet
+from device_app.testing import SAMPLE_MESSAGES, vocab_for
+from models.config import preset
+from models.data.types import ClientData, FederatedDataset
+from tests.server_fixtures import ServerProcess
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _dataset(n: int) -> FederatedDataset:
+    clients = {}
+    for i in range(n):
+        msgs = [f"{m} {i}" for m in SAMPLE_MESSAGES[i % 3 :]] * 3
+        clients[f"user{i}"] = ClientData(f"user{i}", train=msgs[:-3], test=msgs[-3:])
+    return FederatedDataset("tiny-test", clients, train_ids=sorted(clients), heldout_ids=[])
+
+
+def _server(root: Path, vocab_messages, *args: str) -> ServerProcess:
+    vocab = vocab_for(vocab_messages, size=preset("tiny").vocab_size - 4)
+    vocab.save(root / "vocab.json")
+    return ServerProcess(root / "srv", ["--init-preset", "tiny", "--vocab-file", str(root / "vocab.json"),
+                                        "--retry-min-s", "1", *args], root / "srv.log").start()
+
+
+def test_fleet_runs_rounds_with_dropouts(tmp_path: Path) -> None:
+    srv = _server(tmp_path, SAMPLE_MESSAGES, "--round-goal", "3", "--min-count", "2", "--deadline-s", "20",
+                  "--dp-mode", "distributed", "--clip-norm", "0.5", "--noise-multiplier", "0.5")
+    try:
+        config = FleetConfig(server_url=srv.url, n_devices=6, rounds=2, duration_s=150, p_eligible=0.8, p_dropout=0.25,
+                             initial_messages=5, step_s=0.1, max_wait_s=0.5, workers=3, seed=1)
+        report = run_fleet(config, dataset=_dataset(6))
+        summary = report.summary()
+        assert not summary["errors"], summary["errors"]
+        assert summary["rounds_advanced"] >= 2, summary
+        assert summary["uploads"] >= 4 and summary["mean_devices_per_round"] >= 1
+        assert summary["outcomes"].get("uploaded", 0) == summary["uploads"]
+        assert summary["outcomes"].get("ineligible", 0) > 0  # random eligibility
+        assert summary["messages_typed"] > 6 * 5
+        with srv.admin() as admin:
+            rounds = admin.get("/v1/admin/rounds").json()
+        rounds = rounds["rounds"] if isinstance(rounds, dict) else rounds
+        closed = [r for r in rounds if r["kind"] == "train" and r["state"] == "closed"]
+        assert len(closed) >= 2 and all(r["accepted"] >= 2 for r in closed)
+    finally:
+        srv.stop()
+
+
+@pytest.mark.slow
+def test_fleet_cli_with_chitchat_users(tmp_path: Path) -> None:
+    """python -m device_app --headless --fleet N --dataset chitchat --server URL (real chitchat users)."""
+    from models.data import load_dataset
+
+    ds = load_dataset("chitchat")
+    srv = _server(tmp_path, ds.all_train_sentences()[:20_000], "--round-goal", "3", "--min-count", "3")
+    try:
+        out = tmp_path / "fleet.json"
+        cmd = [sys.executable, "-m", "device_app", "--headless", "--fleet", "5", "--dataset", "chitchat", "--server",
+               srv.url, "--rounds", "1", "--duration", "240", "--p-eligible", "0.9", "--p-dropout", "0.1", "--step",
+               "0.2", "--max-wait", "1", "--json-out", str(out)]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400,
+                              env={**__import__("os").environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summary = json.loads(out.read_text())
+        assert summary["rounds_advanced"] >= 1 and summary["uploads"] >= 3 and not summary["errors"]
+    finally:
+        srv.stop()
