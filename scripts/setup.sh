@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent setup: a Python 3.11 venv in .venv with the pinned stack, plus the system
-# packages Kivy needs headless. Fast (a hash check) when nothing changed.
+# packages Kivy (Xvfb, mtdev, xclip, Mesa) and the status-page test (Chromium) need headless. Fast (a hash check) when nothing changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.venv
@@ -14,6 +14,8 @@ install_system_packages() {
   dpkg -s libmtdev1 >/dev/null 2>&1 || missing+=(libmtdev1)
   command -v xclip >/dev/null 2>&1 || missing+=(xclip)
   dpkg -s libgl1-mesa-dri >/dev/null 2>&1 || missing+=(libgl1-mesa-dri)
+  # Headless Chromium renders the server's status page in its browser test.
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing system packages: ${missing[*]}"
