@@ -1,0 +1,53 @@
+"""python -m tff_sim [flags]: federated training of the keyboard model in TFF (see --help)."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def _print_summary(summary: dict) -> None:
+    final = summary.get("final", {})
+    print(f"\nrun folder: {summary['output']}  ({summary['wall_seconds']:.1f} s)")
+    for split, m in final.items():
+        print(f"  federated  {split:8s} top-1 {100 * m['top1_recall']:5.2f}%  top-3 {100 * m['top3_recall']:5.2f}%  "
+              f"perplexity {m['perplexity']:.1f}")
+    for row in summary.get("baselines", []):
+        print(f"  {row['model'][:10]:10s} {str(row.get('split', '-')):8s} top-1 {100 * row['top1_recall']:5.2f}%  "
+              f"top-3 {100 * row.get('top3_recall', float('nan')):5.2f}%  (baseline)")
+    privacy = summary.get("privacy")
+    if privacy:
+        eps = ", ".join(f"{k} {v:.3g}" for k, v in privacy["final_epsilon"].items())
+        print(f"  epsilon at delta {privacy['delta']:.2g}: {eps} (noise multiplier {privacy['noise_multiplier']:.4g})")
+    if summary.get("push"):
+        print(f"  push: {summary['push']}")
+    print(f"  report: {summary['output']}/report.md   model: {summary['model_path']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "matplotlib", "h5py"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from tff_sim.config import parse_args
+
+    cfg = parse_args(argv)
+    from tff_sim.reaper import install_atexit_reaper, install_signal_handlers, reap_worker_binaries
+
+    install_atexit_reaper()
+    install_signal_handlers()  # SIGTERM takes Ctrl-C's path: checkpoint, reap, exit 130
+    from tff_sim.runner import run
+
+    try:
+        result = run(cfg)
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    finally:
+        reap_worker_binaries()
+    _print_summary(result.summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

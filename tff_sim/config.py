@@ -1,0 +1,290 @@
+"""SimConfig: every knob of a simulation run, from defaults < config file (JSON/TOML) < flags.
+
+    python -m tff_sim --preset small --rounds 30 --dp --target-epsilon 10
+    python -m tff_sim --config run.toml --rounds 5      # the flag wins over the file
+
+A config file holds the same names as SimConfig's fields (dashes or underscores), e.g.
+run.json {"preset": "gboard", "rounds": 300} or run.toml `preset = "gboard"`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Sequence
+
+SERVER_OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "yogi")
+SAMPLING = ("auto", "uniform", "poisson")
+ACCOUNTANTS = ("rdp", "pld")
+DP_NOISE = ("seeded", "tff")
+TFF_LOOPS = ("iterator", "reduce")
+
+# Fields that change where a run goes or how it is watched, not what it computes: they are
+# left out of the run's identity (config_hash), so a resumed run may change them.
+_NON_IDENTITY = {
+    "output", "fresh", "push", "admin_token", "push_path", "tensorboard", "progress", "checkpoint_every",
+    "plots", "baselines", "final_eval_max_sentences", "accountants",
+}
+
+
+@dataclasses.dataclass
+class SimConfig:
+    # data
+    dataset: str = "chitchat"  # chitchat | shakespeare | a .txt file | a folder of .txt files
+    data_seed: int = 0  # the dataset's split seed (the baselines use 0: keep it for comparable figures)
+    max_train_clients: int | None = None  # train on a seeded subset of the training clients (None: all)
+    max_examples_per_client: int = 64  # cap per client per round (Gboard caps examples per device too)
+    # model
+    preset: str = "gboard"  # gboard (Hard et al. 2018, the baselines' preset) | small | tiny
+    vocab_size: int | None = None  # words + 4 specials; None: the preset's
+    # federated training
+    rounds: int = 50
+    clients_per_round: int = 10
+    client_epochs: int = 1
+    batch_size: int = 16
+    client_lr: float = 0.5
+    client_momentum: float = 0.0
+    server_optimizer: str = "nesterov"  # sgd | momentum | nesterov (Gboard: Nesterov 0.9) | adam (FedAdam) | yogi
+    server_lr: float = 1.0
+    server_momentum: float = 0.9
+    sampling: str = "auto"  # uniform: m clients without replacement; poisson: each with prob m/N; auto: poisson iff DP
+    seed: int = 0
+    tff_loop: str = "iterator"  # iterator (fast) | reduce (TFF's default): how clients loop over batches
+    # differential privacy (DP-FedAvg, unweighted mean of clipped updates + Gaussian noise)
+    dp: bool = False
+    noise_multiplier: float | None = None  # None with --dp: calibrated from target_epsilon, else 1.0
+    target_epsilon: float | None = None  # calibrate the noise multiplier for this epsilon after `rounds`
+    delta: float | None = None  # None: 1 / population^1.1
+    clip: float = 1.0  # fixed L2 clip of each client's update (initial clip when adaptive)
+    adaptive_clip: bool = False  # quantile-based adaptive clipping (Andrew et al. 2019)
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+    accountants: tuple[str, ...] = ("rdp", "pld")
+    dp_noise: str = "seeded"  # seeded: stateless noise seeded from the run seed (exact resume); tff: TFF's stock factory
+    # evaluation and output
+    eval_every: int = 10  # federated evaluation on held-out clients every N rounds (0: only at the end)
+    eval_clients: int = 20  # held-out clients in the periodic federated evaluation (0: all)
+    eval_max_examples_per_client: int = 128
+    final_eval_max_sentences: int | None = 5_000  # cap per split of the final evaluation (= models.baselines' default)
+    output: str | None = None  # run folder; None: runs/tff/<dataset>-<preset>-<config hash>
+    checkpoint_every: int = 10
+    fresh: bool = False  # ignore an existing checkpoint in the output folder
+    tensorboard: bool = True
+    plots: bool = True
+    progress: bool = True
+    baselines: str | None = "artifacts/baselines/results.json"  # reference rows (n-gram, server-trained)
+    push: str | None = None  # server URL to hand the final model to as a candidate
+    admin_token: str | None = None
+    push_path: str = "/v1/admin/models"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ checks and derived values
+
+    def validate(self) -> None:
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if value is None or value <= 0:
+                raise ValueError(f"{name} must be positive, got {value!r}")
+
+        for name in ("rounds", "clients_per_round", "client_epochs", "batch_size", "max_examples_per_client",
+                     "eval_max_examples_per_client", "server_lr"):
+            positive(name)
+        if self.client_lr < 0:
+            raise ValueError("client_lr must be >= 0")
+        if self.server_optimizer not in SERVER_OPTIMIZERS:
+            raise ValueError(f"server_optimizer must be one of {SERVER_OPTIMIZERS}, got {self.server_optimizer!r}")
+        if self.sampling not in SAMPLING:
+            raise ValueError(f"sampling must be one of {SAMPLING}, got {self.sampling!r}")
+        if self.tff_loop not in TFF_LOOPS:
+            raise ValueError(f"tff_loop must be one of {TFF_LOOPS}, got {self.tff_loop!r}")
+        if self.dp_noise not in DP_NOISE:
+            raise ValueError(f"dp_noise must be one of {DP_NOISE}, got {self.dp_noise!r}")
+        self.accountants = tuple(self.accountants)
+        bad = [a for a in self.accountants if a not in ACCOUNTANTS]
+        if bad or not self.accountants:
+            raise ValueError(f"accountants must be a non-empty subset of {ACCOUNTANTS}, got {self.accountants!r}")
+        if self.noise_multiplier is not None and self.noise_multiplier < 0:
+            raise ValueError("noise_multiplier must be >= 0")
+        if self.target_epsilon is not None and self.target_epsilon <= 0:
+            raise ValueError("target_epsilon must be > 0")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ValueError("delta must be in (0, 1)")
+        if (self.noise_multiplier is not None or self.target_epsilon is not None or self.adaptive_clip) and not self.dp:
+            raise ValueError("noise_multiplier, target_epsilon and adaptive_clip need --dp")
+        if self.noise_multiplier is not None and self.target_epsilon is not None:
+            raise ValueError("give either noise_multiplier or target_epsilon, not both")
+        if self.clip <= 0:
+            raise ValueError("clip must be > 0")
+        if not 0 < self.target_quantile < 1:
+            raise ValueError("target_quantile must be in (0, 1)")
+        if self.eval_every < 0 or self.eval_clients < 0 or self.checkpoint_every < 0:
+            raise ValueError("eval_every, eval_clients and checkpoint_every must be >= 0")
+        if self.push and not self.admin_token:
+            raise ValueError("--push needs --admin-token")
+
+    @property
+    def sampling_mode(self) -> str:
+        if self.sampling != "auto":
+            return self.sampling
+        return "poisson" if self.dp else "uniform"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["accountants"] = list(self.accountants)
+        return data
+
+    def public_dict(self) -> dict[str, Any]:
+        """to_dict() without secrets (for reports and logs)."""
+        data = self.to_dict()
+        if data.get("admin_token"):
+            data["admin_token"] = "***"
+        return data
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that determine the computation (what a checkpoint must agree with).
+
+        `rounds` is left out unless the noise is calibrated for it: rounds r depend only on
+        (seed, r), so a finished run can be extended, and an interrupted one resumed, with
+        a different --rounds.
+        """
+        skip = set(_NON_IDENTITY) | ({"rounds"} if self.target_epsilon is None else set())
+        return {k: v for k, v in self.to_dict().items() if k not in skip}
+
+    def config_hash(self) -> str:
+        text = json.dumps(self.identity(), sort_keys=True)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
+
+    def output_dir(self) -> Path:
+        if self.output:
+            return Path(self.output)
+        name = Path(self.dataset).name if self.dataset not in ("chitchat", "shakespeare") else self.dataset
+        return Path("runs") / "tff" / f"{name}-{self.preset}-{self.config_hash()}"
+
+    def replace(self, **changes: Any) -> "SimConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SimConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        normalized = {k.replace("-", "_"): v for k, v in data.items()}
+        unknown = sorted(set(normalized) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys: {unknown}")
+        if "accountants" in normalized and isinstance(normalized["accountants"], str):
+            normalized["accountants"] = tuple(a.strip() for a in normalized["accountants"].split(","))
+        return cls(**normalized)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """A JSON (.json) or TOML (.toml) file of SimConfig fields (a [tff_sim] table in TOML also works)."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".toml":
+        data = tomllib.loads(text)
+        data = data.get("tff_sim", data)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must hold an object of SimConfig fields")
+    return data
+
+
+def _bool_flag(parser: argparse.ArgumentParser, name: str, help_: str) -> None:
+    parser.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction,
+                        default=argparse.SUPPRESS, help=help_)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = SimConfig.__dataclass_fields__  # defaults shown in --help
+
+    def default(name: str) -> Any:
+        return d[name].default
+
+    p = argparse.ArgumentParser(
+        prog="python -m tff_sim",
+        description="Gboard-style federated training of the next-word model in TensorFlow Federated "
+        "(FedAvg / DP-FedAvg), with evaluation, privacy accounting and a report.",
+        argument_default=argparse.SUPPRESS,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", help="JSON or TOML file of settings (flags override it)", default=None)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", help=f"chitchat, shakespeare, a .txt file or a folder of them (default {default('dataset')})")
+    g.add_argument("--data-seed", type=int, help=f"dataset split seed (default {default('data_seed')})")
+    g.add_argument("--max-train-clients", type=int, help="train on a seeded subset of this many clients (default all)")
+    g.add_argument("--max-examples-per-client", type=int,
+                   help=f"examples per client per round (default {default('max_examples_per_client')})")
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", choices=("tiny", "small", "gboard"), help=f"model size (default {default('preset')})")
+    g.add_argument("--vocab-size", type=int, help="vocabulary incl. 4 special tokens (default: the preset's)")
+    g = p.add_argument_group("federated training")
+    g.add_argument("--rounds", type=int, help=f"default {default('rounds')}")
+    g.add_argument("--clients-per-round", type=int, help=f"default {default('clients_per_round')}")
+    g.add_argument("--client-epochs", type=int, help=f"default {default('client_epochs')}")
+    g.add_argument("--batch-size", type=int, help=f"default {default('batch_size')}")
+    g.add_argument("--client-lr", type=float, help=f"client SGD learning rate (default {default('client_lr')})")
+    g.add_argument("--client-momentum", type=float, help=f"client SGD momentum (default {default('client_momentum')})")
+    g.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS,
+                   help=f"nesterov = Gboard's SGD with Nesterov momentum; adam = FedAdam (default {default('server_optimizer')})")
+    g.add_argument("--server-lr", type=float, help=f"default {default('server_lr')}")
+    g.add_argument("--server-momentum", type=float, help=f"for momentum/nesterov (default {default('server_momentum')})")
+    g.add_argument("--sampling", choices=SAMPLING,
+                   help="client sampling per round; auto = poisson with DP (what the accountant assumes), else uniform")
+    g.add_argument("--seed", type=int, help=f"model init, client sampling, batch order, DP noise (default {default('seed')})")
+    g.add_argument("--tff-loop", choices=TFF_LOOPS,
+                   help="client loop over batches: iterator (DATASET_ITERATOR, fast) or reduce (TFF's default "
+                   "DATASET_REDUCE, ~5x slower per batch here)")
+    g = p.add_argument_group("differential privacy")
+    _bool_flag(g, "dp", "DP-FedAvg: clip each client's update, average unweighted, add Gaussian noise")
+    g.add_argument("--noise-multiplier", type=float, help="noise stddev / clip (default 1.0 unless --target-epsilon)")
+    g.add_argument("--target-epsilon", type=float, help="calibrate the noise multiplier to reach this epsilon after --rounds")
+    g.add_argument("--delta", type=float, help="default 1/population^1.1")
+    g.add_argument("--clip", type=float, help=f"L2 clip of client updates (initial clip if adaptive; default {default('clip')})")
+    _bool_flag(g, "adaptive-clip", "adapt the clip to a quantile of update norms (Andrew et al. 2019)")
+    g.add_argument("--target-quantile", type=float, help=f"default {default('target_quantile')}")
+    g.add_argument("--clip-lr", type=float, help=f"adaptive clip learning rate (default {default('clip_lr')})")
+    g.add_argument("--accountants", type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
+                   help="comma-separated: rdp,pld (default both)")
+    g.add_argument("--dp-noise", choices=DP_NOISE,
+                   help="seeded: the same Gaussian mechanism with noise from a stateless seeded generator kept "
+                   "in the aggregator state (bit-exact resume); tff: TFF's stock gaussian_fixed/gaussian_adaptive")
+    g = p.add_argument_group("evaluation and output")
+    g.add_argument("--eval-every", type=int, help=f"federated eval every N rounds (default {default('eval_every')})")
+    g.add_argument("--eval-clients", type=int, help=f"held-out clients per periodic eval, 0 = all (default {default('eval_clients')})")
+    g.add_argument("--eval-max-examples-per-client", type=int, help=f"default {default('eval_max_examples_per_client')}")
+    g.add_argument("--final-eval-max-sentences", type=int,
+                   help=f"cap per split of the final evaluation, 0 = all (default {default('final_eval_max_sentences')})")
+    g.add_argument("--output", "--out", dest="output", help="run folder (default runs/tff/<dataset>-<preset>-<hash>)")
+    g.add_argument("--checkpoint-every", type=int, help=f"rounds between checkpoints (default {default('checkpoint_every')})")
+    _bool_flag(g, "fresh", "start over even if the run folder holds a checkpoint")
+    _bool_flag(g, "tensorboard", "write TensorBoard logs")
+    _bool_flag(g, "plots", "write PNG plots")
+    _bool_flag(g, "progress", "show a progress bar")
+    g.add_argument("--baselines", help="results.json of models.baselines for reference rows ('' = none)")
+    g = p.add_argument_group("hand-off to the server")
+    g.add_argument("--push", help="server URL: push the final model as a candidate global model")
+    g.add_argument("--admin-token", help="the server's admin token (or $FK_ADMIN_TOKEN)")
+    g.add_argument("--push-path", help=f"admin endpoint (default {default('push_path')})")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> SimConfig:
+    """defaults < --config file < flags given on the command line."""
+    import os
+
+    args = vars(build_parser().parse_args(argv))
+    config_path = args.pop("config", None)
+    data: dict[str, Any] = load_config_file(config_path) if config_path else {}
+    data.update(args)
+    if data.get("push") and not data.get("admin_token") and os.environ.get("FK_ADMIN_TOKEN"):
+        data["admin_token"] = os.environ["FK_ADMIN_TOKEN"]
+    if data.get("final_eval_max_sentences") == 0:
+        data["final_eval_max_sentences"] = None
+    if data.get("baselines") == "":
+        data["baselines"] = None
+    return SimConfig.from_dict(data)

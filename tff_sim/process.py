@@ -1,0 +1,165 @@
+"""The TFF learning and evaluation processes, built from the models/ Keras model.
+
+    FedAvg (no DP):  tff.learning.algorithms.build_weighted_fed_avg   (clients weighted by examples)
+    DP-FedAvg:       tff.learning.algorithms.build_unweighted_fed_avg (DP mean of clipped updates)
+    evaluation:      tff.learning.algorithms.build_fed_eval           (sums of models/ keras metrics)
+"""
+from __future__ import annotations
+
+import collections
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from models.config import ModelConfig
+from models.keras_metrics import MaskedMeanCrossEntropy, MaskedTokenCount, MaskedTopKRecall
+from models.keras_model import build_model, get_weights, masked_loss
+from tff_sim.config import SimConfig
+from tff_sim.dp_aggregators import dp_factory
+from tff_sim.nesterov import build_nesterov
+
+
+def input_spec(config: ModelConfig) -> tuple[tf.TensorSpec, tf.TensorSpec]:
+    spec = tf.TensorSpec([None, config.seq_len], tf.int32)
+    return (spec, spec)
+
+
+def train_metrics() -> list[Callable[[], tf.keras.metrics.Metric]]:
+    # Token-weighted loss and token count; recall is left to evaluation (top-k over the vocab costs).
+    return [lambda: MaskedMeanCrossEntropy(name="token_loss"), lambda: MaskedTokenCount(name="num_tokens")]
+
+
+def eval_metrics() -> list[Callable[[], tf.keras.metrics.Metric]]:
+    return [
+        lambda: MaskedTopKRecall(1, name="top1_recall"),
+        lambda: MaskedTopKRecall(3, name="top3_recall"),
+        lambda: MaskedMeanCrossEntropy(name="token_loss"),
+        lambda: MaskedTokenCount(name="num_tokens"),
+    ]
+
+
+def make_model_fn(config: ModelConfig, metrics: Callable[[], list] = train_metrics) -> Callable[[], Any]:
+    """A no-argument model_fn: TFF calls it inside its own graphs, so it builds a fresh model each time."""
+
+    def model_fn():
+        return tff.learning.models.from_keras_model(
+            build_model(config),
+            loss=masked_loss(),
+            input_spec=input_spec(config),
+            metrics=[m() for m in metrics()],
+        )
+
+    return model_fn
+
+
+def initial_weights(config: ModelConfig, seed: int) -> list[np.ndarray]:
+    """The seeded starting point shared by TFF and the plain-Keras loops."""
+    return get_weights(build_model(config, seed=seed))
+
+
+def client_optimizer(cfg: SimConfig) -> tff.learning.optimizers.Optimizer:
+    return tff.learning.optimizers.build_sgdm(cfg.client_lr, momentum=cfg.client_momentum or None)
+
+
+def server_optimizer(cfg: SimConfig) -> tff.learning.optimizers.Optimizer:
+    name, lr = cfg.server_optimizer, cfg.server_lr
+    if name == "sgd":
+        return tff.learning.optimizers.build_sgdm(lr)
+    if name == "momentum":
+        return tff.learning.optimizers.build_sgdm(lr, momentum=cfg.server_momentum)
+    if name == "nesterov":
+        return build_nesterov(lr, momentum=cfg.server_momentum)
+    if name == "adam":  # FedAdam (Reddi et al. 2021): adaptive epsilon 1e-3
+        return tff.learning.optimizers.build_adam(lr, beta_1=0.9, beta_2=0.99, epsilon=1e-3)
+    if name == "yogi":
+        return tff.learning.optimizers.build_yogi(lr, beta_1=0.9, beta_2=0.99, epsilon=1e-3)
+    raise ValueError(f"unknown server optimizer {name!r}")
+
+
+def loop_implementation(name: str) -> tff.learning.LoopImplementation:
+    """How a client iterates over its batches inside TFF.
+
+    "iterator" (DATASET_ITERATOR, our default) runs the training step in an ordinary
+    tf.function while-loop over the dataset iterator. "reduce" (DATASET_REDUCE, TFF's
+    default) runs it inside tf.data's ReduceDataset op, whose nested function runs without
+    the graph optimizations of a top-level function: measured here 5-6x slower per batch
+    for the tiny preset (benchmarks/bench_tff_round_time.py).
+    """
+    loops = {"iterator": tff.learning.LoopImplementation.DATASET_ITERATOR,
+             "reduce": tff.learning.LoopImplementation.DATASET_REDUCE}
+    if name not in loops:
+        raise ValueError(f"tff loop must be one of {sorted(loops)}, got {name!r}")
+    return loops[name]
+
+
+def build_learning_process(
+    cfg: SimConfig, model_config: ModelConfig, noise_multiplier: float | None = None
+) -> tff.learning.templates.LearningProcess:
+    """FedAvg without DP; DP-FedAvg (unweighted, clipped, noised) with cfg.dp."""
+    model_fn = make_model_fn(model_config)
+    loop = loop_implementation(cfg.tff_loop)
+    if not cfg.dp:
+        return tff.learning.algorithms.build_weighted_fed_avg(
+            model_fn,
+            client_optimizer_fn=client_optimizer(cfg),
+            server_optimizer_fn=server_optimizer(cfg),
+            client_weighting=tff.learning.ClientWeighting.NUM_EXAMPLES,
+            loop_implementation=loop,
+        )
+    if noise_multiplier is None:
+        raise ValueError("a DP process needs its noise multiplier")
+    aggregator = dp_factory(
+        noise_multiplier, cfg.clients_per_round, cfg.clip, adaptive=cfg.adaptive_clip,
+        target_quantile=cfg.target_quantile, clip_lr=cfg.clip_lr, noise=cfg.dp_noise, seed=cfg.seed,
+    )
+    return tff.learning.algorithms.build_unweighted_fed_avg(
+        model_fn,
+        client_optimizer_fn=client_optimizer(cfg),
+        server_optimizer_fn=server_optimizer(cfg),
+        model_aggregator=aggregator,
+        loop_implementation=loop,
+    )
+
+
+def build_eval_process(model_config: ModelConfig, loop: str = "iterator") -> tff.learning.templates.LearningProcess:
+    return tff.learning.algorithms.build_fed_eval(make_model_fn(model_config, eval_metrics),
+                                                  loop_implementation=loop_implementation(loop))
+
+
+def model_weights(weights: Sequence[np.ndarray]) -> tff.learning.models.ModelWeights:
+    return tff.learning.models.ModelWeights(trainable=[np.asarray(w, np.float32) for w in weights], non_trainable=[])
+
+
+def initialize(process: tff.learning.templates.LearningProcess, weights: Sequence[np.ndarray]):
+    """process.initialize() with the global model set to `weights`."""
+    return process.set_model_weights(process.initialize(), model_weights(weights))
+
+
+def get_weights_from_state(process: tff.learning.templates.LearningProcess, state) -> list[np.ndarray]:
+    return [np.asarray(w, np.float32) for w in process.get_model_weights(state).trainable]
+
+
+def federated_evaluate(eval_process, weights: Sequence[np.ndarray], datasets: list) -> dict[str, float]:
+    """Federated evaluation of `weights` on client datasets: token-weighted recall and loss over all."""
+    state = eval_process.set_model_weights(eval_process.initialize(), model_weights(weights))
+    output = eval_process.next(state, datasets)
+    metrics = output.metrics["client_work"]["eval"]["current_round_metrics"]
+    return flatten_metrics(metrics)
+
+
+def flatten_metrics(metrics: Any, prefix: str = "") -> dict[str, float]:
+    """Nested TFF metrics as {"a/b": float}."""
+    out: dict[str, float] = {}
+    if isinstance(metrics, (dict, collections.OrderedDict)):
+        for key, value in metrics.items():
+            out.update(flatten_metrics(value, f"{prefix}{key}/"))
+    elif hasattr(metrics, "_asdict"):
+        out.update(flatten_metrics(metrics._asdict(), prefix))
+    else:
+        try:
+            out[prefix.rstrip("/")] = float(np.asarray(metrics))
+        except (TypeError, ValueError):
+            pass
+    return out
