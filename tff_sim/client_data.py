@@ -8,7 +8,7 @@ and the TFF process get the very same batches from `client_batches`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 

@@ -17,15 +17,12 @@ Seeded noise is for simulation only: anyone who knows the seed knows the noise.
 from __future__ import annotations
 
 import collections
-import logging
 
 import dp_accounting
 import tensorflow as tf
 import tensorflow_federated as tff
 import tensorflow_privacy as tfp
 from tensorflow_privacy.privacy.dp_query import quantile_estimator_query
-
-log = logging.getLogger(__name__)
 
 _VALUE_STREAM = 0x7A1
 _COUNT_STREAM = 0x7C2

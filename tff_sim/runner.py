@@ -59,7 +59,7 @@ def train_row(round_num: int, clients: int, output: Any, seconds: float) -> dict
         "clients": clients,
         "examples": int(m.get("client_work/train/num_examples", 0)),
         "tokens": int(m.get("client_work/train/num_tokens", 0)),
-        "train_loss": m.get("client_work/train/token_loss"),
+        "train_loss": m.get("client_work/train/loss"),  # mean over the cohort's batches of the masked token loss
         "round_seconds": round(seconds, 4),
     }
     if "aggregator/dp_query_metrics/clip" in m:
@@ -76,7 +76,6 @@ def run(cfg: SimConfig, data: client_data.SimData | None = None,
     on_round(row) is called after each finished (and logged) round; an exception it raises
     stops the run like Ctrl-C does, after checkpointing that round.
     """
-    import tensorflow as tf
     import tensorflow_federated as tff
 
     from tff_sim import process
