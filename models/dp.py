@@ -215,6 +215,9 @@ def _epsilon_steps(z: float, q: float, steps: int, delta: float, accountant: str
     return eps if math.isfinite(eps) else math.inf
 
 
+_PLD_MIN_NOISE = 0.05  # below this PLD accounting is too memory-hungry to probe
+
+
 def calibrate_noise_multiplier(
     target_epsilon: float,
     sampling_prob: float,
@@ -236,9 +239,21 @@ def calibrate_noise_multiplier(
     def eps(z: float) -> float:
         return _epsilon_steps(z, sampling_prob, steps, delta, accountant)
 
-    lo, hi = 1e-3, 1.0
-    if eps(lo) <= target_epsilon:
-        return lo
+    if accountant == "pld":
+        # PLD discretises the privacy loss; at tiny z its grid needs tens of GiB. RDP's epsilon
+        # upper-bounds PLD's, so RDP's answer brackets the search from above and we never
+        # probe z far below it.
+        hi = calibrate_noise_multiplier(target_epsilon, sampling_prob, steps, delta, "rdp", tol)
+        lo = hi
+        while lo > _PLD_MIN_NOISE and eps(lo / 2.0) <= target_epsilon:
+            lo /= 2.0
+        lo = max(lo / 2.0, _PLD_MIN_NOISE)
+        if eps(lo) <= target_epsilon:
+            return lo
+    else:
+        lo, hi = 1e-3, 1.0
+        if eps(lo) <= target_epsilon:
+            return lo
     while eps(hi) > target_epsilon:
         lo, hi = hi, hi * 2.0
         if hi > 1e6:

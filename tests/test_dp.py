@@ -130,3 +130,13 @@ def test_ledger_matches_batch_accounting():
     fresh.extend(rounds)  # composed lazily in one go: same answer
     assert fresh.epsilon(1e-5) == pytest.approx(ledger.epsilon(1e-5), rel=1e-9)
     assert dp.PrivacyLedger().epsilon(1e-5) == 0.0
+
+
+def test_pld_calibration_stays_bounded_and_below_rdp():
+    """PLD calibration is bracketed by RDP's answer, so it never probes memory-hungry tiny z."""
+    from models import dp
+
+    z_rdp = dp.calibrate_noise_multiplier(8.0, 0.2, 3, 1e-3, accountant="rdp")
+    z_pld = dp.calibrate_noise_multiplier(8.0, 0.2, 3, 1e-3, accountant="pld")
+    assert 0 < z_pld <= z_rdp
+    assert dp.epsilon(z_pld, 0.2, 3, 1e-3, accountant="pld") <= 8.0 + 1e-6
