@@ -132,6 +132,7 @@ def test_ledger_matches_batch_accounting():
     assert dp.PrivacyLedger().epsilon(1e-5) == 0.0
 
 
+@pytest.mark.slow  # PLD accounting takes ~45 s here
 def test_pld_calibration_stays_bounded_and_below_rdp():
     """PLD calibration is bracketed by RDP's answer, so it never probes memory-hungry tiny z."""
     from models import dp
