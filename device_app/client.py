@@ -53,6 +53,7 @@ from device_app.http_client import (
 from device_app.model_state import ModelState
 from device_app.personalize import PersonalizationSettings, Personalizer
 from device_app.store import DEFAULT_MAX_CHARS, TextStore
+from device_app.telemetry import SessionFacts, TelemetryReporter
 from models import wire
 from models.config import ModelConfig
 from models.suggest import apply_suggestion as _apply_suggestion
@@ -108,7 +109,7 @@ class Outcome:
     """What one participation attempt did."""
 
     status: str  # ineligible | no_server | offline | no_task | no_model | no_data | uploaded | reported |
-    #              pending | dropped | cancelled | secagg_unsupported | rejected | error
+    #              pending | dropped | cancelled | secagg_unsupported | secagg_failed | rejected | error
     detail: str = ""
     round_id: int | None = None
     info: dict[str, Any] = field(default_factory=dict)
@@ -177,7 +178,7 @@ class DeviceClient:
         on_request: Callable[[Any], None] | None = None,
         http_client: Any = None,
         battery_probe: BatteryProbe = psutil_battery_charging,
-        secure_aggregation: Sequence[secagg_mod.SecureAggregation] = (),
+        secure_aggregation: Sequence[secagg_mod.SecureAggregation] | None = None,
         seed: int | None = None,
         model_cache: ModelCache | None = None,
         persist_models: bool = True,
@@ -207,7 +208,9 @@ class DeviceClient:
         self.models.personal_enabled = settings.use_personal
         self.eligibility = EligibilityMonitor(settings.eligibility, battery_probe=battery_probe)
         self.personalizer = Personalizer(settings.personalization)
-        self.secure_aggregation = list(secure_aggregation)
+        # None: SecAgg (identity key and peer pins in the data dir) and Paillier; () declines every protected round.
+        self.secure_aggregation = list(secagg_mod.default_hooks(self.data_dir) if secure_aggregation is None
+                                       else secure_aggregation)
         self.rng = np.random.default_rng(seed)
         self.model_cache = model_cache
         self.persist_models = persist_models
@@ -221,6 +224,8 @@ class DeviceClient:
         self._progress_listeners: list[Progress] = []
         self._cancel = threading.Event()
         self.last_outcome: Outcome | None = None
+        self.session_facts = SessionFacts()  # yes/no facts of this session, reported by randomized response
+        self.telemetry = TelemetryReporter()
         self.save_settings()
 
     # ================================================================== settings and state
@@ -266,11 +271,14 @@ class DeviceClient:
         self.eligibility.note_activity()
 
     def suggest(self, text: str, k: int = 3) -> list[str]:
-        return self.models.suggest(text, k)
+        words = self.models.suggest(text, k)
+        if words and self.models.serving == "personal":
+            self.session_facts.note("personal_model_used")
+        return words
 
-    @staticmethod
-    def apply_suggestion(text: str, suggestion: str) -> str:
+    def apply_suggestion(self, text: str, suggestion: str) -> str:
         """Insert a tapped suggestion, replacing the partial word being typed (models.suggest)."""
+        self.session_facts.note("suggestion_accepted")
         return _apply_suggestion(text, suggestion)
 
     def commit(self, text: str, *, typed_now: bool = True) -> bool:
@@ -560,6 +568,13 @@ class DeviceClient:
             return Outcome("no_data", "no local text to train on yet", rid)
         self._progress(0.05, f"round {rid}: getting model {task.base_version}")
         base = self._weights_for(task.base_version, task.model_url)
+        if hook is not None and hasattr(hook, "begin"):  # SecAgg: keys are exchanged before training
+            self._progress(0.07, f"round {rid}: secure aggregation key exchange")
+            try:
+                self._call(lambda api: hook.begin(api, task))
+            except secagg_mod.SecAggError as exc:
+                self._log_sent({"type": "secagg", "round_id": rid, "status": "failed", "error": exc.reason})
+                return Outcome("secagg_failed", f"{exc.reason}: {exc.detail}", rid)
         trainer = trainer_for(config)
         try:
             result = trainer.train(
@@ -569,19 +584,28 @@ class DeviceClient:
                 should_stop=self._stopper(should_drop, force),
             )
         except TrainingCancelled as exc:
+            if hook is not None and hasattr(hook, "abort"):
+                hook.abort(self.api, task)
             return Outcome("cancelled", str(exc), rid)
         self._progress(0.92, f"round {rid}: clipping and noising the update")
         delta = compute_delta(result.weights, base)
         private = privatize(delta, task.clip_norm, task.noise_stddev, self.rng)
         tensors, extra = private.delta, {}
-        if hook is not None:
-            tensors, extra = self._call(lambda api: hook.protect(api, task, tensors))
         metrics = {
             "loss_first_epoch": result.loss_first_epoch,
             "loss_last_epoch": result.loss_last_epoch,
             "train_seconds": result.seconds,
         }
         metrics = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
+        if hook is not None and hasattr(hook, "submit"):
+            if should_drop is not None and should_drop():
+                if hasattr(hook, "abort"):
+                    hook.abort(self.api, task)
+                return Outcome("cancelled", "dropped out before uploading", rid)
+            return self._secure_submit(hook, task, tensors, {"num_examples": int(result.num_examples),
+                                                             "metrics": metrics}, private, result)
+        if hook is not None:
+            tensors, extra = self._call(lambda api: hook.protect(api, task, tensors))
         dtype = self.settings.upload_dtype if self.settings.upload_dtype in task.upload_dtypes else task.upload_dtypes[0]
         blob = wire.encode(
             tensors, config, kind="delta", model_version=task.base_version, dtype=dtype,
@@ -607,6 +631,35 @@ class DeviceClient:
             return Outcome("cancelled", "dropped out before uploading", rid)
         self._progress(0.95, f"round {rid}: uploading {len(blob) / 1e6:.1f} MB")
         return self._upload(rid, blob, entry, task.upload_url)
+
+    def _secure_submit(self, hook: Any, task: Task, tensors: list[np.ndarray], metadata: dict[str, Any],
+                       private: Any, result: Any) -> Outcome:
+        """A protected upload (SecAgg masked vector, Paillier ciphertexts): the hook uploads and finishes
+        its protocol. Synchronous with the round, so nothing waits in pending/ when the network fails."""
+        rid = task.round_id
+        entry = {"type": "update", "round_id": rid, "base_version": task.base_version, "dp_mode": task.dp_mode,
+                 "secure_aggregation": hook.name, "num_examples": metadata["num_examples"],
+                 "metrics": metadata["metrics"], "deadline": task.deadline, **private.summary(),
+                 "training": result.summary()}
+        self._progress(0.95, f"round {rid}: {hook.name} upload")
+        try:
+            answer = self._call(lambda api: hook.submit(api, task, tensors, metadata))
+        except secagg_mod.SecAggError as exc:
+            self._log_sent({**entry, "status": "failed", "error": exc.reason})
+            return Outcome("secagg_failed", f"{exc.reason}: {exc.detail}", rid)
+        except Offline as exc:
+            self._offline(exc)
+            self._log_sent({**entry, "status": "dropped", "error": "offline"})
+            return Outcome("dropped", "offline during a secure-aggregation round", rid)
+        self._log_sent({**entry, "status": "accepted", "bytes": answer.get("bytes"),
+                        "sha256": answer.get("payload_sha256"), "timings": answer.get("timings")})
+        with self._lock:
+            self.state["contributions"] = int(self.state.get("contributions", 0)) + 1
+            self.state["last_round"] = {"round_id": rid, "base_version": task.base_version, "at": time.time(),
+                                        "num_examples": metadata["num_examples"], "clipped": entry["clipped"],
+                                        "secure_aggregation": hook.name}
+            self._save_state()
+        return Outcome("uploaded", f"{answer.get('bytes')} bytes via {hook.name}", rid, info=answer)
 
     def _upload(self, rid: int, blob: bytes, entry: dict[str, Any], url: str | None) -> Outcome:
         try:
@@ -742,6 +795,30 @@ class DeviceClient:
             self._save_state()
         return report
 
+    # ================================================================== telemetry
+
+    def report_telemetry(self) -> dict[str, Any] | None:
+        """Answer the server's yes/no questions about this session by randomized response (device_app/
+        telemetry.py); the session's facts are then forgotten. None offline or when refused."""
+        if self.api is None:
+            return None
+        facts = self.session_facts.take()
+        try:
+            with self._net_lock:
+                answer = self._call(lambda api: self.telemetry.report(api, facts))
+        except (Offline, ServerError) as exc:
+            if isinstance(exc, Offline):
+                self._offline(exc)
+            return None
+        with self._lock:
+            period = float((answer or {}).get("period_s") or 3600.0)
+            self.state["next_telemetry_at"] = time.time() + period
+            self._save_state()
+        if answer is not None:
+            self._log_sent({"type": "telemetry", "status": "accepted", "answers": answer["sent"],
+                            "local_epsilon": self.telemetry.last.get("local_epsilon")})
+        return answer
+
     # ================================================================== personalization
 
     def personalize_if_due(self) -> dict[str, Any] | None:
@@ -834,6 +911,9 @@ class DeviceClient:
                 self.flush_pending()
             if self.due_for_checkin() and self.eligibility.current().eligible:
                 done.append(str(self.participate_once()))
+            if time.time() >= float(self.state.get("next_telemetry_at", 0.0)) and self.session_facts.facts:
+                if self.report_telemetry() is not None:
+                    done.append("telemetry")
         if self.personalize_if_due() is not None:
             done.append("personalized")
         return done

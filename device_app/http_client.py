@@ -248,6 +248,21 @@ class ServerAPI:
         path = url or ROUTES["eval_report"].format(round_id=round_id)
         return self._request("POST", path, json={"results": results}, ok=(200, 201)).json()
 
+    # ------------------------------------------------------------------ privacy protocols (device_app/secagg.py)
+
+    def get_json(self, path: str, params: dict[str, Any] | None = None, timeout: float | None = None) -> dict[str, Any]:
+        kw: dict[str, Any] = {"params": params} if params else {}
+        if timeout is not None:
+            kw["timeout"] = httpx.Timeout(timeout, connect=5.0)
+        return self._request("GET", path, **kw).json()
+
+    def post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._request("POST", path, json=body, ok=(200, 201)).json()
+
+    def post_bytes(self, path: str, blob: bytes) -> dict[str, Any]:
+        return self._request("POST", path, content=blob, headers={"Content-Type": "application/octet-stream"},
+                             ok=(200, 201)).json()
+
     def round_info(self, round_id: int) -> dict[str, Any]:
         return self._request("GET", ROUTES["round"].format(round_id=round_id)).json()
 

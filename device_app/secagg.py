@@ -1,23 +1,57 @@
-"""The secure-aggregation hook of the device client.
+"""The secure-aggregation hook of the device client, and its two implementations.
 
 When a training task carries secure-aggregation parameters (the server asks that updates be
-masked so it only ever sees their sum), the client hands its privatized delta to a
-SecureAggregation implementation before encoding it. The protocol itself belongs to the
-privacy issue; this module defines the interface and the registry the client consults.
+protected so it only ever sees their sum), the client hands its privatized delta to a
+SecureAggregation implementation instead of uploading it in the clear. A client with no
+implementation that accepts the task's parameters declines the round (outcome
+"secagg_unsupported") rather than upload an unmasked delta the server did not ask for.
 
-A client with no implementation that accepts the task's parameters declines the round
-(outcome "secagg_unsupported") rather than upload an unmasked delta the server did not ask for.
+The hook interface (a Protocol; the client uses whichever methods a hook has):
+
+    supports(params) -> bool
+    begin(api, task)                                   optional: before local training (SecAgg's key stages)
+    submit(api, task, tensors, metadata) -> answer     optional: protect AND upload (and finish the protocol)
+    abort(api, task)                                   optional: the device dropped out of the round
+    protect(api, task, tensors) -> (tensors, extra)    the simple form: masked tensors the client uploads as
+                                                       a normal wire delta (used when there is no submit)
+
+Implementations here:
+
+SecAggHook (protocol "secagg", Bonawitz et al. 2017; math in models/secagg_math.py)
+    begin:  register the device's Ed25519 identity key (once), advertise two fresh X25519 keys signed
+            with it, wait for the cohort U1, verify every peer's signature (and pin peers' identity keys:
+            trust on first use), check the threshold is a strict majority and the cohort is big enough,
+            Shamir-share the mask key and a fresh self-mask seed, upload the shares AES-GCM-encrypted
+            to each neighbour (the server relays what it cannot read).
+    submit: after training: fetch and decrypt the shares sent to it (a share altered in transit fails
+            authentication: the device stops), quantize (stochastic rounding, models/secagg_math.py),
+            mask, upload the masked vector; then sign the survivor set U3, wait for t signatures on the
+            same U3, and reveal exactly one share per peer: b_v for survivors, s_sk_v for dropouts.
+PaillierHook (protocol "paillier", models/paillier_pack.py)
+    submit: check the key holder's signature on the public key (against pinned key-holder keys, or the
+            one first seen), quantize, pack 63 values per plaintext, encrypt, upload the ciphertexts.
 """
 from __future__ import annotations
 
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from models import paillier_pack as pp
+from models import secagg_math as sm
+
+log = logging.getLogger("device_app.secagg")
+
 
 @runtime_checkable
 class SecureAggregation(Protocol):
-    """Masks one device's update for a secure-aggregation round."""
+    """Protects one device's update for a secure-aggregation round."""
 
     name: str
 
@@ -43,4 +77,462 @@ def choose(hooks: Sequence[SecureAggregation], params: dict[str, Any] | None) ->
     return None
 
 
-__all__ = ["SecureAggregation", "choose"]
+class SecAggError(Exception):
+    """The protocol cannot go on for this device (`reason` is machine-readable); nothing more is sent."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# =========================================================================== identity and pins
+
+
+class DeviceIdentity:
+    """The device's long-term Ed25519 identity key: signs its round keys and its consistency check.
+    Stored raw in a 0600 file when a path is given; registered once with the server."""
+
+    def __init__(self, private: bytes) -> None:
+        self.private = private
+        self.public = sm.ed25519_public(private)
+
+    @classmethod
+    def load_or_create(cls, path: str | os.PathLike | None = None) -> "DeviceIdentity":
+        if path is None:
+            return cls(sm.ed25519_keypair()[0])
+        path = Path(path)
+        if path.exists():
+            return cls(bytes.fromhex(path.read_text().strip()))
+        private, _ = sm.ed25519_keypair()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(private.hex())
+        os.replace(tmp, path)
+        return cls(private)
+
+    def sign(self, message: bytes) -> bytes:
+        return sm.sign(self.private, message)
+
+
+class PeerPins:
+    """Trust on first use: the identity key first seen for each peer; a different one later is refused."""
+
+    def __init__(self, path: str | os.PathLike | None = None) -> None:
+        self.path = Path(path) if path else None
+        self._lock = threading.Lock()
+        self.keys: dict[str, str] = {}
+        if self.path and self.path.exists():
+            try:
+                self.keys = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                self.keys = {}
+
+    def check(self, pins: dict[str, str]) -> None:
+        with self._lock:
+            for device_id, key in pins.items():
+                known = self.keys.get(device_id)
+                if known is not None and known != key:
+                    raise SecAggError("identity_changed", f"peer {device_id} presents a different identity key than "
+                                                          "before (impersonation?)")
+            new = {d: k for d, k in pins.items() if d not in self.keys}
+            if new:
+                self.keys.update(new)
+                if self.path:
+                    tmp = self.path.with_suffix(".tmp")
+                    tmp.write_text(json.dumps(self.keys, sort_keys=True))
+                    os.replace(tmp, self.path)
+
+
+# =========================================================================== SecAgg device session
+
+
+def _wait(api: Any, url: str, give_up: float, poll_s: float = 20.0) -> dict[str, Any]:
+    """Long-poll a stage until it is ready; SecAggError if the round failed or time ran out."""
+    from device_app.http_client import Offline, ServerError
+
+    while True:
+        remaining = give_up - time.time()
+        if remaining <= 0:
+            raise SecAggError("timeout", f"{url}: the stage did not close in time")
+        try:
+            answer = api.get_json(url, params={"wait": min(poll_s, max(0.0, remaining))},
+                                  timeout=min(poll_s, remaining) + 15.0)
+        except ServerError as exc:
+            raise SecAggError(exc.reason, exc.detail) from None
+        except Offline:
+            time.sleep(min(0.5, max(0.0, give_up - time.time())))
+            continue
+        if answer.get("ready"):
+            return answer
+
+
+class SecAggSession:
+    """One device's side of one SecAgg round (all secrets in memory only, dropped with the session)."""
+
+    def __init__(self, params: dict[str, Any], device_id: str, identity: DeviceIdentity, pins: PeerPins,
+                 min_participants: int = 3, deadline: float | None = None) -> None:
+        self.params = params
+        self.rid = int(params["round_id"])
+        self.session = str(params["session"])
+        self.me = device_id
+        self.identity = identity
+        self.pins = pins
+        self.q = sm.Quantization.from_dict(params["quantization"])
+        self.urls = params["urls"]
+        self.ctx = sm.round_context(self.session, self.rid)
+        self.min_participants = max(int(min_participants), int(params.get("min_participants", 2)))
+        stage_s = float(params.get("stage_timeout_s", 60.0))
+        self.give_up = max(deadline or 0.0, time.time()) + 6 * stage_s + 30.0
+        self.c_sk, self.c_pk = sm.x25519_keypair()
+        self.s_sk, self.s_pk = sm.x25519_keypair()
+        self.b = os.urandom(sm.KEY_BYTES)
+        self.participants: dict[str, dict[str, Any]] = {}
+        self.index: dict[str, int] = {}
+        self.graph: dict[str, list[str]] = {}
+        self.t = 0
+        self.own_shares: tuple[int, int] | None = None  # my own (s, b) share
+        self.held: dict[str, tuple[int, int]] = {}  # peer -> (share of its s_sk, share of its b)
+        self.u2: list[str] = []
+        self.u3: list[str] = []
+        self.quantized: np.ndarray | None = None
+        self.masked_sha256: str | None = None
+        self.timings: dict[str, float] = {}
+
+    def _timed(self, key: str, t0: float) -> None:
+        """CPU seconds of this thread since t0 (thread_time: waiting for the GIL or the network is not counted)."""
+        self.timings[key] = self.timings.get(key, 0.0) + time.thread_time() - t0
+
+    # ------------------------------------------------------------------ advertise + share (before training)
+    def advertise(self, api: Any) -> None:
+        t0 = time.thread_time()
+        sig = self.identity.sign(sm.advertise_message(self.session, self.rid, self.me, self.c_pk, self.s_pk))
+        self._post(api, self.urls["advertise_keys"],
+                   {"c_pk": sm.b64(self.c_pk), "s_pk": sm.b64(self.s_pk), "signature": sm.b64(sig)})
+        self._timed("advertise_compute_s", t0)
+
+    def _post(self, api: Any, url: str, body: dict[str, Any]) -> dict[str, Any]:
+        from device_app.http_client import ServerError
+
+        try:
+            return api.post_json(url, body)
+        except ServerError as exc:
+            raise SecAggError(exc.reason, exc.detail) from None
+
+    def receive_keys(self, answer: dict[str, Any]) -> None:
+        """Verify the cohort the server announces: the keys of every device this one will mask with or
+        share secrets with (its neighbours) must be signed by that device's identity key; identity keys
+        must match the ones pinned before (trust on first use)."""
+        t0 = time.thread_time()
+        if answer.get("session") != self.session:
+            raise SecAggError("bad_keys", "key list is for another session")
+        plist = answer.get("participants") or []
+        ids = [p.get("device_id") for p in plist]
+        if len(set(ids)) != len(ids) or self.me not in ids:
+            raise SecAggError("bad_keys", "the cohort repeats a device or leaves this device out")
+        order = sorted(ids)
+        position = {u: i + 1 for i, u in enumerate(order)}
+        if len(order) < self.min_participants:
+            raise SecAggError("cohort_too_small", f"{len(order)} devices; this device needs at least "
+                                                  f"{self.min_participants}")
+        if int(answer.get("neighbors", 0)) != int(self.params.get("neighbors", 0)):
+            raise SecAggError("bad_keys", "neighbour graph differs from the task's")
+        graph = sm.neighbours(order, int(self.params.get("neighbors", 0)), str(answer.get("graph_seed") or ""))
+        mine = set(graph[self.me]) | {self.me}
+        pins = {}
+        seen_keys = set()
+        for p in plist:
+            u = p["device_id"]
+            try:
+                ident = sm.unb64(p.get("identity_key") or "", 32)
+                c_pk, s_pk = sm.unb64(p["c_pk"], 32), sm.unb64(p["s_pk"], 32)
+                sig = sm.unb64(p["signature"], 64)
+            except (sm.SecAggMathError, KeyError) as exc:
+                raise SecAggError("bad_keys", f"participant {u}: {exc}") from None
+            if int(p.get("index", -1)) != position[u]:
+                raise SecAggError("bad_keys", f"participant {u} has the wrong share index")
+            if c_pk in seen_keys or s_pk in seen_keys or c_pk == s_pk:
+                raise SecAggError("bad_keys", f"participant {u} reuses keys")
+            seen_keys.update((c_pk, s_pk))
+            if u in mine and not sm.verify(ident, sig, sm.advertise_message(self.session, self.rid, u, c_pk, s_pk)):
+                raise SecAggError("bad_signature", f"keys of participant {u} are not signed by its identity key")
+            if u == self.me and (c_pk, s_pk, ident) != (self.c_pk, self.s_pk, self.identity.public):
+                raise SecAggError("bad_keys", "the server announced other keys for this device")
+            pins[u] = sm.b64(ident)
+            self.participants[u] = {"c_pk": c_pk, "s_pk": s_pk, "identity": ident}
+        self.pins.check({u: k for u, k in pins.items() if u != self.me})
+        self.index = position
+        self.graph = graph
+        holders = min(len(v) for v in self.graph.values()) + 1
+        t = int(answer.get("threshold", 0))
+        want = sm.threshold_for(holders, float(self.params.get("threshold_fraction", 2 / 3)))
+        if t != want or t <= holders // 2:
+            raise SecAggError("bad_threshold", f"threshold {t} for {holders} holders (expected {want}, and a strict "
+                                               "majority)")
+        self.t = t
+        self._timed("verify_keys_s", t0)
+
+    def share(self, api: Any) -> None:
+        t0 = time.thread_time()
+        mine = self.graph[self.me]
+        xs = [self.index[v] for v in mine] + [self.index[self.me]]
+        s_shares = sm.shamir_split(sm.secret_to_int(self.s_sk), xs, self.t)
+        b_shares = sm.shamir_split(sm.secret_to_int(self.b), xs, self.t)
+        self.own_shares = (s_shares[self.index[self.me]], b_shares[self.index[self.me]])
+        out = []
+        for v in mine:
+            key = sm.share_key(self.c_sk, self.participants[v]["c_pk"], self.ctx)
+            ct = sm.encrypt_shares(key, self.ctx, self.me, v, s_shares[self.index[v]], b_shares[self.index[v]])
+            out.append({"to": v, "ct": sm.b64(ct)})
+        body = {"shares": out, "b_commitment": sm.commitment(self.session, self.rid, self.me, self.b)}
+        self._timed("share_compute_s", t0)
+        self._post(api, self.urls["share_keys"], body)
+
+    def begin(self, api: Any) -> None:
+        self.advertise(api)
+        self.receive_keys(_wait(api, self.urls["advertise_keys"], self.give_up))
+        self.share(api)
+
+    # ------------------------------------------------------------------ after training
+    def receive_shares(self, answer: dict[str, Any]) -> None:
+        t0 = time.thread_time()
+        u2 = list(answer.get("u2") or [])
+        if self.me not in u2 or not set(u2) <= set(self.index) or len(u2) < self.t:
+            raise SecAggError("bad_u2", "the set of devices that shared keys is inconsistent")
+        got = {s.get("from"): s.get("ct") for s in answer.get("shares") or []}
+        for v in self.graph[self.me]:
+            if v not in u2:
+                continue
+            if v not in got:
+                raise SecAggError("missing_share", f"no share from {v}, which the server says shared keys")
+            key = sm.share_key(self.c_sk, self.participants[v]["c_pk"], self.ctx)
+            try:
+                self.held[v] = sm.decrypt_shares(key, self.ctx, v, self.me, sm.unb64(got[v]))
+            except sm.SecAggMathError as exc:
+                raise SecAggError("bad_share", str(exc)) from None
+        self.u2 = sorted(u2)
+        self._timed("decrypt_shares_s", t0)
+
+    def masked_blob(self, flat: np.ndarray, metadata: dict[str, Any], rng: np.random.Generator | None) -> bytes:
+        t0 = time.thread_time()
+        q = sm.quantize(flat, self.q, rng)
+        self.quantized = q
+        peers = {v: self.participants[v]["s_pk"] for v in self.graph[self.me] if v in self.u2}
+        y = sm.mask(sm.to_ring(q, self.q.bits), self.q.bits, self.me, self.b, self.s_sk, peers, self.ctx)
+        blob = sm.encode_masked(y, round_id=self.rid, session=self.session, device_id=self.me, bits=self.q.bits,
+                                metadata=metadata)
+        self._timed("mask_s", t0)
+        return blob
+
+    def finish(self, api: Any) -> None:
+        """Consistency check and unmasking (after the masked input was accepted)."""
+        answer = _wait(api, self.urls["masked_input"], self.give_up)
+        u3 = sorted(answer.get("u3") or [])
+        if self.me not in u3 or not set(u3) <= set(self.u2) or len(u3) < self.t:
+            raise SecAggError("bad_u3", "the survivor set is inconsistent (or leaves this device out)")
+        self.u3 = u3
+        msg = sm.consistency_message(self.session, self.rid, u3)
+        self._post(api, self.urls["consistency"], {"signature": sm.b64(self.identity.sign(msg))})
+        answer = _wait(api, self.urls["consistency"], self.give_up)
+        t0 = time.thread_time()
+        if sorted(answer.get("u3") or []) != u3:
+            raise SecAggError("inconsistent_u3", "the server showed other devices another survivor set")
+        valid = set()
+        for s in answer.get("signatures") or []:
+            if len(valid) >= self.t:  # t valid signatures on this U3 are all it takes
+                break
+            u = s.get("device_id")
+            if u in u3 and u not in valid:
+                try:
+                    if sm.verify(self.participants[u]["identity"], sm.unb64(s.get("signature", ""), 64), msg):
+                        valid.add(u)
+                except sm.SecAggMathError:
+                    pass
+        if len(valid) < self.t:
+            raise SecAggError("inconsistent_u3", f"only {len(valid)} valid signatures on the survivor set, "
+                                                 f"{self.t} needed")
+        b_shares, s_shares = {}, {}
+        dropped = set(self.u2) - set(u3)
+        for v in u3:
+            if v == self.me:
+                b_shares[v] = sm.b64(sm.share_to_bytes(self.own_shares[1]))
+            elif self.me in self.graph[v]:
+                b_shares[v] = sm.b64(sm.share_to_bytes(self.held[v][1]))
+        for v in dropped:
+            if self.me in self.graph[v]:
+                s_shares[v] = sm.b64(sm.share_to_bytes(self.held[v][0]))
+        assert not set(b_shares) & set(s_shares)  # never both secrets of one device
+        self._timed("unmask_compute_s", t0)
+        self._post(api, self.urls["unmasking"], {"b_shares": b_shares, "s_shares": s_shares})
+
+
+class SecAggHook:
+    """SecAgg for DeviceClient (and for tests/benchmarks driving sessions directly)."""
+
+    name = "secagg"
+
+    def __init__(self, identity: DeviceIdentity | None = None, *, identity_path: str | os.PathLike | None = None,
+                 pins_path: str | os.PathLike | None = None, min_participants: int = 3,
+                 rng: np.random.Generator | None = None) -> None:
+        self._identity = identity
+        self._identity_path = identity_path
+        self._pins_path = pins_path
+        self._pins: PeerPins | None = None
+        self.min_participants = min_participants
+        self.rng = rng
+        self._registered: set[tuple[str, str]] = set()
+        self.sessions: dict[int, SecAggSession] = {}
+        self.last_session: SecAggSession | None = None
+
+    @property
+    def identity(self) -> DeviceIdentity:
+        """The device's identity key, created on first use (a device never in a SecAgg round has none)."""
+        if self._identity is None:
+            self._identity = DeviceIdentity.load_or_create(self._identity_path)
+        return self._identity
+
+    @property
+    def pins(self) -> PeerPins:
+        if self._pins is None:
+            self._pins = PeerPins(self._pins_path)
+        return self._pins
+
+    def supports(self, params: dict[str, Any]) -> bool:
+        return (params.get("protocol") == sm.PROTOCOL and params.get("version") == sm.PROTOCOL_VERSION
+                and int((params.get("quantization") or {}).get("bits", 0)) in sm.BITS)
+
+    def register(self, api: Any) -> None:
+        key = (getattr(api, "base_url", ""), getattr(api, "device_id", "") or "")
+        if key in self._registered:
+            return
+        from device_app.http_client import ServerError
+
+        params_url = "/v1/devices/identity"
+        try:
+            api.post_json(params_url, {"public_key": sm.b64(self.identity.public)})
+        except ServerError as exc:
+            raise SecAggError(exc.reason, exc.detail) from None
+        self._registered.add(key)
+
+    def begin(self, api: Any, task: Any) -> SecAggSession:
+        self.register(api)
+        params = task.secure_aggregation
+        session = SecAggSession(params, api.device_id, self.identity, self.pins, self.min_participants, task.deadline)
+        self.sessions[session.rid] = session
+        self.last_session = session
+        session.begin(api)
+        return session
+
+    def submit(self, api: Any, task: Any, tensors: Sequence[np.ndarray], metadata: dict[str, Any]) -> dict[str, Any]:
+        session = self.sessions.get(int(task.round_id))
+        if session is None:
+            raise SecAggError("no_session", "begin() was not run for this round")
+        try:
+            session.receive_shares(_wait(api, session.urls["share_keys"], session.give_up))
+            flat = np.concatenate([np.asarray(t, np.float32).reshape(-1) for t in tensors])
+            blob = session.masked_blob(flat, metadata, self.rng)
+            try:
+                from device_app.http_client import ServerError
+
+                answer = api.post_bytes(session.urls["masked_input"], blob)
+            except ServerError as exc:
+                raise SecAggError(exc.reason, exc.detail) from None
+            session.masked_sha256 = answer.get("payload_sha256")
+            session.finish(api)
+            return {**answer, "bytes": len(blob), "protocol": self.name, "timings": dict(session.timings)}
+        finally:
+            self.sessions.pop(int(task.round_id), None)
+
+    def abort(self, api: Any, task: Any) -> None:
+        self.sessions.pop(int(task.round_id), None)
+
+    def protect(self, api: Any, task: Any, tensors: Sequence[np.ndarray]) -> tuple[list[np.ndarray], dict[str, Any]]:
+        raise SecAggError("use_submit", "SecAgg uploads masked integers through submit(), not a wire delta")
+
+
+# =========================================================================== Paillier
+
+
+class PaillierHook:
+    """Encrypts the delta for the key holder (packed Paillier, models/paillier_pack.py)."""
+
+    name = "paillier"
+
+    def __init__(self, trusted_keyholder_keys: Sequence[str] | None = None, mode: str = "standard",
+                 rng: np.random.Generator | None = None, min_key_bits: int = 2048) -> None:
+        self.trusted = set(trusted_keyholder_keys or ())
+        self.mode = mode
+        self.rng = rng
+        self.min_key_bits = min_key_bits
+        self._pinned: dict[str, str] = {}  # key-holder URL -> verify key first seen
+        self._encryptors: dict[tuple[str, str], pp.Encryptor] = {}
+        self.last: dict[str, Any] = {}
+
+    def supports(self, params: dict[str, Any]) -> bool:
+        return params.get("protocol") == pp.PROTOCOL and params.get("version") == pp.PROTOCOL_VERSION
+
+    def _key(self, params: dict[str, Any]) -> pp.PublicKey:
+        info = params["public_key"]
+        key = pp.PublicKey.from_dict(info)
+        verify_key = str(info.get("verify_key", ""))
+        try:
+            ok = sm.verify(sm.unb64(verify_key, 32), sm.unb64(str(info.get("signature", "")), 64),
+                           key.signed_message())
+        except sm.SecAggMathError:
+            ok = False
+        if not ok:
+            raise SecAggError("bad_signature", "the Paillier public key is not signed by the key holder")
+        if self.trusted:
+            if verify_key not in self.trusted:
+                raise SecAggError("untrusted_keyholder", "the key holder's signing key is not one this device trusts")
+        else:
+            url = str(params.get("keyholder_url"))
+            pinned = self._pinned.setdefault(url, verify_key)
+            if pinned != verify_key:
+                raise SecAggError("untrusted_keyholder", "the key holder's signing key changed")
+        if key.key_bits < self.min_key_bits:
+            raise SecAggError("weak_key", f"{key.key_bits}-bit Paillier key (minimum {self.min_key_bits})")
+        return key
+
+    def submit(self, api: Any, task: Any, tensors: Sequence[np.ndarray], metadata: dict[str, Any]) -> dict[str, Any]:
+        from device_app.http_client import ServerError
+
+        params = task.secure_aggregation
+        key = self._key(params)
+        packing = pp.Packing.from_dict(params["packing"])
+        if packing.key_bits != key.key_bits:
+            raise SecAggError("bad_packing", "packing does not match the key")
+        mode = self.mode if (self.mode != "djn" or key.djn_hs) else "standard"
+        enc = self._encryptors.get((key.key_id, mode))
+        if enc is None:
+            enc = self._encryptors[(key.key_id, mode)] = pp.Encryptor(key, mode)
+        flat = np.concatenate([np.asarray(t, np.float32).reshape(-1) for t in tensors])
+        t0 = time.perf_counter()
+        cts, q = pp.encrypt_delta(flat, packing, enc, self.rng)
+        seconds = time.perf_counter() - t0
+        blob = pp.encode_input(cts, packing, round_id=task.round_id, key_id=key.key_id, device_id=api.device_id,
+                               metadata=metadata)
+        self.last = {"quantized": q, "encrypt_seconds": seconds, "ciphertexts": len(cts)}
+        try:
+            answer = api.post_bytes(params["upload_url"], blob)
+        except ServerError as exc:
+            raise SecAggError(exc.reason, exc.detail) from None
+        return {**answer, "bytes": len(blob), "protocol": self.name,
+                "timings": {"encrypt_s": seconds, "ciphertexts": len(cts)}}
+
+    def protect(self, api: Any, task: Any, tensors: Sequence[np.ndarray]) -> tuple[list[np.ndarray], dict[str, Any]]:
+        raise SecAggError("use_submit", "Paillier uploads ciphertexts through submit(), not a wire delta")
+
+
+def default_hooks(data_dir: str | os.PathLike | None = None) -> list[Any]:
+    """The hooks a DeviceClient uses unless told otherwise (identity key and pins in its data dir)."""
+    d = Path(data_dir) if data_dir else None
+    return [SecAggHook(identity_path=(d / "identity_ed25519.key") if d else None,
+                       pins_path=(d / "peer_identity_pins.json") if d else None),
+            PaillierHook()]
+
+
+__all__ = ["SecureAggregation", "choose", "SecAggError", "DeviceIdentity", "PeerPins", "SecAggSession",
+           "SecAggHook", "PaillierHook", "default_hooks"]

@@ -10,7 +10,9 @@ Run
 Every ServerConfig field (server/config.py) is a flag: --round-goal, --min-count, --over-admit, --deadline-s,
 --epochs, --batch-size, --learning-rate, --dp-mode {none,central,distributed,local}, --clip-norm,
 --noise-multiplier, --aggregator {mean,trimmed_mean,median}, --server-optimizer {sgd,momentum,adam},
---server-lr, --candidate-eval-fraction, --promotion-tolerance, ...; --config FILE.json sets many at once.
+--server-lr, --candidate-eval-fraction, --promotion-tolerance, --secure-aggregation {none,secagg,paillier},
+--secagg-threshold, --secagg-neighbors, --secagg-stage-s, --paillier-keyholder-url, --rr-p-first, ...;
+--config FILE.json sets many at once. Paillier's key holder is its own process: python -m server.keyholder.
 Admin token: --admin-token, else $FK_ADMIN_TOKEN, else generated into <data-dir>/admin_token.
 The deployment's model config and vocabulary are fixed by the first model (--init-bundle DIR, or
 --init-preset NAME [--vocab-file vocab.json] with numpy random weights, or POST /v1/admin/init).
@@ -31,6 +33,12 @@ app.py          FastAPI routes, create_app(config)
 metrics.py      Prometheus text;  status_page.py  HTML + server-rendered SVG (no JavaScript)
 bootstrap.py    first model from a bundle or a preset;  __main__.py  argparse + uvicorn
 errors.py       rejection reasons -> HTTP status
+privacy.py      the privacy layer plugged into rounds and app: protocol dispatch + its HTTP routes
+secagg.py       secure aggregation (Bonawitz et al. 2017; SecAgg+ graph optional): stage state machine,
+                identity-key registry, running modular sum, reconstruction and unmasking
+paillier_agg.py Paillier rounds: running encrypted sum, decryption of the sum only by the key holder
+keyholder.py    python -m server.keyholder: the separate Paillier key holder (public key, decrypts sums)
+telemetry.py    randomized-response telemetry: counts only, de-biased rates with CIs and local epsilon
 
 HTTP API (all bodies JSON unless noted; auth = "Authorization: Bearer <token>")
 --------------------------------------------------------------------------------
@@ -57,10 +65,20 @@ POST /v1/admin/candidate/discard               -> {discarded}
 POST /v1/admin/rollback        {"version", "note"?} -> {version (new), rollback_of}
 POST /v1/admin/init            {"config", "vocab", "seed"?} (empty server only) -> 201 {version: 1}
 GET  /healthz  /metrics (Prometheus)  /status (HTML)  /docs  /openapi.json
+Privacy layer (server/privacy.py has the full table):
+POST /v1/devices/identity      device  {"public_key": Ed25519 b64}   set once, never replaced
+GET  /v1/devices/{id}/identity device  the registry peers verify advertised keys against
+POST|GET /v1/rounds/{id}/secagg/{advertise_keys|share_keys|masked_input|consistency|unmasking}
+                               device  SecAgg stages (GET long-polls ?wait=s until the stage closed)
+POST /v1/rounds/{id}/paillier/input, GET /v1/paillier/public_key       Paillier rounds
+GET  /v1/telemetry/config, POST /v1/telemetry/rr, GET /v1/admin/telemetry   randomized response
 
 Train task: {type: "train", round_id, base_version, model_url, deadline (unix s), epochs, batch_size,
 learning_rate, dp_mode, clip_norm, noise_multiplier, noise_stddev (what this device adds), upload_url,
-upload_dtypes, max_upload_bytes, max_examples, config_hash, secure_aggregation: null}.
+upload_dtypes, max_upload_bytes, max_examples, config_hash, secure_aggregation}: null for plain rounds,
+else the protocol's parameters: secagg {protocol, version, session, quantization {bits, scale, bound, qmax,
+n_max}, threshold_fraction, neighbors, min_participants, stage_timeout_s, urls}; paillier {protocol,
+public_key (signed by the key holder), keyholder_url, packing, upload_url}.
 Evaluate task: {type: "evaluate", round_id, candidate_version, baseline_version, model_urls, report_url, deadline}.
 Retry reasons: ineligible, not_initialized, training_stopped, no_round, aggregating, round_full, already_participated.
 
@@ -95,6 +113,14 @@ dp_accounting ledger and the round records the cumulative epsilon (delta = 1/pop
 Evaluation rounds send a staged candidate to candidate_eval_fraction of devices; it is promoted (as a new
 version) only if its recall >= the baseline's - promotion_tolerance. Promotion, rollback and admin pushes
 abandon the open training round (reason global_changed) and reset the optimizer state.
+
+Secure aggregation (secure_aggregation secagg | paillier; aggregator mean, clip_norm > 0): the server never
+holds an individual update, only a running modular (or encrypted) sum, written durably before the 2xx,
+and the contributor rows (no file); the mean is uniform (sum / contributors). secagg + dp_mode distributed
+is the private default: each device adds N(0, (z C)^2 / min_count), the unmasked sum of >= min_count
+carries the central noise and the ledger reports epsilon for it; /v1/admin/privacy also reports the
+local epsilon of one upload alone (the guarantee of dp_mode local). A round whose protocol fails
+(below threshold, a tampered share or masked vector, a refused decryption) is abandoned: nothing released.
 
 Crash safety: an accepted update's file is fsynced and renamed, then its row commits (fsync), then the
 200 goes out. After kill -9 the open round resumes with every accepted update (the running sum is

@@ -234,7 +234,7 @@ def create_app(config: ServerConfig, manager: RoundManager | None = None) -> Fas
                 "vocab_size": len(manager.vocab), "global_version": manager.global_version(),
                 "candidate_version": manager.candidate_version(), "dp_mode": config.dp_mode,
                 "training_enabled": manager.training_enabled(), "upload_dtypes": list(config.upload_dtypes),
-                "max_upload_bytes": manager.max_upload_bytes}
+                "max_upload_bytes": manager.max_upload_bytes, "secure_aggregation": config.secure_aggregation}
 
     @app.get("/v1/model/vocab", tags=["device"])
     def model_vocab(request: Request, _: str = Depends(anyone)) -> Response:
@@ -373,6 +373,9 @@ def create_app(config: ServerConfig, manager: RoundManager | None = None) -> Fas
         manager.tick()
         return {"version": version, "config_hash": model_config.config_hash()}
 
+    from server.privacy import add_routes as add_privacy_routes
+
+    add_privacy_routes(app, manager, auth, config)  # secure aggregation, Paillier, randomized response
     return app
 
 

@@ -15,6 +15,8 @@ from typing import Any
 from models.dp import ACCOUNTANTS, DP_MODES
 
 AGGREGATORS = ("mean", "trimmed_mean", "median")
+SECURE_AGGREGATION = ("none", "secagg", "paillier")
+KEYHOLDER_TOKEN_ENV = "FK_KEYHOLDER_TOKEN"
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
 WIRE_DTYPES = ("float32", "float16", "int8", "int16")
 ADMIN_TOKEN_ENV = "FK_ADMIN_TOKEN"
@@ -51,6 +53,24 @@ class ServerConfig:
     dp_delta: float | None = None  # default: 1 / population^1.1
     accountant: str = "rdp"  # rdp | pld
     norm_sigmas: float = 6.0  # how far past E||noise|| an upload's norm may go before norm_exceeded
+
+    # --- secure aggregation (server/privacy.py): none | secagg (Bonawitz et al. masking) | paillier
+    secure_aggregation: str = "none"
+    secagg_threshold: float = 2 / 3  # fraction of a device's share holders needed to unmask (always > 1/2)
+    secagg_neighbors: int = 0  # 0: every device masks with every other (SecAgg); k: k-regular graph (SecAgg+)
+    secagg_bits: int = 32  # the ring Z_2^bits the masked sum lives in (32 or 64)
+    secagg_headroom_bits: int = 8  # unused top bits: a sum with a mask left in is caught by its range
+    secagg_stage_s: float = 60.0  # deadline of each key / consistency / unmasking stage
+    secagg_min_participants: int = 3  # fewest devices a SecAgg round proceeds with (and >= min_count)
+    paillier_keyholder_url: str | None = None  # python -m server.keyholder; required for paillier
+    paillier_keyholder_token: str | None = None  # bearer token for its /v1/decrypt ($FK_KEYHOLDER_TOKEN)
+    paillier_value_bits: int = 24  # quantized value width; slots add ceil(log2(n_max + 1)) carry bits
+
+    # --- randomized-response telemetry (server/telemetry.py, models/rr.py)
+    rr_p_first: float = 0.5  # probability a device answers truthfully
+    rr_p_second: float = 0.5  # probability the random answer is "yes"
+    rr_questions: tuple[str, ...] = ("suggestion_accepted", "personal_model_used")
+    rr_period_s: float = 3600.0  # a device answers each question at most once per period
 
     # --- aggregation and server optimizer
     aggregator: str = "mean"  # mean (uniform for DP rounds, example-weighted otherwise) | trimmed_mean | median
@@ -90,6 +110,7 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         self.upload_dtypes = tuple(self.upload_dtypes)
+        self.rr_questions = tuple(self.rr_questions)
         self.validate()
 
     # ------------------------------------------------------------------ checks
@@ -129,6 +150,21 @@ class ServerConfig:
         need(self.promotion_tolerance >= 0, "promotion_tolerance must be >= 0")
         need(self.max_examples_per_update >= 1, "max_examples_per_update must be >= 1")
         need(self.tick_s > 0, "tick_s must be > 0")
+        need(self.secure_aggregation in SECURE_AGGREGATION, f"secure_aggregation must be one of {SECURE_AGGREGATION}")
+        if self.secure_aggregation != "none":
+            need(self.aggregator == "mean", "secure aggregation releases only a sum: it needs aggregator mean")
+            need(self.clip_norm > 0, "secure aggregation needs clip_norm > 0 (bounded updates)")
+        need(0.5 < self.secagg_threshold <= 1.0, "secagg_threshold must be in (0.5, 1]")
+        need(self.secagg_neighbors >= 0, "secagg_neighbors must be >= 0")
+        need(self.secagg_bits in (32, 64), "secagg_bits must be 32 or 64")
+        need(0 <= self.secagg_headroom_bits <= 24, "secagg_headroom_bits must be in [0, 24]")
+        need(self.secagg_stage_s > 0, "secagg_stage_s must be > 0")
+        need(self.secagg_min_participants >= 2, "secagg_min_participants must be >= 2")
+        if self.secure_aggregation == "paillier":
+            need(bool(self.paillier_keyholder_url), "paillier needs paillier_keyholder_url")
+        need(8 <= self.paillier_value_bits <= 48, "paillier_value_bits must be in [8, 48]")
+        need(0 < self.rr_p_first < 1 and 0 < self.rr_p_second < 1, "rr coin biases must be in (0, 1)")
+        need(self.rr_period_s > 0, "rr_period_s must be > 0")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -165,6 +201,14 @@ class ServerConfig:
             "norm_sigmas": self.norm_sigmas,
             "max_examples_per_update": self.max_examples_per_update,
             "upload_dtypes": list(self.upload_dtypes),
+            "secure_aggregation": self.secure_aggregation,
+            "secagg_threshold": self.secagg_threshold,
+            "secagg_neighbors": self.secagg_neighbors,
+            "secagg_bits": self.secagg_bits,
+            "secagg_headroom_bits": self.secagg_headroom_bits,
+            "secagg_stage_s": self.secagg_stage_s,
+            "secagg_min_participants": self.secagg_min_participants,
+            "paillier_value_bits": self.paillier_value_bits,
         }
 
     def eval_params(self) -> dict[str, Any]:
@@ -182,6 +226,8 @@ class ServerConfig:
         data = dataclasses.asdict(self)
         data["admin_token"] = "***" if self.admin_token else None
         data["registration_key"] = "***" if self.registration_key else None
+        data["paillier_keyholder_token"] = "***" if self.paillier_keyholder_token else None
+        data["rr_questions"] = list(self.rr_questions)
         data["upload_dtypes"] = list(self.upload_dtypes)
         return data
 
@@ -211,4 +257,6 @@ class ServerConfig:
             self.admin_token = os.environ[ADMIN_TOKEN_ENV]
         if self.registration_key is None and os.environ.get(REGISTRATION_KEY_ENV):
             self.registration_key = os.environ[REGISTRATION_KEY_ENV]
+        if self.paillier_keyholder_token is None and os.environ.get(KEYHOLDER_TOKEN_ENV):
+            self.paillier_keyholder_token = os.environ[KEYHOLDER_TOKEN_ENV]
         return self

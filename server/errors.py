@@ -43,6 +43,16 @@ REASONS: dict[str, int] = {
     "already_global": 409,        # rollback target is the current global model
     "not_a_global_version": 409,  # rollback target was never a global model
     "wire_error": 400,
+    # privacy layer (server/privacy.py)
+    "wrong_protocol": 409,        # a plain upload to a secure-aggregation round (or the reverse)
+    "bad_signature": 400,         # advertised keys / consistency signature not by the device's identity key
+    "no_identity": 409,           # the device has no registered identity key
+    "identity_exists": 409,       # a different identity key is already registered (never replaced)
+    "unknown_identity": 404,
+    "coins_mismatch": 409,        # randomized response with other coin biases than the server's
+    "already_reported": 409,      # this question was already answered in this period
+    "keyholder_unavailable": 503,
+    "not_configured": 503,
 }
 
 

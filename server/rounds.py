@@ -47,6 +47,7 @@ from server.db import Db
 from server.errors import Rejection
 from server.metrics import Metrics
 from server.optimizers import ServerOptimizer
+from server.paillier_agg import SecureAggregationFailed
 from server.store import Store
 from server.strategy import DecodedUpdate, RoundContext, strategy_for
 
@@ -82,6 +83,9 @@ class RoundManager:
         self.dim = 0
         self.max_upload_bytes = 0
         self._load_identity()
+        from server.privacy import PrivacyServices
+
+        self.privacy = PrivacyServices(self)  # secure aggregation, Paillier rounds, randomized response
 
     # ================================================================== model identity
     def _load_identity(self) -> None:
@@ -232,7 +236,7 @@ class RoundManager:
             # A device already admitted and not yet done gets the same task again (idempotent check-in).
             for rnd in (ev, train):
                 if rnd is not None and rnd["state"] == "open" and self.db.is_admitted(rnd["id"], device_id) \
-                        and not self._has_submitted(rnd, device_id):
+                        and not self._has_submitted(rnd, device_id) and self.privacy.may_reanswer(rnd, device_id):
                     return self._answer_task(rnd)
             if ev is not None and ev["state"] == "open" and self._in_eval_sample(device_id, ev["candidate_version"]) \
                     and not self.db.is_admitted(ev["id"], device_id) \
@@ -245,7 +249,8 @@ class RoundManager:
                 return self._retry(self.config.retry_min_s, "aggregating", device_id)
             if self.db.is_admitted(train["id"], device_id):
                 return self._retry_for_round(train, now, "already_participated", device_id)
-            if self.db.count_admitted(train["id"]) >= train["params"]["max_admitted"]:
+            if self.db.count_admitted(train["id"]) >= train["params"]["max_admitted"] \
+                    or not self.privacy.admission_open(train):
                 return self._retry_for_round(train, now, "round_full", device_id)
             return self._answer_task(self._admit(train, device_id, now))
 
@@ -292,11 +297,12 @@ class RoundManager:
                                                        p["min_count"]) if p["clip_norm"] > 0 else 0.0,
                 "upload_url": f"/v1/rounds/{rnd['id']}/update", "upload_dtypes": p["upload_dtypes"],
                 "max_upload_bytes": self.max_upload_bytes, "max_examples": p["max_examples_per_update"],
-                "secure_aggregation": None}
+                "secure_aggregation": self.privacy.task_params(rnd)}
 
     # ================================================================== uploads
     def _context(self) -> RoundContext:
-        return RoundContext(self.model_config, self.dim, self.max_upload_bytes, self.store.open_update)
+        return RoundContext(self.model_config, self.dim, self.max_upload_bytes, self.store.open_update,
+                            self.privacy.secure_sum)
 
     @staticmethod
     def _update_answer(row: dict[str, Any]) -> dict[str, Any]:
@@ -518,8 +524,8 @@ class RoundManager:
     def _expire_due(self, now: float) -> None:
         """Close open rounds whose deadline passed (caller holds the lock)."""
         for rnd in self.db.rounds_in_state("open"):
-            if not self._past_deadline(rnd, now):
-                continue
+            if not self._past_deadline(rnd, now) or self.privacy.manages_deadline(rnd):
+                continue  # secure-aggregation rounds run their own stage deadlines (server/secagg.py)
             if rnd["kind"] == "train":
                 n = self.db.count_updates(rnd["id"])
                 if n >= rnd["params"]["min_count"]:
@@ -596,7 +602,15 @@ class RoundManager:
                 self._abandon(rnd, "global_changed")
                 return
         ctx = self._context()
-        delta = strategy.finalize(state, rows, rnd, ctx)  # the heavy part, outside the lock
+        try:
+            delta = strategy.finalize(state, rows, rnd, ctx)  # the heavy part, outside the lock
+        except SecureAggregationFailed as exc:  # e.g. a tampered ciphertext: abandon, never retry
+            log.warning("round %d: %s", round_id, exc)
+            with self.lock:
+                rnd = self.db.get_round(round_id)
+                if rnd["state"] == "aggregating":
+                    self._abandon(rnd, exc.reason)
+            return
         base = self._flat_weights(base_version).astype(np.float64)
         optimizer = ServerOptimizer.from_config(self.config)
         base_row = self.db.get_model(base_version)
@@ -689,9 +703,40 @@ class RoundManager:
                 eps = self._privacy_ledger().epsilon(delta)
             else:
                 eps = dp.epsilon_for_rounds(rounds, delta, name) if rounds else 0.0
-        return {"dp_mode": self.config.dp_mode, "accountant": name, "epsilon": eps, "delta": delta,
-                "population": population, "dp_rounds": len(rounds),
-                "noise_multiplier": self.config.noise_multiplier, "clip_norm": self.config.clip_norm}
+        report = {"dp_mode": self.config.dp_mode, "accountant": name, "epsilon": eps, "delta": delta,
+                  "population": population, "dp_rounds": len(rounds),
+                  "noise_multiplier": self.config.noise_multiplier, "clip_norm": self.config.clip_norm,
+                  "secure_aggregation": self.config.secure_aggregation}
+        report.update(self._device_view_epsilon(delta))
+        return report
+
+    def _device_view_epsilon(self, delta: float) -> dict[str, Any]:
+        """What one device's single upload reveals to whoever sees it alone (local DP, no sampling).
+
+        local: each upload carries the full noise z*C; distributed: only z*C/sqrt(min_count), which is
+        why it must be combined with secure aggregation (the server sees the sum, whose noise is z*C,
+        and the ledger's epsilon applies). Sensitivity in the local model is 2C (replace one clipped
+        update by any other), so one upload is a Gaussian mechanism with multiplier stddev / (2C)."""
+        cfg = self.config
+        if cfg.dp_mode not in ("local", "distributed") or cfg.clip_norm <= 0 or cfg.noise_multiplier <= 0:
+            return {}
+        stddev = dp.device_noise_stddev(cfg.dp_mode, cfg.noise_multiplier, cfg.clip_norm, cfg.min_count)
+        z_local = stddev / (2.0 * cfg.clip_norm)
+        key = (cfg.dp_mode, z_local, delta)
+        if getattr(self, "_local_eps_cache", (None, None))[0] != key:
+            try:
+                eps1 = dp.epsilon(z_local, 1.0, 1, delta, "rdp")
+                eps10 = dp.epsilon(z_local, 1.0, 10, delta, "rdp")
+            except Exception:  # noqa: BLE001 - a report, never a failure
+                eps1 = eps10 = math.inf
+            self._local_eps_cache = (key, (eps1, eps10))
+        eps1, eps10 = self._local_eps_cache[1]
+        return {"device_noise_stddev": stddev, "local_noise_multiplier": z_local,
+                "local_epsilon_per_upload": eps1, "local_epsilon_10_uploads": eps10,
+                "local_epsilon_note": ("per device, from its own uploads alone (no sampling amplification); "
+                                       + ("the guarantee of local mode" if cfg.dp_mode == "local" else
+                                          "what a server that saw one unmasked upload could claim: distributed "
+                                          "noise relies on secure aggregation"))}
 
     # ================================================================== admin operations
     def set_training(self, enabled: bool) -> dict[str, Any]:
@@ -810,6 +855,8 @@ class RoundManager:
                    accepted=accepted, dropouts=(max(0, admitted - accepted) if rnd["state"] in ("closed", "abandoned")
                                                 else None),
                    outcome=rnd["outcome"], params=p)
+        if rnd["kind"] == "train" and p.get("secure_aggregation", "none") != "none":
+            out["secure_aggregation"] = self.privacy.summary(rnd)
         return out
 
     def list_rounds(self, limit: int = 100, kind: str | None = None) -> list[dict[str, Any]]:
@@ -844,6 +891,7 @@ class RoundManager:
             "current_round": self.round_summary(self.db.active_round("train")),
             "current_eval_round": self.round_summary(self.db.active_round("eval")),
             "privacy": self.privacy_report() if self.initialized else None,
+            "telemetry": self.privacy.telemetry.summary(),
         }
 
     # ================================================================== lifecycle
@@ -861,6 +909,7 @@ class RoundManager:
                 n = self.db.count_updates(rnd["id"])
                 if n:
                     log.info("round %d resumes with %d accepted updates", rnd["id"], n)
+            self.privacy.recover()
             self._ensure_rounds()
 
     def tick(self) -> None:
@@ -874,6 +923,7 @@ class RoundManager:
             with self.lock:
                 self._expire_due(time.time())
                 self._ensure_rounds()
+        self.privacy.tick(time.time())
         self.aggregate_pending()
 
     def _loop(self) -> None:

@@ -230,7 +230,11 @@ def render(status: dict[str, Any], rounds: list[dict[str, Any]], versions: list[
         ("DP mode", privacy.get("dp_mode")),
         ("Epsilon", f"{privacy.get('epsilon'):.4g} at delta {privacy.get('delta'):.3g} ({privacy.get('accountant')})"
          if privacy.get("epsilon") is not None else "n/a"),
+        ("Secure aggregation", privacy.get("secure_aggregation") or "none"),
     ]
+    if privacy.get("local_epsilon_per_upload") is not None:
+        summary_rows.append(("Local epsilon per upload", f"{privacy['local_epsilon_per_upload']:.4g} "
+                                                         f"({privacy.get('dp_mode')} noise, one device's upload alone)"))
     summary = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in summary_rows)
 
     def fmt_time(t: float | None) -> str:
@@ -252,6 +256,21 @@ def render(status: dict[str, Any], rounds: list[dict[str, Any]], versions: list[
         f"<td>{'global' if v['is_global'] else ('candidate' if v['is_candidate'] else (v['candidate_state'] or ''))}</td>"
         f"<td>{fmt_time(v['created_at'])}</td><td>{_esc(v['note'] or '')}</td></tr>"
         for v in reversed(versions[-50:]))
+
+    telemetry = status.get("telemetry") or {}
+    tele_rows = []
+    for q, est in sorted((telemetry.get("questions") or {}).items()):
+        if est.get("rate") is None:
+            cells = [q, est.get("reports", 0), "", "", ""]
+        else:
+            cells = [q, est["reports"], f"{est['yes_rate']:.3f}", f"{est['rate']:.3f}",
+                     f"[{est['ci_low']:.3f}, {est['ci_high']:.3f}]"]
+        tele_rows.append("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in cells) + "</tr>")
+    coins = telemetry.get("coins") or {}
+    tele_note = (f"Randomized response: truth with probability {coins.get('p_first')}, else yes with probability "
+                 f"{coins.get('p_second')}; local epsilon per answer {telemetry.get('local_epsilon', 0):.4g}"
+                 if coins else "")
+    tele_rows = "".join(tele_rows)
 
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -282,6 +301,10 @@ svg .label {{ font-size: 11px; fill: #333; }} svg .axis {{ stroke: #555; }} svg 
 <h2>Recent rounds</h2>
 <table id="rounds"><tr><th>round</th><th>kind</th><th>state</th><th>base</th><th>admitted</th><th>accepted</th>
 <th>dropouts</th><th>new version</th><th>epsilon</th><th>outcome</th><th>finished</th></tr>{round_rows}</table>
+<h2>Telemetry (randomized response)</h2>
+<p>{_esc(tele_note)}</p>
+<table id="telemetry"><tr><th>question</th><th>reports</th><th>yes rate (noisy)</th><th>estimated rate</th>
+<th>95% CI</th></tr>{tele_rows}</table>
 <h2>Model versions</h2>
 <table id="versions"><tr><th>version</th><th>source</th><th>parent</th><th>state</th><th>created</th><th>note</th></tr>
 {version_rows}</table>

@@ -45,6 +45,7 @@ class RoundContext:
     dim: int
     max_upload_bytes: int
     open_update: Callable[[str], np.ndarray]  # relative file -> flat float32 memory map
+    secure_sum: Callable[[int], np.ndarray] | None = None  # round id -> float64 sum a privacy protocol released
 
 
 def quantization_error_bound(tensors: Sequence[np.ndarray], dtype: str, norm: float) -> float:
@@ -202,12 +203,45 @@ class Robust(Strategy):
         return trimmed_mean(updates, rnd["params"]["trim_fraction"])
 
 
+class SecureSum(StreamingMean):
+    """Secure aggregation (SecAgg or Paillier, server/privacy.py): the server never holds individual
+    updates, only the sum the protocol releases; the mean is uniform (sum / contributors), plus central
+    noise in dp_mode central. Uploads arrive through the protocol's own endpoints, not decode_upload."""
+
+    def __init__(self, protocol: str) -> None:
+        self.name = f"mean+{protocol}"
+
+    def weight(self, rnd: dict[str, Any], num_examples: int) -> float:
+        return 1.0
+
+    def decode_upload(self, body, rnd, ctx) -> DecodedUpdate:
+        raise Rejection("wrong_protocol", f"round {rnd['id']} uses secure aggregation "
+                                          f"({rnd['params'].get('secure_aggregation')}): upload through its endpoints")
+
+    def new_state(self, dim: int) -> None:
+        return None
+
+    def finalize(self, state, rows, rnd, ctx) -> np.ndarray:
+        if ctx.secure_sum is None:
+            raise RuntimeError("no secure-aggregation service")
+        total = np.asarray(ctx.secure_sum(int(rnd["id"])), dtype=np.float64)
+        params = rnd["params"]
+        noise = dp.central_noise_stddev(params["dp_mode"], params["noise_multiplier"], params["clip_norm"])
+        if noise > 0:
+            rng = np.random.default_rng([int(rnd["seed"]), int(rnd["id"])])
+            total = total + rng.standard_normal(ctx.dim) * noise
+        return total / max(1, len(rows))
+
+
 def strategy_for(params: dict[str, Any]) -> Strategy:
+    protocol = params.get("secure_aggregation", "none") or "none"
+    if protocol != "none":
+        return SecureSum(protocol)
     name = params["aggregator"]
     if name == "mean":
         return StreamingMean()
     return Robust(name, params.get("trim_fraction", 0.1))
 
 
-__all__ = ["DecodedUpdate", "RoundContext", "Strategy", "StreamingMean", "Robust", "strategy_for",
+__all__ = ["DecodedUpdate", "RoundContext", "Strategy", "StreamingMean", "Robust", "SecureSum", "strategy_for",
            "quantization_error_bound"]

@@ -1,0 +1,233 @@
+"""The privacy layer of the server: secure aggregation (SecAgg, server/secagg.py), Paillier rounds
+(server/paillier_agg.py with the separate key holder server/keyholder.py) and randomized-response
+telemetry (server/telemetry.py), plugged into the round manager and the HTTP app.
+
+RoundManager asks this object, for a training round, which protocol it runs, what the train task
+should say under "secure_aggregation", whether check-ins may still join, who handles its deadlines,
+and (through RoundContext.secure_sum) for the protected sum when the round aggregates.
+
+Routes added to the app (auth: device = device bearer token, admin = admin token):
+
+    POST /v1/devices/identity                        device  {public_key: b64 Ed25519}   set once, never replaced
+    GET  /v1/devices/{device_id}/identity            device  {device_id, public_key, registered_at}
+    GET  /v1/rounds/{id}/secagg                      device  stage summary
+    POST /v1/rounds/{id}/secagg/advertise_keys       device  {c_pk, s_pk, signature}
+    GET  /v1/rounds/{id}/secagg/advertise_keys?wait  device  {ready, participants [{device_id, index, c_pk, s_pk,
+                                                              signature, identity_key}], threshold, neighbors, ...}
+    POST /v1/rounds/{id}/secagg/share_keys           device  {shares: [{to, ct}], b_commitment}
+    GET  /v1/rounds/{id}/secagg/share_keys?wait      device  {ready, u2, shares: [{from, ct}] addressed to the caller}
+    POST /v1/rounds/{id}/secagg/masked_input         device  binary FKSA frame (models.secagg_math.encode_masked)
+    GET  /v1/rounds/{id}/secagg/masked_input?wait    device  {ready, u3}
+    POST /v1/rounds/{id}/secagg/consistency          device  {signature over U3}
+    GET  /v1/rounds/{id}/secagg/consistency?wait     device  {ready, u3, signatures}
+    POST /v1/rounds/{id}/secagg/unmasking            device  {b_shares: {v: b64}, s_shares: {v: b64}}
+    GET  /v1/rounds/{id}/secagg/unmasking?wait       device  {ready, stage, round_state, result_version}
+    GET  /v1/paillier/public_key                     device  the key holder's signed public key
+    POST /v1/rounds/{id}/paillier/input              device  binary FKPL frame (models.paillier_pack.encode_input)
+    GET  /v1/telemetry/config                        device  RR questions, coins, local epsilon
+    POST /v1/telemetry/rr                            device  {coins, answers: {question: bool}}
+    GET  /v1/admin/telemetry                         admin   de-biased rates, CIs, local epsilon
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from fastapi import Depends, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
+
+from server.errors import Rejection
+from server.paillier_agg import PaillierCoordinator, SecureAggregationFailed
+from server.secagg import GET_READY_AFTER, MAX_WAIT_S, SecAggCoordinator
+from server.telemetry import Telemetry
+
+PROTOCOLS = ("none", "secagg", "paillier")
+
+
+def protocol_of(rnd: dict[str, Any] | None) -> str:
+    if rnd is None or rnd.get("kind") != "train":
+        return "none"
+    return rnd["params"].get("secure_aggregation", "none") or "none"
+
+
+class PrivacyServices:
+    def __init__(self, manager) -> None:
+        self.m = manager
+        self.secagg = SecAggCoordinator(manager)
+        self.paillier = PaillierCoordinator(manager)
+        self.telemetry = Telemetry(manager.db, manager.config)
+
+    def task_params(self, rnd: dict[str, Any]) -> dict[str, Any] | None:
+        proto = protocol_of(rnd)
+        if proto == "secagg":
+            return self.secagg.task_params(rnd)
+        if proto == "paillier":
+            return self.paillier.task_params(rnd)
+        return None
+
+    def admission_open(self, rnd: dict[str, Any]) -> bool:
+        return self.secagg.admission_open(rnd) if protocol_of(rnd) == "secagg" else True
+
+    def may_reanswer(self, rnd: dict[str, Any], device_id: str) -> bool:
+        """Whether an admitted device checking in again gets its task again (SecAgg: only before it
+        advertised keys; a device that lost its round keys cannot rejoin)."""
+        if protocol_of(rnd) != "secagg":
+            return True
+        if not self.secagg.admission_open(rnd):
+            return False
+        return self.m.db.one("SELECT 1 AS x FROM secagg_keys WHERE round_id = ? AND device_id = ?",
+                             (rnd["id"], device_id)) is None
+
+    def manages_deadline(self, rnd: dict[str, Any]) -> bool:
+        return protocol_of(rnd) == "secagg"
+
+    def plain_uploads_allowed(self, rnd: dict[str, Any]) -> bool:
+        return protocol_of(rnd) == "none"
+
+    def secure_sum(self, rid: int) -> np.ndarray:
+        rnd = self.m.db.get_round(rid)
+        proto = protocol_of(rnd)
+        if proto == "secagg":
+            return self.secagg.result_sum(rid)
+        if proto == "paillier":
+            return self.paillier.result_sum(rid)
+        raise RuntimeError(f"round {rid} is not a secure-aggregation round")
+
+    def summary(self, rnd: dict[str, Any]) -> dict[str, Any] | None:
+        proto = protocol_of(rnd)
+        if proto == "secagg":
+            return self.secagg.summary(rnd["id"])
+        if proto == "paillier":
+            return self.paillier.summary(rnd["id"])
+        return None
+
+    def tick(self, now: float) -> None:
+        self.secagg.tick(now)
+        self.paillier.tick(now)
+
+    def recover(self) -> None:
+        self.secagg.recover()
+        self.paillier.recover()
+
+
+def add_routes(app, manager, auth, config) -> None:
+    from server.app import _json_safe, _read_body
+
+    privacy: PrivacyServices = manager.privacy
+    sa = privacy.secagg
+    bearer = HTTPBearer(auto_error=False)
+
+    def _header(creds: HTTPAuthorizationCredentials | None) -> str | None:
+        return f"{creds.scheme} {creds.credentials}" if creds else None
+
+    def device(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
+        return auth.require_device(_header(creds))
+
+    def admin(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        auth.require_admin(_header(creds))
+
+    async def _json(request: Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise Rejection("bad_request", "body must be JSON", status=422) from None
+        if not isinstance(body, dict):
+            raise Rejection("bad_request", "body must be a JSON object", status=422)
+        return body
+
+    # ------------------------------------------------------------------ identity registry
+    @app.post("/v1/devices/identity", tags=["privacy"])
+    async def identity_register(request: Request, device_id: str = Depends(device)) -> dict[str, Any]:
+        """Register this device's Ed25519 identity key (once; it can never be replaced)."""
+        body = await _json(request)
+        return await run_in_threadpool(sa.register_identity, device_id, str(body.get("public_key", "")))
+
+    @app.get("/v1/devices/{device_id}/identity", tags=["privacy"])
+    def identity_get(device_id: str, _: str = Depends(device)) -> dict[str, Any]:
+        return sa.identity(device_id)
+
+    # ------------------------------------------------------------------ secure aggregation
+    @app.get("/v1/rounds/{round_id}/secagg", tags=["privacy"])
+    def secagg_state(round_id: int, _: str = Depends(device)) -> dict[str, Any]:
+        rnd = manager.db.get_round(round_id)
+        if protocol_of(rnd) != "secagg":
+            raise Rejection("unknown_round", f"no secure-aggregation round {round_id}")
+        return _json_safe(sa.summary(round_id) or {"stage": "advertise"})
+
+    posts = {"advertise_keys": sa.advertise, "share_keys": sa.share, "consistency": sa.consistency,
+             "unmasking": sa.unmasking}
+    views = {"advertise_keys": sa.keys_view, "share_keys": sa.shares_view, "masked_input": sa.survivors_view,
+             "consistency": sa.signatures_view, "unmasking": sa.result_view}
+
+    def _make_post(fn):
+        async def post(round_id: int, request: Request, device_id: str = Depends(device)) -> dict[str, Any]:
+            body = await _json(request)
+            return await run_in_threadpool(fn, device_id, round_id, body)
+        return post
+
+    def _make_get(stage_name: str, fn):
+        after = GET_READY_AFTER[stage_name]
+
+        def ready(round_id: int) -> bool:
+            s = sa.stage(round_id)
+            if s is None or s == "failed":
+                return True
+            if stage_name == "unmasking":
+                return s == "done"
+            from server.secagg import STAGES
+
+            return STAGES.index(s) > STAGES.index(after)
+
+        async def get(round_id: int, wait: float = Query(0.0, ge=0.0, le=60.0),
+                      device_id: str = Depends(device)) -> dict[str, Any]:
+            if wait > 0:
+                await sa.waiters.wait(round_id, lambda: ready(round_id) or _round_over(round_id),
+                                      min(wait, MAX_WAIT_S))
+            return await run_in_threadpool(fn, device_id, round_id)
+        return get
+
+    def _round_over(round_id: int) -> bool:
+        rnd = manager.db.get_round(round_id)
+        return rnd is None or rnd["state"] in ("closed", "abandoned")
+
+    for name, fn in posts.items():
+        app.post(f"/v1/rounds/{{round_id}}/secagg/{name}", tags=["privacy"], name=f"secagg_{name}")(_make_post(fn))
+    for name, fn in views.items():
+        app.get(f"/v1/rounds/{{round_id}}/secagg/{name}", tags=["privacy"], name=f"secagg_{name}_view")(
+            _make_get(name, fn))
+
+    @app.post("/v1/rounds/{round_id}/secagg/masked_input", tags=["privacy"])
+    async def secagg_masked_input(round_id: int, request: Request, device_id: str = Depends(device)) -> dict[str, Any]:
+        """Binary FKSA frame: the device's masked, quantized update (mod 2^bits)."""
+        body = await _read_body(request, sa.max_input_bytes())
+        return await run_in_threadpool(sa.masked_input, device_id, round_id, body)
+
+    # ------------------------------------------------------------------ Paillier
+    @app.get("/v1/paillier/public_key", tags=["privacy"])
+    def paillier_key(_: str = Depends(device)) -> dict[str, Any]:
+        return privacy.paillier.public_key_info()
+
+    @app.post("/v1/rounds/{round_id}/paillier/input", tags=["privacy"])
+    async def paillier_input(round_id: int, request: Request, device_id: str = Depends(device)) -> dict[str, Any]:
+        """Binary FKPL frame: the device's packed Paillier ciphertexts."""
+        limit = manager.max_upload_bytes * 4 + (1 << 20) if manager.max_upload_bytes else 64 << 20
+        body = await _read_body(request, limit)
+        return await run_in_threadpool(privacy.paillier.submit, device_id, round_id, body)
+
+    # ------------------------------------------------------------------ randomized response
+    @app.get("/v1/telemetry/config", tags=["privacy"])
+    def telemetry_config(_: str = Depends(device)) -> dict[str, Any]:
+        return privacy.telemetry.public_config()
+
+    @app.post("/v1/telemetry/rr", tags=["privacy"])
+    async def telemetry_report(request: Request, device_id: str = Depends(device)) -> dict[str, Any]:
+        body = await _json(request)
+        return await run_in_threadpool(privacy.telemetry.report, device_id, body)
+
+    @app.get("/v1/admin/telemetry", tags=["admin"], dependencies=[Depends(admin)])
+    def admin_telemetry() -> dict[str, Any]:
+        return _json_safe(privacy.telemetry.summary())
+
+
+__all__ = ["PrivacyServices", "SecureAggregationFailed", "add_routes", "protocol_of", "PROTOCOLS"]
