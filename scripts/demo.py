@@ -1,0 +1,900 @@
+#!/usr/bin/env python
+"""The main job in one command: server, TFF pre-training, a secure DP federated fleet, the keyboard.
+
+    ./scripts/demo.sh                  # sets up, then runs this (about 10 minutes on 2 cores)
+    .venv/bin/python scripts/demo.py   # the same without the setup check
+    .venv/bin/python scripts/demo.py --quick         # tiny model, a few devices, 1-2 rounds per stage
+    .venv/bin/python scripts/demo.py --serve         # keep the server (and its status page) up at the end
+
+Stages (every child in its own process group; Ctrl-C or SIGTERM stops them all):
+
+1. `python -m server` on a free loopback port, data in runs/demo-<time>/server, a fresh admin token,
+   distributed DP on (each device clips and adds its share of the Gaussian noise), secure aggregation
+   when this server supports it (`--secure-aggregation secagg`), training off until a model is promoted.
+2. `python -m tff_sim` pre-trains the global model on chitchat (a short FedAvg run) and pushes it with
+   `--push`: the empty server is initialised with the simulation's config and vocabulary (version 1,
+   random weights) and the trained model is staged as the candidate (version 2).
+3. `python -m device_app --headless --fleet N` starts the devices. They first evaluate the candidate
+   against the random global model on their own held-back text (an evaluation round): the candidate
+   is promoted (version 3). If that does not happen in time, the admin API promotes it.
+4. Training starts (admin API): secure, DP federated rounds. After every round the terminal shows
+   the devices that were aggregated, the round's time, the new version, the cumulative epsilon, and
+   the new version's recall on held-out chitchat users (never trained on), measured here.
+5. One more user (a held-out one) types their messages on a headless device, which downloads the
+   newest global model and personalizes it; the Kivy keyboard is rendered offscreen with a
+   suggestion (a PNG), or opened when a display is there and --app is given.
+
+Everything lands in the run folder: logs of every process, summary.json, the status page as HTML.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import json
+import math
+import os
+import queue
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+CHILD_TF_LOG_LEVEL = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"  # this process: not even CUDA plugin registration errors
+
+PY = sys.executable
+
+
+# =====================================================================================  settings
+
+
+@dataclasses.dataclass
+class Settings:
+    preset: str = "small"  # 440k parameters: a TFF round of 10 clients takes ~2 s here (gboard, 1.4M: ~6 s)
+    # TFF pre-training: short on purpose, so the federated rounds have something left to improve
+    pretrain_rounds: int = 10
+    pretrain_clients: int = 10
+    pretrain_examples: int = 64  # per client per round
+    pretrain_max_train_clients: int | None = None
+    pretrain_final_eval_sentences: int = 1000
+    # the fleet and its rounds
+    # 80 updates per round: DP noise on the mean is z * C * sqrt(goal / min_count) / goal = 0.013 per
+    # weight, which the model absorbs (at 50 per round, 0.021, the noise made it diverge after 5 rounds
+    # with server momentum); 200 registered devices keep q = 0.4 and epsilon ~5.6 after 8 rounds
+    devices: int = 200
+    rounds: int = 8  # secure DP training rounds after the promotion
+    round_goal: int = 80
+    min_count: int = 72
+    over_admit: float = 1.15
+    deadline_s: float = 300.0
+    epochs: int = 2
+    batch_size: int = 16
+    learning_rate: float = 0.5
+    max_examples_per_update: int = 256
+    clip_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    server_optimizer: str = "momentum"  # DP-FedAvg with server momentum (Gboard: Nesterov 0.9)
+    server_momentum: float = 0.9
+    nesterov: bool = True
+    secagg_neighbors: int = 0  # 0: every device masks with every other (SecAgg); k: SecAgg+ graph
+    secagg_stage_s: float = 60.0
+    eval_goal: int = 10
+    eval_min_count: int = 5
+    workers: int = 4  # fleet threads (with SecAgg at least the round's admissions: devices wait in its stages)
+    p_eligible: float = 0.9
+    p_dropout: float = 0.05
+    step_s: float = 0.3
+    max_wait_s: float = 2.0
+    promote_timeout_s: float = 180.0
+    round_timeout_s: float = 600.0
+    # measuring recall (held-out chitchat users, never trained on)
+    eval_sentences: int = 2000
+    seed: int = 0
+
+    def public(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+QUICK = dict(
+    preset="tiny", pretrain_rounds=2, pretrain_clients=4, pretrain_examples=32, pretrain_max_train_clients=40,
+    pretrain_final_eval_sentences=200, devices=8, rounds=2, round_goal=4, min_count=3, deadline_s=60.0,
+    epochs=1, clip_norm=0.5, eval_goal=3, eval_min_count=2, workers=2, step_s=0.2, max_wait_s=1.0,
+    promote_timeout_s=60.0, round_timeout_s=180.0, eval_sentences=200, secagg_stage_s=20.0,
+    # 4 devices per round: z = 1 would be noise of ~0.15 per weight per round (z * C * 0.29) and wipe the
+    # tiny model out; the quick run checks the machinery, the default run shows DP at a workable scale
+    noise_multiplier=0.1, server_optimizer="sgd",
+)
+
+
+# =====================================================================================  output
+
+
+_print_lock = threading.Lock()
+_t0 = time.monotonic()
+
+
+def say(msg: str = "", *, prefix: str = "") -> None:
+    with _print_lock:
+        stamp = f"{time.monotonic() - _t0:6.1f}s"
+        for line in (msg.splitlines() or [""]):
+            print(f"{stamp} {prefix}{line}" if line else "", flush=True)
+
+
+def stage(n: int, total: int, title: str) -> None:
+    say()
+    say(f"== {n}/{total} {title} ==")
+
+
+class DemoError(RuntimeError):
+    pass
+
+
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM (a BaseException, like KeyboardInterrupt, so `except Exception` lets it pass)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# =====================================================================================  processes
+
+
+def become_subreaper() -> bool:
+    """Orphaned grandchildren (e.g. TFF's worker_binary after its parent died) are re-parented to us,
+    so the final sweep finds them among our descendants. Linux only; best effort."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+@dataclasses.dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+    reader: threading.Thread | None = None
+    lines: list[str] = dataclasses.field(default_factory=list)  # the last lines, for error messages
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+class Supervisor:
+    """Starts children in their own process groups, streams their output, stops them all."""
+
+    def __init__(self, run_dir: Path, env: dict[str, str]) -> None:
+        self.run_dir = run_dir
+        self.env = env
+        self.children: list[Child] = []
+
+    def spawn(self, name: str, cmd: Sequence[str], *, echo: Callable[[str], str | None] | None = None,
+              env: dict[str, str] | None = None) -> Child:
+        log_path = self.run_dir / "logs" / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.Popen(
+            list(cmd), cwd=ROOT, env={**self.env, **(env or {})}, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True, bufsize=1,
+            errors="replace",
+        )
+        child = Child(name, proc, log_path)
+        child.reader = threading.Thread(target=self._pump, args=(child, echo), name=f"pump-{name}", daemon=True)
+        child.reader.start()
+        self.children.append(child)
+        return child
+
+    @staticmethod
+    def _pump(child: Child, echo: Callable[[str], str | None] | None) -> None:
+        assert child.proc.stdout is not None
+        with open(child.log_path, "a", encoding="utf-8") as log:
+            for line in child.proc.stdout:
+                log.write(line)
+                log.flush()
+                line = line.rstrip("\n")
+                child.lines = (child.lines + [line])[-40:]
+                shown = echo(line) if echo else None
+                if shown:
+                    say(shown, prefix=f"[{child.name}] ")
+
+    def stop(self, child: Child, timeout: float = 15.0, sig: int = signal.SIGTERM) -> int | None:
+        """Signal the child's whole process group, wait, then SIGKILL the group."""
+        if child.alive:
+            try:
+                os.killpg(child.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                child.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # whatever is left in the group (the leader may be gone already)
+            os.killpg(child.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            child.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        if child.reader is not None:
+            child.reader.join(2)
+        return child.proc.returncode
+
+    def stop_all(self) -> None:
+        for child in reversed(self.children):
+            self.stop(child)
+        self.sweep()
+
+    @staticmethod
+    def sweep() -> int:
+        """Kill every remaining descendant (TFF worker_binary first, politely), then reap them."""
+        import psutil
+
+        try:
+            from tff_sim.reaper import reap_worker_binaries
+
+            reap_worker_binaries(timeout=3.0)
+        except Exception:  # noqa: BLE001 - the sweep below gets them too
+            pass
+        me = psutil.Process()
+        left = me.children(recursive=True)
+        for p in left:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(left, timeout=5)
+        return len(left)
+
+
+# =====================================================================================  server API
+
+
+class Admin:
+    def __init__(self, url: str, token: str) -> None:
+        import httpx
+
+        self.url = url
+        self.http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60.0)
+
+    def get(self, path: str, **kw: Any) -> Any:
+        r = self.http.get(path, **kw)
+        r.raise_for_status()
+        return r.json()
+
+    def post(self, path: str, **kw: Any) -> Any:
+        r = self.http.post(path, **kw)
+        if r.status_code >= 400:
+            raise DemoError(f"POST {path}: HTTP {r.status_code} {r.text[:300]}")
+        return r.json()
+
+    def model_bytes(self, version: int) -> bytes:
+        r = self.http.get(f"/v1/models/{version}")
+        r.raise_for_status()
+        return r.content
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def server_supports_secagg() -> tuple[bool, str]:
+    out = subprocess.run([PY, "-m", "server", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    text = out.stdout + out.stderr
+    if "--secure-aggregation" in text:
+        return True, "secure aggregation: on (server flag --secure-aggregation secagg)"
+    return False, ("secure aggregation: NOT AVAILABLE in this server build (no --secure-aggregation flag): "
+                   "falling back to distributed DP without SecAgg; the server sees each noised update")
+
+
+# =====================================================================================  recall
+
+
+class RecallMeter:
+    """Recall of model versions on held-out chitchat users, in a background thread (TensorFlow here)."""
+
+    def __init__(self, admin: Admin, n_sentences: int, seed: int) -> None:
+        self.admin = admin
+        self.n_sentences = n_sentences
+        self.seed = seed
+        self.results: dict[int, dict[str, float]] = {}
+        self.errors: list[str] = []
+        self._queue: queue.Queue[int | None] = queue.Queue()
+        self._done = threading.Condition()
+        self._identity: tuple[Any, Any] | None = None
+        self._sentences: list | None = None
+        self._same_as: dict[int, int] = {}
+        self._thread = threading.Thread(target=self._run, name="recall", daemon=True)
+        self._thread.start()
+
+    def request(self, version: int, same_as: int | None = None) -> None:
+        if same_as is not None:
+            self._same_as[version] = same_as
+        self._queue.put(version)
+
+    def get(self, version: int) -> dict[str, float] | None:
+        return self.results.get(version)
+
+    def wait(self, version: int, timeout: float) -> dict[str, float] | None:
+        deadline = time.monotonic() + timeout
+        with self._done:
+            while version not in self.results and time.monotonic() < deadline:
+                self._done.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+        return self.results.get(version)
+
+    def _prepare(self) -> None:
+        from models.central import sample_sentences
+        from models.config import ModelConfig
+        from models.data import load_dataset
+        from models.tokenizer import tokenize_sentences
+        from models.vocab import Vocabulary
+
+        import logging
+
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)  # evaluate_keras retraces per call: harmless
+        info = self.admin.get("/v1/model/info")
+        vocab = Vocabulary.from_dict(self.admin.get("/v1/model/vocab"))
+        self._identity = (ModelConfig.from_dict(info["config"]), vocab)
+        ds = load_dataset("chitchat", seed=self.seed)
+        tokens = [t for text in ds.heldout_sentences() for t in tokenize_sentences(text)]
+        self._sentences = sample_sentences(tokens, self.n_sentences, ds.seed + 1)
+
+    def _run(self) -> None:
+        from models import wire
+
+        while True:
+            version = self._queue.get()
+            if version is None:
+                return
+            if version in self.results:
+                continue
+            try:
+                if version in self._same_as and self._same_as[version] in self.results:
+                    res = dict(self.results[self._same_as[version]])
+                else:
+                    if self._identity is None:
+                        self._prepare()
+                    from models.central import evaluate_keras
+
+                    config, vocab = self._identity
+                    weights = wire.decode(self.admin.model_bytes(version), config, expected_kind="weights").tensors
+                    res = evaluate_keras(config, weights, self._sentences, vocab, batch_size=128)
+                with self._done:
+                    self.results[version] = {k: float(v) for k, v in res.items()}
+                    self._done.notify_all()
+            except Exception as exc:  # noqa: BLE001 - a failed measurement must not stop the demo
+                self.errors.append(f"version {version}: {exc.__class__.__name__}: {exc}")
+                with self._done:
+                    self.results[version] = {"error": 1.0}
+                    self._done.notify_all()
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+
+def pct(x: float | None) -> str:
+    return "  n/a " if x is None else f"{100 * x:5.2f}%"
+
+
+def ppl(metrics: dict[str, float] | None) -> str:
+    p = (metrics or {}).get("perplexity")
+    return "   n/a" if p is None else f"{p:8.1f}"
+
+
+# =====================================================================================  the demo
+
+
+class Demo:
+    STAGES = 5
+
+    def __init__(self, args: argparse.Namespace, settings: Settings) -> None:
+        self.args = args
+        self.s = settings
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.run_dir = Path(args.out) if args.out else ROOT / "runs" / f"demo-{stamp}"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.token = secrets.token_urlsafe(24)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL=CHILD_TF_LOG_LEVEL, FK_ADMIN_TOKEN=self.token)
+        env.pop("FK_DEVICE_DIR", None)
+        self.sup = Supervisor(self.run_dir, env)
+        self.admin: Admin | None = None
+        self.meter: RecallMeter | None = None
+        self.server: Child | None = None
+        self.fleet: Child | None = None
+        self.url = ""
+        self.summary: dict[str, Any] = {"settings": settings.public(), "run_dir": str(self.run_dir), "stages": {}}
+        self.secagg = False
+
+    # ------------------------------------------------------------------ helpers
+    def _check_alive(self, *children: Child | None) -> None:
+        for child in children:
+            if child is not None and not child.alive:
+                tail = "\n".join(child.lines[-15:])
+                raise DemoError(f"{child.name} exited with code {child.proc.returncode} (log {child.log_path}):\n{tail}")
+
+    def _timed(self, name: str, started: float) -> None:
+        self.summary["stages"][name] = round(time.monotonic() - started, 1)
+
+    # ------------------------------------------------------------------ 1. server
+    def start_server(self) -> None:
+        t = time.monotonic()
+        stage(1, self.STAGES, "aggregation server")
+        s = self.s
+        self.secagg, note = (False, "secure aggregation: off (--no-secagg)") if self.args.no_secagg \
+            else server_supports_secagg()
+        say(note)
+        port_file = self.run_dir / "server.port"
+        cmd = [PY, "-m", "server", "--host", "127.0.0.1", "--port", str(self.args.port), "--port-file", str(port_file),
+               "--data-dir", str(self.run_dir / "server"), "--no-training-on-start",
+               "--round-goal", str(s.round_goal), "--min-count", str(s.min_count), "--over-admit", str(s.over_admit),
+               "--deadline-s", str(s.deadline_s), "--epochs", str(s.epochs), "--batch-size", str(s.batch_size),
+               "--learning-rate", str(s.learning_rate), "--max-examples-per-update", str(s.max_examples_per_update),
+               "--dp-mode", "distributed", "--clip-norm", str(s.clip_norm), "--noise-multiplier", str(s.noise_multiplier),
+               "--server-optimizer", s.server_optimizer, "--server-momentum", str(s.server_momentum),
+               "--nesterov" if s.nesterov else "--no-nesterov",
+               "--candidate-eval-fraction", "1.0", "--eval-goal", str(s.eval_goal),
+               "--eval-min-count", str(s.eval_min_count), "--eval-deadline-s", str(s.deadline_s),
+               "--retry-min-s", "1", "--log-level", "warning"]
+        if self.secagg:
+            cmd += ["--secure-aggregation", "secagg", "--secagg-neighbors", str(s.secagg_neighbors),
+                    "--secagg-stage-s", str(s.secagg_stage_s)]
+        self.server = self.sup.spawn("server", cmd, echo=lambda line: line if (" ERROR " in line or "Traceback" in line)
+                                     else None)
+        deadline = time.monotonic() + 60
+        import httpx
+
+        while True:
+            self._check_alive(self.server)
+            if port_file.exists() and port_file.read_text().strip():
+                self.url = f"http://127.0.0.1:{int(port_file.read_text())}"
+                try:
+                    if httpx.get(self.url + "/healthz", timeout=2.0).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+            if time.monotonic() > deadline:
+                raise DemoError("the server did not become healthy in 60 s")
+            time.sleep(0.1)
+        self.admin = Admin(self.url, self.token)
+        cfg = self.admin.get("/v1/admin/config")
+        say(f"server up at {self.url} (pid {self.server.proc.pid}), data in {self.run_dir / 'server'}")
+        say(f"status page: {self.url}/status   admin token: {self.run_dir / 'admin_token'}")
+        (self.run_dir / "admin_token").write_text(self.token + "\n")
+        os.chmod(self.run_dir / "admin_token", 0o600)
+        say(f"DP: {cfg['dp_mode']}, clip {cfg['clip_norm']}, noise multiplier {cfg['noise_multiplier']}; "
+            f"rounds of {cfg['round_goal']} updates (min {cfg['min_count']}), secure aggregation "
+            f"{cfg.get('secure_aggregation', 'secagg' if self.secagg else 'none')}")
+        self.summary["server"] = {"url": self.url, "secure_aggregation": self.secagg,
+                                  "config": {k: cfg.get(k) for k in ("dp_mode", "clip_norm", "noise_multiplier",
+                                                                     "round_goal", "min_count", "secure_aggregation")}}
+        self._timed("server", t)
+
+    # ------------------------------------------------------------------ 2. TFF pre-training
+    def pretrain(self) -> None:
+        t = time.monotonic()
+        s = self.s
+        stage(2, self.STAGES, f"pre-training in TFF (preset {s.preset}, {s.pretrain_rounds} rounds x "
+                              f"{s.pretrain_clients} clients, chitchat) and push")
+        out = self.run_dir / "tff"
+        cmd = [PY, "-m", "tff_sim", "--dataset", "chitchat", "--preset", s.preset, "--rounds", str(s.pretrain_rounds),
+               "--clients-per-round", str(s.pretrain_clients), "--max-examples-per-client", str(s.pretrain_examples),
+               "--eval-every", str(s.pretrain_rounds), "--eval-clients", "10",
+               "--final-eval-max-sentences", str(s.pretrain_final_eval_sentences), "--seed", str(s.seed),
+               "--output", str(out), "--fresh", "--no-progress", "--no-tensorboard", "--checkpoint-every", "0",
+               "--push", self.url]
+        if s.pretrain_max_train_clients:
+            cmd += ["--max-train-clients", str(s.pretrain_max_train_clients)]
+        baselines = ROOT / "artifacts" / "baselines" / "results.json"
+        cmd += ["--baselines", str(baselines) if baselines.exists() else ""]
+
+        def echo(line: str) -> str | None:
+            keep = ("round ", "federated", "push", "pushed", "run folder", "ERROR", "Error", "Traceback", "data:",
+                    "baseline")
+            if "INFO tff_sim: data:" in line:
+                return line.split("INFO tff_sim: ", 1)[1][:200]
+            if any(k in line for k in keep):
+                return line.split(" INFO tff_sim: ", 1)[-1][:200]
+            return None
+
+        tff = self.sup.spawn("tff", cmd, echo=echo)
+        while tff.alive:
+            self._check_alive(self.server)
+            time.sleep(0.3)
+        tff.reader.join(5)
+        if tff.proc.returncode != 0:
+            raise DemoError(f"tff_sim failed with code {tff.proc.returncode} (log {tff.log_path}):\n"
+                            + "\n".join(tff.lines[-15:]))
+        summary = json.loads((out / "summary.json").read_text())
+        push = summary.get("push") or {}
+        if not push or push.get("version") is None:
+            raise DemoError(f"tff_sim did not push its model: {push}")
+        st = self.admin.get("/v1/admin/status")
+        self.candidate = int(push["version"])
+        self.summary["pretrain"] = {"final": summary.get("final"), "wall_seconds": summary.get("wall_seconds"),
+                                    "mean_round_seconds": summary.get("mean_round_seconds"), "push": push,
+                                    "model_parameters": summary.get("model_parameters")}
+        say(f"pushed: candidate version {self.candidate} (global version {st['global_version']}: random init), "
+            f"{summary.get('model_parameters'):,} parameters")
+        self.meter = RecallMeter(self.admin, s.eval_sentences, s.seed)
+        self.meter.request(st["global_version"])
+        self.meter.request(self.candidate)
+        self._timed("pretrain", t)
+
+    # ------------------------------------------------------------------ 3. fleet + promotion
+    def start_fleet(self) -> None:
+        t = time.monotonic()
+        s = self.s
+        stage(3, self.STAGES, f"{s.devices} headless devices: evaluate the candidate, promote it")
+        start_version = self.admin.get("/v1/admin/status")["global_version"]
+        # versions: 1 random init, 2 candidate, 3 promoted, then one per training round
+        fleet_rounds = 2 + s.rounds
+        workers = s.workers
+        if self.secagg:  # a device waits in SecAgg's key and unmasking stages: one thread per admitted device
+            workers = max(workers, math.ceil(s.round_goal * s.over_admit) + 2)
+        cmd = [PY, "-m", "device_app", "--headless", "--fleet", str(s.devices), "--dataset", "chitchat",
+               "--server", self.url, "--rounds", str(fleet_rounds), "--duration", str(s.round_timeout_s * (s.rounds + 2)),
+               "--workers", str(workers), "--p-eligible", str(s.p_eligible), "--p-dropout", str(s.p_dropout),
+               "--step", str(s.step_s), "--max-wait", str(s.max_wait_s), "--seed", str(s.seed),
+               "--data-dir", str(self.run_dir / "fleet"), "--json-out", str(self.run_dir / "fleet.json")]
+
+        def echo(line: str) -> str | None:
+            if line.startswith("[fleet] "):
+                return None if "global model version" in line else line[len("[fleet] "):]
+            if "Traceback" in line or "Error" in line:
+                return line
+            return None
+
+        self.fleet = self.sup.spawn("fleet", cmd, echo=echo)
+        deadline = time.monotonic() + s.promote_timeout_s + 120  # + the fleet's start (TensorFlow, data)
+        shown: set[int] = set()
+        promoted = None
+        while promoted is None:
+            self._check_alive(self.server, self.fleet)
+            st = self.admin.get("/v1/admin/status")
+            for r in self.admin.get("/v1/admin/rounds", params={"kind": "eval", "limit": 10})["rounds"]:
+                if r["state"] == "closed" and r["id"] not in shown:
+                    shown.add(r["id"])
+                    o = r["outcome"] or {}
+                    cand, base = o.get("candidate", {}), o.get("baseline", {})
+                    say(f"evaluation round {r['id']}: candidate {r['candidate_version']} top-1 {pct(cand.get('recall'))} "
+                        f"vs global {r['base_version']} {pct(base.get('recall'))} on {o.get('reports')} devices' "
+                        f"held-back text -> {o.get('decision')}"
+                        + (f" as version {r['result_version']}" if r.get("result_version") else ""))
+                    if o.get("decision") == "promoted":
+                        promoted = r["result_version"]
+                    elif o.get("decision") == "rejected":
+                        break
+            if promoted is None and (time.monotonic() > deadline or (st["candidate_version"] is None
+                                                                     and st["global_version"] == start_version
+                                                                     and shown)):
+                promoted = self._promote_by_admin()
+            if promoted is None:
+                time.sleep(0.5)
+        self.promoted = int(promoted)
+        self.meter.request(self.promoted, same_as=self.candidate)
+        self.admin.post("/v1/admin/training/start")
+        say(f"global model is now version {self.promoted} (the TFF model); training started")
+        self.summary["promotion"] = {"candidate": self.candidate, "global_version": self.promoted,
+                                     "by": "evaluation round" if shown else "admin API"}
+        self._timed("promotion", t)
+
+    def _promote_by_admin(self) -> int:
+        say(f"the candidate was not promoted by an evaluation round in time: promoting version {self.candidate} "
+            "through the admin API")
+        body = self.admin.model_bytes(self.candidate)
+        res = self.admin.post("/v1/admin/models", params={"promote": "true", "note": "demo: TFF pre-trained model"},
+                              content=body, headers={"Content-Type": "application/octet-stream"})
+        return int(res["version"])
+
+    # ------------------------------------------------------------------ 4. DP rounds
+    def federate(self) -> None:
+        t = time.monotonic()
+        s = self.s
+        mode = "secure aggregation + distributed DP" if self.secagg else "distributed DP (no secure aggregation)"
+        stage(4, self.STAGES, f"{s.rounds} federated rounds, {mode}")
+        say("round  aggregated/admitted  not aggr.  seconds  version  epsilon   held-out top-1  top-3   perplexity")
+        base = self.meter.wait(self.promoted, 300) or {}
+        say(f"{'start':>5}  {'':>19}  {'':>9}  {'':>7}  {self.promoted:>7}  {0:7.3g}   {pct(base.get('top1_recall'))}"
+            f"          {pct(base.get('top3_recall'))}  {ppl(base)}")
+        done: list[dict[str, Any]] = []
+        printed: set[int] = set()
+        requested: set[int] = set()
+        last_progress = time.monotonic()
+        last_closed_at = None
+        while len(printed) < s.rounds:
+            self._check_alive(self.server)
+            rounds = sorted(self.admin.get("/v1/admin/rounds", params={"kind": "train", "limit": 50})["rounds"],
+                            key=lambda r: r["id"])
+            for r in rounds:
+                if r["state"] == "closed" and r["result_version"] and r["result_version"] not in requested:
+                    requested.add(r["result_version"])
+                    self.meter.request(r["result_version"])
+                    last_progress = time.monotonic()
+            for r in rounds:
+                if r["id"] in printed or r["state"] not in ("closed", "abandoned"):
+                    continue
+                if r["state"] == "abandoned":
+                    printed.add(r["id"])
+                    say(f"round {r['id']} abandoned: {(r['outcome'] or {}).get('reason')}")
+                    continue
+                rec = self.meter.get(r["result_version"])
+                if rec is None and time.monotonic() - last_progress < 120:
+                    break  # print rounds in order, each with its recall
+                printed.add(r["id"])
+                start = r["created_at"] if last_closed_at is None else max(r["created_at"], last_closed_at)
+                secs = r["closed_at"] - start
+                last_closed_at = r["closed_at"]
+                row = {"round": r["id"], "aggregated": r["accepted"], "admitted": r["admitted"],
+                       "dropouts": r["dropouts"], "seconds": round(secs, 1), "version": r["result_version"],
+                       "epsilon": r["epsilon"], "delta": r["delta"], "recall": rec}
+                done.append(row)
+                rec = rec or {}
+                say(f"{r['id']:>5}  {r['accepted']:>10}/{r['admitted']:<8}  {r['dropouts'] or 0:>9}  {secs:7.1f}  "
+                    f"{r['result_version']:>7}  {r['epsilon']:7.3g}   {pct(rec.get('top1_recall'))}          "
+                    f"{pct(rec.get('top3_recall'))}  {ppl(rec)}")
+                if len(done) >= s.rounds:
+                    break
+            if len(printed) >= s.rounds:
+                break
+            if self.fleet is not None and not self.fleet.alive and len(done) < s.rounds:
+                self._check_alive(self.fleet)
+            if time.monotonic() - last_progress > s.round_timeout_s:
+                raise DemoError(f"no training round finished in {s.round_timeout_s:.0f} s")
+            time.sleep(0.5)
+        self.admin.post("/v1/admin/training/stop")
+        privacy = self.admin.get("/v1/admin/privacy")
+        say(f"training stopped after {len(done)} rounds; epsilon {privacy['epsilon']:.3g} at delta "
+            f"{privacy['delta']:.2g} ({privacy['accountant']}, {privacy['dp_rounds']} DP rounds, "
+            f"{privacy['population']} devices)")
+        self.summary["rounds"] = done
+        self.summary["privacy"] = privacy
+        # the fleet stops by itself once the global model advanced --rounds versions
+        if self.fleet is not None:
+            try:
+                self.fleet.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.sup.stop(self.fleet)
+            self.fleet.reader.join(5)
+            fleet_json = self.run_dir / "fleet.json"
+            if fleet_json.exists():
+                rep = json.loads(fleet_json.read_text())
+                self.summary["fleet"] = {k: rep.get(k) for k in ("devices", "seconds", "uploads", "outcomes",
+                                                                 "uploads_per_round", "errors")}
+                say(f"fleet: {rep.get('uploads')} uploads, outcomes {rep.get('outcomes')}, errors {len(rep.get('errors') or [])}")
+        self._timed("federated_rounds", t)
+
+    # ------------------------------------------------------------------ 5. the keyboard
+    def keyboard(self) -> None:
+        t = time.monotonic()
+        stage(5, self.STAGES, "personalization and the keyboard")
+        from device_app.client import DeviceClient
+        from models.data import load_dataset
+
+        ds = load_dataset("chitchat", seed=self.s.seed)
+        # a held-out user (never trained on), the one with the most messages
+        uid = max(sorted(ds.heldout_ids), key=lambda c: len(ds.clients[c].train) + len(ds.clients[c].test))
+        user = ds.clients[uid]
+        messages = [*user.train, *user.test][:600]
+        device_dir = self.run_dir / "device"
+        client = DeviceClient(device_dir, self.url, initial_bundle=False, seed=self.s.seed)
+        try:
+            for m in messages:
+                client.commit(m, typed_now=False)
+            if not client.sync():
+                raise DemoError(f"the device could not download the global model: {client.last_error}")
+            say(f"a held-out user typed {len(messages)} messages; the device has global version "
+                f"{client.models.global_version}")
+            gain = client.personalize()
+            if gain is None:
+                raise DemoError(f"personalization failed: {client.last_error}")
+            say(f"personal model: top-1 {pct(gain['global_top1'])} -> {pct(gain['personal_top1'])}, top-3 "
+                f"{pct(gain['global_top3'])} -> {pct(gain['personal_top3'])} on the user's {gain['heldout_messages']} "
+                f"held-back messages ({gain['train_messages']} trained on, {gain['seconds']:.1f} s)")
+            text, want, personal, global_ = self._pick_text(client)
+            serving = client.models.serving
+            say(f"the keyboard serves the {serving} model"
+                + ("" if serving == "personal" else " (the personal model is used only when it beats the global "
+                                                    "model on the user's held-back text)"))
+            say(f"typing {text!r}: the keyboard suggests {personal} (the global model alone: {global_})"
+                + (f" (the user went on with {want!r})" if want else ""))
+            self.summary["personalization"] = {"user": uid, "messages": len(messages), "gain": gain, "text": text,
+                                               "next_word": want, "personal": personal, "global": global_}
+        finally:
+            client.close()
+        shot = self.run_dir / "keyboard.png"
+        cmd = [PY, "-m", "device_app", "--data-dir", str(device_dir), "--screenshot", str(shot), "--type", text]
+        env = {}
+        if not self.args.app:
+            env = {"DISPLAY": "", "WAYLAND_DISPLAY": ""}  # render offscreen
+        child = self.sup.spawn("keyboard", cmd, echo=lambda line: line if ("Error" in line or "Traceback" in line) else None,
+                               env=env)
+        while child.alive:
+            self._check_alive(self.server)
+            time.sleep(0.2)
+        child.reader.join(5)
+        if child.proc.returncode != 0 or not shot.exists():
+            raise DemoError(f"the keyboard screenshot failed (log {child.log_path}):\n" + "\n".join(child.lines[-10:]))
+        shown = None
+        for line in reversed(child.lines):
+            if line.startswith("{"):
+                try:
+                    shown = json.loads(line).get("suggestions")
+                except ValueError:
+                    pass
+                break
+        say(f"keyboard rendered offscreen with {text!r} typed, suggestions {shown}: {shot}")
+        self.summary["screenshot"] = str(shot)
+        if self.args.app and (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+            say("opening the keyboard (close its window to finish)")
+            app = self.sup.spawn("app", [PY, "-m", "device_app", "--data-dir", str(device_dir), "--server", self.url])
+            while app.alive:
+                time.sleep(0.3)
+        elif self.args.app:
+            say("no display: the keyboard window cannot open; see the screenshot above")
+        self._timed("keyboard", t)
+
+    @staticmethod
+    def _pick_text(client) -> tuple[str, str | None, list[str], list[str]]:
+        """A prefix of one of the user's held-back messages whose next word the personal model suggests."""
+        from models.tokenizer import tokenize
+
+        held = client.store.split().heldout
+        fallback = None
+        for msg in held[:200]:
+            words = msg.split()
+            for cut in range(2, min(len(words), 8)):
+                text = " ".join(words[:cut]) + " "
+                want = tokenize(words[cut])[:1]
+                if not want:
+                    continue
+                personal = client.suggest(text)
+                if fallback is None:
+                    fallback = (text, want[0], personal)
+                if want[0] in personal[:3] and len(want[0]) > 2:
+                    client.set_use_personal(False)
+                    global_ = client.suggest(text)
+                    client.set_use_personal(True)
+                    return text, want[0], personal, global_
+        text, want, personal = fallback or ("see you ", None, client.suggest("see you "))
+        client.set_use_personal(False)
+        global_ = client.suggest(text)
+        client.set_use_personal(True)
+        return text, want, personal, global_
+
+    # ------------------------------------------------------------------ end
+    def report(self) -> None:
+        say()
+        say("== summary ==")
+        pre = self.summary.get("pretrain", {}).get("final", {}).get("heldout", {})
+        say(f"TFF pre-training: held-out top-1 {pct(pre.get('top1_recall'))} (its own {self.s.pretrain_final_eval_sentences}"
+            f"-sentence sample)")
+        say("version  what                          held-out top-1  top-3   perplexity  epsilon")
+        rows = [(1, "random init", None)]
+        rows.append((self.candidate, "TFF pre-training (candidate)", None))
+        rows.append((self.promoted, "promoted candidate", 0.0))
+        for r in self.summary.get("rounds", []):
+            rows.append((r["version"], f"after round {r['round']} (secure, DP)" if self.secagg
+                         else f"after round {r['round']} (DP)", r["epsilon"]))
+        recall = {}
+        for v, what, eps in rows:
+            rec = self.meter.wait(v, 120) if self.meter else None
+            rec = rec or {}
+            recall[v] = rec
+            say(f"{v:>7}  {what:28s}  {pct(rec.get('top1_recall'))}          {pct(rec.get('top3_recall'))}  "
+                f"{ppl(rec)}    {'' if eps is None else f'{eps:.3g}'}")
+        self.summary["recall"] = {str(k): v for k, v in recall.items()}
+        if self.meter and self.meter.errors:
+            say(f"recall measurement errors: {self.meter.errors}")
+        try:
+            html = self.admin.http.get("/status").text
+            (self.run_dir / "status.html").write_text(html, encoding="utf-8")
+            say(f"status page: {self.url}/status (saved as {self.run_dir / 'status.html'})")
+        except Exception as exc:  # noqa: BLE001
+            say(f"could not save the status page: {exc}")
+        if self.summary.get("screenshot"):
+            say(f"keyboard screenshot: {self.summary['screenshot']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scripts/demo.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny model, 8 devices, 2 rounds per stage (a few minutes)")
+    p.add_argument("--out", help="run folder (default runs/demo-<time>)")
+    p.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
+    p.add_argument("--no-secagg", action="store_true", help="distributed DP without secure aggregation")
+    p.add_argument("--app", action="store_true", help="open the Kivy keyboard at the end (needs a display)")
+    p.add_argument("--serve", action="store_true", help="keep the server up at the end until Ctrl-C")
+    p.add_argument("--stop-after", choices=("server", "pretrain", "promotion", "rounds"),
+                   help="stop after this stage (for tests)")
+    tuning = p.add_argument_group("tuning (defaults in Settings; --quick changes several)")
+    for f in dataclasses.fields(Settings):
+        if f.name == "pretrain_max_train_clients":
+            typ: Any = lambda v: None if v in ("", "none", "0") else int(v)  # noqa: E731
+        elif isinstance(f.default, bool):
+            typ = lambda v: v.lower() in ("1", "true", "yes", "on")  # noqa: E731
+        else:
+            typ = type(f.default)
+        tuning.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, type=typ,
+                            metavar=type(f.default).__name__.upper() if f.default is not None else "N")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    values = Settings().public()
+    if args.quick:
+        values.update(QUICK)
+    for f in dataclasses.fields(Settings):
+        if getattr(args, f.name) is not None:
+            values[f.name] = getattr(args, f.name)
+    settings = Settings(**values)
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        raise Interrupted(signum)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    become_subreaper()
+    demo = Demo(args, settings)
+    say(f"federated keyboard demo: run folder {demo.run_dir}")
+    say(f"settings: preset {settings.preset}, {settings.pretrain_rounds} TFF rounds, {settings.devices} devices, "
+        f"{settings.rounds} DP rounds of {settings.round_goal}")
+    code = 0
+    try:
+        demo.start_server()
+        if args.stop_after != "server":
+            demo.pretrain()
+        if args.stop_after not in ("server", "pretrain"):
+            demo.start_fleet()
+        if args.stop_after not in ("server", "pretrain", "promotion"):
+            demo.federate()
+        if args.stop_after is None:
+            demo.keyboard()
+        if args.stop_after not in ("server", "pretrain"):
+            demo.report()
+        if args.serve:
+            say(f"serving {demo.url}/status until Ctrl-C")
+            while True:
+                demo._check_alive(demo.server)
+                time.sleep(1)
+    except Interrupted as exc:
+        say()
+        say(f"{exc}: stopping every process")
+        code = 128 + exc.signum
+    except DemoError as exc:
+        say(f"FAILED: {exc}")
+        code = 1
+    except Exception as exc:  # noqa: BLE001
+        import traceback
+
+        traceback.print_exc()
+        say(f"FAILED: {exc.__class__.__name__}: {exc}")
+        code = 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        demo.summary["wall_seconds"] = round(time.monotonic() - _t0, 1)
+        demo.summary["exit_code"] = code
+        try:
+            (demo.run_dir / "summary.json").write_text(json.dumps(demo.summary, indent=2, default=str) + "\n")
+        except OSError:
+            pass
+        if demo.meter is not None:
+            demo.meter.close()
+        if demo.admin is not None:
+            demo.admin.close()
+        demo.sup.stop_all()
+        say(f"{'done' if code == 0 else 'stopped'} in {time.monotonic() - _t0:.0f} s; everything is in {demo.run_dir}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""The demo orchestrator (scripts/demo.py): its process handling, and the whole job end to end.
+
+Fast: settings, process-group stop, the sweep of leftover descendants.
+Slow (CI, `scripts/test.sh --all`): `scripts/demo.py --quick` from start to the keyboard screenshot;
+Ctrl-C (SIGINT) during TFF pre-training and SIGTERM during the fleet's rounds, each followed by a
+scan for orphans: no process the demo started (server, tff_sim and its worker_binary, fleet) is
+left running.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "scripts" / "demo.py"
+
+
+def load_demo():
+    spec = importlib.util.spec_from_file_location("fk_demo_under_test", DEMO)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def processes_mentioning(text: str) -> list[psutil.Process]:
+    """Live processes whose command line mentions `text` (a unique run folder)."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if any(text in part for part in (p.info["cmdline"] or [])):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def alive(pids: list[int]) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+# ----------------------------------------------------------------------------------- fast
+
+
+def test_quick_settings_and_flags():
+    demo = load_demo()
+    args = demo.build_parser().parse_args(["--quick", "--rounds", "5", "--nesterov", "false"])
+    assert args.quick and args.rounds == 5 and args.nesterov is False
+    default = demo.Settings()
+    assert default.preset == "small" and default.rounds >= 3
+    quick = demo.Settings(**{**default.public(), **demo.QUICK})
+    assert quick.preset == "tiny" and quick.devices <= 10 and quick.rounds <= 2
+    # the fleet stops after the promotion (2 versions) plus the DP rounds; secagg detection answers
+    ok, note = demo.server_supports_secagg()
+    assert isinstance(ok, bool) and "secure aggregation" in note
+
+
+def test_supervisor_stops_the_whole_process_group(tmp_path):
+    demo = load_demo()
+    sup = demo.Supervisor(tmp_path, dict(os.environ))
+    # a child that starts a grandchild and ignores SIGTERM: only the group SIGKILL ends both
+    child = sup.spawn("stubborn", ["bash", "-c", "trap '' TERM; sleep 300 & echo started; wait"])
+    deadline = time.monotonic() + 10
+    while "started" not in child.lines and time.monotonic() < deadline:
+        time.sleep(0.05)
+    family = [child.proc.pid] + [p.pid for p in psutil.Process(child.proc.pid).children(recursive=True)]
+    assert len(family) == 2
+    t = time.monotonic()
+    sup.stop(child, timeout=1.0)
+    assert time.monotonic() - t < 10
+    assert alive(family) == []
+    assert (tmp_path / "logs" / "stubborn.log").read_text().strip() == "started"
+
+
+def test_sweep_kills_descendants_that_left_their_group(tmp_path):
+    # A grandchild in its own session (like a daemonizing worker) escapes a process-group kill; the
+    # sweep finds it among the descendants. Run in a subprocess: the sweep kills every descendant of
+    # the process that calls it (TFF's worker_binary of this test session included).
+    script = f"""
+import importlib.util, json, subprocess, sys, time, psutil
+spec = importlib.util.spec_from_file_location("d", {str(DEMO)!r}); d = importlib.util.module_from_spec(spec); sys.modules["d"] = d
+spec.loader.exec_module(d)
+d.become_subreaper()
+mid = subprocess.Popen([sys.executable, "-c", "import subprocess,time; subprocess.Popen(['sleep','300'], start_new_session=True); time.sleep(300)"])
+while len(psutil.Process().children(recursive=True)) < 2: time.sleep(0.05)
+pids = [p.pid for p in psutil.Process().children(recursive=True)]
+n = d.Supervisor.sweep()
+print(json.dumps({{"pids": pids, "swept": n}}))
+"""
+    res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(got["pids"]) == 2 and got["swept"] >= 2
+    assert alive(got["pids"]) == []
+
+
+# ----------------------------------------------------------------------------------- slow
+
+
+def _start_demo(out: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("DISPLAY", None)
+    return subprocess.Popen([sys.executable, str(DEMO), "--quick", "--out", str(out), *extra], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_demo_quick_runs_the_whole_job(tmp_path):
+    out = tmp_path / "demo"
+    proc = _start_demo(out)
+    try:
+        stdout, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    print(stdout[-6000:])
+    assert proc.returncode == 0, stdout[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["exit_code"] == 0
+    assert len(summary["rounds"]) == summary["settings"]["rounds"] == 2
+    assert all(r["aggregated"] >= summary["settings"]["min_count"] for r in summary["rounds"])
+    eps = [r["epsilon"] for r in summary["rounds"]]
+    assert eps == sorted(eps) and eps[0] > 0  # the ledger only grows
+    recall = summary["recall"]
+    assert recall["1"]["top1_recall"] < recall[str(summary["promotion"]["candidate"])]["top1_recall"]  # TFF helped
+    assert (out / "keyboard.png").stat().st_size > 1000 and (out / "status.html").exists()
+    assert summary["personalization"]["gain"]["train_messages"] > 0
+    for line in ("== 1/5", "== 2/5", "== 3/5", "== 4/5", "== 5/5", "status page:", "keyboard rendered offscreen"):
+        assert line in stdout
+    assert processes_mentioning(str(out)) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,when", [(signal.SIGINT, "tff"), (signal.SIGTERM, "fleet")])
+def test_interrupted_demo_leaves_no_processes(tmp_path, sig, when):
+    out = tmp_path / "demo"
+    proc = _start_demo(out)
+    me = psutil.Process(proc.pid)
+    seen: set[int] = set()
+    deadline = time.monotonic() + 300
+    try:
+        # wait for the stage to be busy: TFF's worker_binary running, or the fleet's devices ready
+        while time.monotonic() < deadline and proc.poll() is None:
+            kids = me.children(recursive=True)
+            seen.update(p.pid for p in kids)
+            names = []
+            for p in kids:
+                try:
+                    names.append(" ".join(p.cmdline()))
+                except psutil.NoSuchProcess:
+                    pass
+            if when == "tff" and any("worker_binary" in n for n in names):
+                break
+            if when == "fleet" and (out / "logs" / "fleet.log").exists() and \
+                    "devices ready" in (out / "logs" / "fleet.log").read_text(errors="replace"):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the demo ended before the stage under test"
+        seen.update(p.pid for p in me.children(recursive=True))
+        assert seen, "the demo has no children to clean up"
+        os.kill(proc.pid, sig)
+        stdout, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    print(stdout[-3000:])
+    assert proc.returncode == 128 + sig, stdout[-3000:]
+    assert "stopping every process" in stdout
+    assert alive(sorted(seen)) == [], "children of the demo survived it"
+    assert processes_mentioning(str(out)) == []
