@@ -15,6 +15,7 @@ its finalize unmasks the modular sum; nothing in rounds.py has to change.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from typing import Any, Callable, Sequence
@@ -96,7 +97,7 @@ def _parse_metadata(meta: dict[str, Any], max_examples: int) -> tuple[int, dict[
     return n, clean
 
 
-class Strategy:
+class Strategy(abc.ABC):
     name = "base"
 
     def decode_upload(self, body: bytes, rnd: dict[str, Any], ctx: RoundContext) -> DecodedUpdate:
@@ -144,8 +145,9 @@ class Strategy:
     def accept(self, state: Any, update: DecodedUpdate, weight: float) -> None:
         pass
 
+    @abc.abstractmethod
     def finalize(self, state: Any, rows: list[dict[str, Any]], rnd: dict[str, Any], ctx: RoundContext) -> np.ndarray:
-        raise NotImplementedError
+        """The round's aggregated delta from its accepted updates."""
 
 
 class StreamingMean(Strategy):
