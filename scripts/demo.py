@@ -668,7 +668,10 @@ class Demo:
                 rep = json.loads(fleet_json.read_text())
                 self.summary["fleet"] = {k: rep.get(k) for k in ("devices", "seconds", "uploads", "outcomes",
                                                                  "uploads_per_round", "errors")}
-                say(f"fleet: {rep.get('uploads')} uploads, outcomes {rep.get('outcomes')}, errors {len(rep.get('errors') or [])}")
+                errors = rep.get("errors") or []
+                late = sum(1 for e in errors if "round_closed" in e)
+                say(f"fleet: {rep.get('uploads')} uploads, outcomes {rep.get('outcomes')}; errors: {len(errors) - late}"
+                    + (f" (and {late} late reports refused with round_closed: their round had enough)" if late else ""))
         self._timed("federated_rounds", t)
 
     # ------------------------------------------------------------------ 5. the keyboard

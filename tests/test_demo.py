@@ -149,7 +149,8 @@ def test_demo_quick_runs_the_whole_job(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig,when", [(signal.SIGINT, "tff"), (signal.SIGTERM, "fleet")])
+@pytest.mark.parametrize("sig,when", [(signal.SIGINT, "tff"), (signal.SIGTERM, "fleet")],
+                         ids=["sigint-during-tff", "sigterm-during-fleet"])
 def test_interrupted_demo_leaves_no_processes(tmp_path, sig, when):
     out = tmp_path / "demo"
     proc = _start_demo(out)
