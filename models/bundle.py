@@ -70,7 +70,7 @@ def _write_durably(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """fsync a file or directory so a rename that follows is not reordered before its contents."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -141,15 +141,15 @@ def save_bundle(
     try:
         _write_durably(tmp / CONFIG_FILE, (config.to_json() + "\n").encode("utf-8"))
         vocab.save(tmp / VOCAB_FILE)
-        _fsync(tmp / VOCAB_FILE)
+        fsync_path(tmp / VOCAB_FILE)
         _write_durably(tmp / WEIGHTS_FILE, blob)
         _write_durably(tmp / META_FILE, meta_bytes)  # last: its presence marks a complete bundle
-        _fsync(tmp)
+        fsync_path(tmp)
         _swap_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync(path.parent)
+    fsync_path(path.parent)
     return path
 
 

@@ -24,15 +24,11 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from models.bundle import fsync_path
+
 TMP_SUFFIX = ".tmp"
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Store:
@@ -59,7 +55,7 @@ class Store:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        fsync_dir(final.parent)
+        fsync_path(final.parent)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         self.write_atomic(rel, lambda f: f.write(data))
