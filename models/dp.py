@@ -24,6 +24,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from models import blas
+
 DP_MODES = ("none", "central", "distributed", "local")
 ACCOUNTANTS = ("rdp", "pld")
 
@@ -37,21 +39,8 @@ RDP_ORDERS: tuple[float, ...] = tuple(
 
 
 def l2_norm(tensors: Sequence[np.ndarray] | np.ndarray) -> float:
-    """Global L2 norm of a list of arrays (or one array), accumulated in float64."""
-    if isinstance(tensors, np.ndarray):
-        tensors = [tensors]
-    total = 0.0
-    buf: np.ndarray | None = None  # one 2 MB float64 buffer, reused chunk after chunk
-    for t in tensors:
-        flat = np.asarray(t).reshape(-1)
-        for start in range(0, flat.size, 1 << 18):
-            chunk = flat[start : start + (1 << 18)]
-            if buf is None:
-                buf = np.empty(1 << 18, dtype=np.float64)
-            b = buf[: chunk.size]
-            np.copyto(b, chunk, casting="unsafe")
-            total += float(np.dot(b, b))
-    return math.sqrt(total)
+    """Global L2 norm of a list of arrays (or one array), accumulated in float64 (models.blas)."""
+    return math.sqrt(blas.sum_of_squares(tensors, exact=True))
 
 
 def clip_by_global_norm(

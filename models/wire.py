@@ -28,6 +28,7 @@ from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
+from models import blas
 from models.config import ModelConfig
 
 MAGIC = b"FKW1"
@@ -107,7 +108,9 @@ class TooLargeError(WireError):
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: comparing lists of arrays is ambiguous
 class WirePayload:
-    """A decoded blob. `tensors` are read-only float32 arrays in `names` order."""
+    """A decoded blob. `tensors` are read-only float32 arrays in `names` order; `norm` is their
+    global L2 norm (float64 accumulation, relative error < models.blas.DSDOT_REL_ERROR), a by-product
+    of the finiteness check."""
 
     kind: str
     config_hash: str
@@ -116,6 +119,7 @@ class WirePayload:
     names: tuple[str, ...]
     tensors: list[np.ndarray]
     metadata: dict[str, Any]
+    norm: float = 0.0
 
     def by_name(self) -> dict[str, np.ndarray]:
         return dict(zip(self.names, self.tensors))
@@ -409,8 +413,9 @@ def peek_header(data: BytesLike, *, max_bytes: int | None = None) -> dict[str, A
     return header
 
 
-def _materialise(header: dict[str, Any], payload: memoryview) -> list[np.ndarray]:
-    """Turn the payload into read-only float32 arrays with whole-payload numpy ops (no per-element Python)."""
+def _materialise(header: dict[str, Any], payload: memoryview) -> tuple[list[np.ndarray], float]:
+    """Turn the payload into read-only float32 arrays with whole-payload numpy ops (no per-element
+    Python); returns them with their global L2 norm."""
     dtype = header["dtype"]
     raw = np.frombuffer(payload, dtype=_NUMPY_DTYPES[dtype])
     if dtype == "float32":
@@ -431,10 +436,11 @@ def _materialise(header: dict[str, Any], payload: memoryview) -> list[np.ndarray
     flat.flags.writeable = False  # views inherit read-only; consistent across dtypes
     for tensor in tensors:
         tensor.flags.writeable = False
-    if not np.isfinite(flat).all():
+    sum_sq = blas.sum_of_squares(flat)  # finite exactly when every value is (see models.blas)
+    if not math.isfinite(sum_sq):
         bad = [e["name"] for e, t in zip(header["tensors"], tensors) if not np.isfinite(t).all()]
         raise NonFiniteError(f"{header['kind']} tensor(s) {', '.join(map(repr, bad))} contain NaN or Inf")
-    return tensors
+    return tensors, math.sqrt(sum_sq)
 
 
 def decode(
@@ -465,7 +471,7 @@ def decode(
         mismatch = describe_layout_mismatch(kind, got, config)
         if mismatch:
             raise ShapeMismatchError(mismatch)
-    tensors = _materialise(header, payload)
+    tensors, norm = _materialise(header, payload)
     return WirePayload(
         kind=kind,
         config_hash=header["config_hash"],
@@ -474,6 +480,7 @@ def decode(
         names=tuple(e["name"] for e in header["tensors"]),
         tensors=tensors,
         metadata=dict(header.get("metadata", {})),
+        norm=norm,
     )
 
 

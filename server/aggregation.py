@@ -8,6 +8,7 @@ n_updates x chunk values, not n_updates x dimension.
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable, Sequence
 
 import numpy as np
@@ -21,7 +22,8 @@ class MeanAccumulator:
     """Running sum of weight * update (float64) and of the weights.
 
     Addition order is the only source of floating-point differences, so replaying the same
-    updates in the same order reproduces the sum bit for bit.
+    updates in the same order reproduces the sum bit for bit. add() is thread-safe: concurrent
+    adds take turns.
     """
 
     def __init__(self, dim: int) -> None:
@@ -30,6 +32,7 @@ class MeanAccumulator:
         self.total_weight = 0.0
         self.count = 0
         self._scratch: np.ndarray | None = None  # reused for weighted adds (no fresh pages per update)
+        self._lock = threading.Lock()
 
     def add(self, parts: Sequence[np.ndarray] | np.ndarray, weight: float = 1.0) -> None:
         """Add one update given as a flat vector or as tensors that concatenate to one."""
@@ -40,25 +43,26 @@ class MeanAccumulator:
             raise ValueError(f"update has {sum(sizes)} values, accumulator expects {self.dim}")
         if not weight > 0:
             raise ValueError(f"weight must be > 0, got {weight!r}")
-        offset = 0
-        w = float(weight)
-        for part, size in zip(parts, sizes):
-            flat = np.asarray(part).reshape(-1)
-            target = self.sum[offset : offset + size]
-            if w == 1.0:
-                np.add(target, flat, out=target)  # float32 -> float64 exactly, no temporary
-            else:
-                if self._scratch is None:
-                    self._scratch = np.empty(_ADD_CHUNK, dtype=np.float64)
-                for s in range(0, size, _ADD_CHUNK):
-                    part_in = flat[s : s + _ADD_CHUNK]
-                    buf = self._scratch[: part_in.size]
-                    np.multiply(part_in, w, out=buf, dtype=np.float64)  # in float64, exact for float32 * int
-                    out = target[s : s + _ADD_CHUNK]
-                    np.add(out, buf, out=out)
-            offset += size
-        self.total_weight += w
-        self.count += 1
+        with self._lock:
+            offset = 0
+            w = float(weight)
+            for part, size in zip(parts, sizes):
+                flat = np.asarray(part).reshape(-1)
+                target = self.sum[offset : offset + size]
+                if w == 1.0:
+                    np.add(target, flat, out=target)  # float32 -> float64 exactly, no temporary
+                else:
+                    if self._scratch is None:
+                        self._scratch = np.empty(_ADD_CHUNK, dtype=np.float64)
+                    for s in range(0, size, _ADD_CHUNK):
+                        part_in = flat[s : s + _ADD_CHUNK]
+                        buf = self._scratch[: part_in.size]
+                        np.multiply(part_in, w, out=buf, dtype=np.float64)  # in float64, exact for float32 * int
+                        out = target[s : s + _ADD_CHUNK]
+                        np.add(out, buf, out=out)
+                offset += size
+            self.total_weight += w
+            self.count += 1
 
     def mean(self) -> np.ndarray:
         if self.count == 0:

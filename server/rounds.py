@@ -69,6 +69,8 @@ class RoundManager:
         self.metrics = metrics or Metrics()
         self.lock = threading.RLock()
         self._states: dict[int, Any] = {}  # round id -> strategy state (e.g. the running sum)
+        self._in_flight: dict[int, int] = {}  # round id -> accepted updates still being added to its state
+        self._accepting = threading.Condition(threading.Lock())
         self._blobs: collections.OrderedDict[int, tuple[bytes, str]] = collections.OrderedDict()
         self._weights_cache: tuple[int, np.ndarray] | None = None
         self._ledger: dp.PrivacyLedger | None = None
@@ -382,15 +384,34 @@ class RoundManager:
                 self.db.touch_device(device_id, now)
                 if count + 1 >= goal:
                     self.db.update_round(round_id, state="aggregating")
-            try:
-                strategy.accept(state, update, weight)
-            except BaseException:
-                self._states.pop(round_id, None)  # rebuilt from the stored updates when needed
-                raise
-            if count + 1 >= goal:
-                log.info("round %d reached its goal of %d updates", round_id, goal)
-                self._wake.set()
-            return self._update_answer(self.db.get_update(round_id, device_id)), True
+            answer = self._update_answer(self.db.get_update(round_id, device_id))
+            with self._accepting:
+                self._in_flight[round_id] = self._in_flight.get(round_id, 0) + 1
+        # The row is durable; the running sum is added to outside the manager lock (the state
+        # serialises its own adds), so other uploads validate and commit meanwhile. Aggregation
+        # waits for in-flight adds (_wait_for_adds) and rebuilds from disk if one failed.
+        try:
+            strategy.accept(state, update, weight)
+        except BaseException:
+            with self.lock:
+                if self._states.get(round_id) is state:
+                    self._states.pop(round_id, None)  # rebuilt from the stored updates when needed
+            raise
+        finally:
+            with self._accepting:
+                self._in_flight[round_id] -= 1
+                if not self._in_flight[round_id]:
+                    del self._in_flight[round_id]
+                self._accepting.notify_all()
+        if count + 1 >= goal:
+            log.info("round %d reached its goal of %d updates", round_id, goal)
+            self._wake.set()
+        return answer, True
+
+    def _wait_for_adds(self, round_id: int, timeout: float = 60.0) -> None:
+        """Block until no accepted update of the round is still being added to its running sum."""
+        with self._accepting:
+            self._accepting.wait_for(lambda: not self._in_flight.get(round_id), timeout=timeout)
 
     def _round_state(self, rnd: dict[str, Any], strategy) -> Any:
         """The strategy's in-memory state for an open round, rebuilt from disk after a restart."""
@@ -590,6 +611,7 @@ class RoundManager:
 
     def _aggregate(self, round_id: int) -> None:
         t0 = time.perf_counter()
+        self._wait_for_adds(round_id)
         with self.lock:
             rnd = self.db.get_round(round_id)
             if rnd is None or rnd["state"] != "aggregating":

@@ -15,6 +15,7 @@ Layout under the data dir:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -41,13 +42,18 @@ class Store:
         return self.root / rel
 
     # ------------------------------------------------------------------ generic
-    def write_atomic(self, rel: str, write: Callable[[io.BufferedWriter], None]) -> None:
-        """Write through `write(f)` to a temp file, fsync, rename to `rel`, fsync the directory."""
+    def write_atomic(self, rel: str, write: Callable[[io.BufferedWriter], None], size: int | None = None) -> None:
+        """Write through `write(f)` to a temp file, fsync, rename to `rel`, fsync the directory.
+        `size`, when known, reserves the file's blocks up front (one extent instead of block-by-block
+        delayed allocation while writing)."""
         final = self.root / rel
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
         try:
             with open(tmp, "wb") as f:
+                if size:
+                    with contextlib.suppress(OSError, AttributeError):  # not every filesystem / OS has it
+                        os.posix_fallocate(f.fileno(), 0, size)
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
@@ -87,14 +93,16 @@ class Store:
         """Store one delta as a flat little-endian float32 .npy without concatenating it in memory."""
         total = int(sum(t.size for t in tensors))
         rel = f"{self.update_dir_rel(round_id)}/{device_id}-{secrets.token_hex(6)}.npy"
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (total,)})
 
         def write(f: io.BufferedWriter) -> None:
-            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (total,)})
+            f.write(header.getbuffer())
             for t in tensors:
                 arr = np.ascontiguousarray(t, dtype="<f4")
                 f.write(memoryview(arr).cast("B"))
 
-        self.write_atomic(rel, write)
+        self.write_atomic(rel, write, size=len(header.getbuffer()) + 4 * total)
         return rel
 
     def open_update(self, rel: str) -> np.ndarray:

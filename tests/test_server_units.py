@@ -175,3 +175,50 @@ def test_store_atomic_files_and_garbage_collection(tmp_path):
     removed = store.collect_garbage({rel, model_rel})
     assert orphan in removed and "models/.v000002.fkw.abcd.tmp" in removed
     assert (tmp_path / rel).exists() and (tmp_path / model_rel).read_bytes() == b"blob"
+
+
+@pytest.mark.parametrize("side, accepted", [(+1, True), (-1, False)])
+def test_norm_check_decides_close_calls_on_the_exact_norm(monkeypatch, side: int, accepted: bool) -> None:
+    """An update within 3e-8 of the bound is decided on the exact float64 norm, not the fast one."""
+    from models import blas
+    from server.errors import Rejection
+    from server.strategy import RoundContext, StreamingMean
+
+    rng = np.random.default_rng(5)
+    tensors = [rng.standard_normal(shape).astype(np.float32) for _, shape in TINY.weight_specs()]
+    exact = dp.l2_norm(tensors)
+    # Make the fast path lie by 5e-8 in the wrong direction: only the exact recheck gets it right.
+    if blas.has_dsdot():
+        real = blas._DSDOT
+        monkeypatch.setattr(blas, "_DSDOT", lambda n, ptr: real(n, ptr) * (1 + side * 1e-7))  # norm off by 5e-8
+    clip = exact * (1 + side * 3e-8) / (1 + 1e-5)  # dp.norm_tolerance adds a 1e-5 relative slack
+    rnd = {"id": 1, "base_version": 3, "params": {
+        "clip_norm": clip, "dp_mode": "none", "noise_multiplier": 0.0, "min_count": 1, "norm_sigmas": 6.0,
+        "upload_dtypes": ["float32"], "max_examples_per_update": 100}}
+    ctx = RoundContext(TINY, TINY.num_parameters(), 1 << 30, open_update=lambda rel: None)
+    body = wire.encode(tensors, TINY, kind="delta", model_version=3, metadata={"num_examples": 5})
+    if accepted:
+        update = StreamingMean().decode_upload(body, rnd, ctx)
+        assert update.norm == pytest.approx(exact, rel=1e-12)
+    else:
+        with pytest.raises(Rejection) as info:
+            StreamingMean().decode_upload(body, rnd, ctx)
+        assert info.value.reason == "norm_exceeded"
+
+
+def test_runtime_tuning_installs_zero_copy_body_on_the_pinned_uvicorn() -> None:
+    """`python -m server` installs it; every HTTP upload test then runs through it. Here: that it
+    really installs on the pinned uvicorn (so those tests exercise it) and hands chunks over intact."""
+    from uvicorn.protocols.http import httptools_impl
+
+    from server import runtime_tuning
+
+    assert runtime_tuning.tune_uvicorn_body() is True
+    assert getattr(httptools_impl.RequestResponseCycle, "_fk_zero_copy", False)
+    assert runtime_tuning.tune_uvicorn_body() is True  # idempotent
+    parts = runtime_tuning._BodyParts()
+    chunk = b"abc" * 1000
+    parts += chunk
+    assert len(parts) == 3000 and parts.take() is chunk  # one chunk: handed over, not copied
+    parts += b"xyz"
+    assert parts.take() == chunk + b"xyz"

@@ -1,6 +1,7 @@
 """Wire format: round trips for every dtype and one distinct rejection per failure mode."""
 from __future__ import annotations
 
+import math
 import hashlib
 import json
 import struct
@@ -508,3 +509,10 @@ def test_wire_and_bundle_never_import_tensorflow() -> None:
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+def test_decoded_payload_carries_its_float64_norm(dtype: str) -> None:
+    payload = wire.decode(wire.encode(random_tensors(TINY), TINY, dtype=dtype), TINY)
+    exact = math.sqrt(math.fsum(float(v) ** 2 for t in payload.tensors for v in t.ravel()))
+    assert payload.norm == pytest.approx(exact, rel=1e-7)
