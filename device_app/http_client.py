@@ -34,7 +34,6 @@ ROUTES = {
     "upload": f"{API}/rounds/{{round_id}}/update",
     "eval_report": f"{API}/rounds/{{round_id}}/eval",
     "round": f"{API}/rounds/{{round_id}}",
-    "metrics": "/metrics",
 }
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 RequestHook = Callable[[httpx.Request], None]
@@ -267,39 +266,10 @@ class ServerAPI:
         return self._request("GET", ROUTES["round"].format(round_id=round_id)).json()
 
     def privacy(self) -> dict[str, Any]:
-        """The population privacy guarantee the server reports: {"epsilon", "delta", "dp_mode"}.
-
-        Read from the model info when the server puts it there ("privacy" object or "epsilon"),
-        else from the public Prometheus gauges fk_epsilon / fk_dp_delta on /metrics."""
+        """The population privacy guarantee the server reports in the model info: {"epsilon", "delta",
+        "dp_mode", "accountant", ...}; {"dp_mode": ...} alone when it reports none."""
         info = self.model_info()
-        out: dict[str, Any] = {"dp_mode": info.get("dp_mode")}
-        if isinstance(info.get("privacy"), dict):
-            return {**out, **info["privacy"]}
-        if "epsilon" in info:
-            return {**out, "epsilon": info.get("epsilon"), "delta": info.get("delta")}
-        text = self._request("GET", ROUTES["metrics"]).text
-        gauges = parse_prometheus(text)
-        if "fk_epsilon" in gauges:
-            out["epsilon"] = gauges["fk_epsilon"]
-        if "fk_dp_delta" in gauges:
-            out["delta"] = gauges["fk_dp_delta"]
-        return out
-
-
-def parse_prometheus(text: str) -> dict[str, float]:
-    """Unlabelled samples of a Prometheus text exposition: {name: value}."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "{" in line:
-            continue
-        parts = line.split()
-        if len(parts) >= 2:
-            try:
-                out[parts[0]] = float(parts[1])
-            except ValueError:
-                continue
-    return out
+        return {"dp_mode": info.get("dp_mode"), **(info.get("privacy") or {})}
 
 
 def _error_of(response: httpx.Response) -> ServerError:

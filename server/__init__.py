@@ -45,7 +45,8 @@ HTTP API (all bodies JSON unless noted; auth = "Authorization: Bearer <token>")
 POST /v1/devices/register      none    {"registration_key"?}          201 {device_id, token, global_version, config_hash}
 GET  /v1/model/info            device  -                              {config, config_hash, vocab_hash, vocab_size,
                                                                        num_parameters, global_version, candidate_version,
-                                                                       dp_mode, upload_dtypes, max_upload_bytes, ...}
+                                                                       dp_mode, upload_dtypes, max_upload_bytes, privacy:
+                                                                       {epsilon, delta, accountant, dp_rounds, ...}}
 GET  /v1/model/vocab           device  -                              models.vocab JSON; ETag = vocab hash, 304 on match
 GET  /v1/models/current        device  -                              wire bytes (kind weights); ETag, X-Model-Version; 304
 GET  /v1/models/{version}      device  -                              same, any stored version (candidates too), immutable

@@ -232,14 +232,16 @@ def create_app(config: ServerConfig, manager: RoundManager | None = None) -> Fas
 
     @app.get("/v1/model/info", tags=["device"])
     def model_info(_: str = Depends(anyone)) -> dict[str, Any]:
-        """The deployment's model config and vocabulary hash, the global and candidate versions."""
+        """The deployment's model config and vocabulary hash, the global and candidate versions, and the
+        population privacy guarantee of the global model (epsilon, delta, accountant, DP settings)."""
         manager._require_initialized()
         return {"config": manager.model_config.to_dict(), "config_hash": manager.model_config.config_hash(),
                 "num_parameters": manager.dim, "vocab_hash": manager.vocab.content_hash(),
                 "vocab_size": len(manager.vocab), "global_version": manager.global_version(),
                 "candidate_version": manager.candidate_version(), "dp_mode": config.dp_mode,
                 "training_enabled": manager.training_enabled(), "upload_dtypes": list(config.upload_dtypes),
-                "max_upload_bytes": manager.max_upload_bytes, "secure_aggregation": config.secure_aggregation}
+                "max_upload_bytes": manager.max_upload_bytes, "secure_aggregation": config.secure_aggregation,
+                "privacy": manager.privacy_report()}
 
     @app.get("/v1/model/vocab", tags=["device"])
     def model_vocab(request: Request, _: str = Depends(anyone)) -> Response:

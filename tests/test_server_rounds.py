@@ -153,6 +153,9 @@ def test_dp_round_uniform_average_and_epsilon(server_factory):
     assert privacy["epsilon"] == pytest.approx(expected_eps, rel=1e-9) and privacy["dp_rounds"] == 1
     pld = srv.admin_get("/v1/admin/privacy", params={"accountant": "pld"})
     assert 0 < pld["epsilon"] <= privacy["epsilon"] * 1.05
+    seen_by_device = d.client.get("/v1/model/info").json()["privacy"]  # what devices show their users
+    assert seen_by_device["epsilon"] == pytest.approx(expected_eps, rel=1e-9)
+    assert seen_by_device["delta"] == privacy["delta"] and seen_by_device["dp_rounds"] == 1
 
 
 def test_central_dp_adds_seeded_noise_to_the_sum(server_factory):
