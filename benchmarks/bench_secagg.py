@@ -74,7 +74,7 @@ def run_one(workdir: Path, preset_name: str, n: int, mode: str, deltas: list[np.
             "--secagg-stage-s", "600", "--tick-s", "0.05", "--upload-dtypes", "float32"]
     if mode == "secagg":
         args += ["--secure-aggregation", "secagg", "--secagg-neighbors", str(neighbors if neighbors < n - 1 else 0)]
-    srv = ServerProcess(workdir / name, args, workdir / f"{name}.log").start()
+    srv = ServerProcess(workdir / name, args, workdir / f"{name}.log").start().wait_warm()
     try:
         client = httpx.Client(base_url=srv.url, timeout=httpx.Timeout(600.0, connect=30.0),
                               limits=httpx.Limits(max_connections=n + 16, max_keepalive_connections=n + 16))

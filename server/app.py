@@ -202,7 +202,8 @@ def create_app(config: ServerConfig, manager: RoundManager | None = None) -> Fas
     # ------------------------------------------------------------------ public
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict[str, Any]:
-        return {"status": "ok", "initialized": manager.initialized, "global_version": manager.global_version()}
+        return {"status": "ok", "initialized": manager.initialized, "global_version": manager.global_version(),
+                "warm": manager.warm.is_set()}
 
     @app.get("/metrics", tags=["ops"], response_class=Response)
     def metrics_endpoint(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Response:

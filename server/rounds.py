@@ -70,6 +70,7 @@ class RoundManager:
         self.lock = threading.RLock()
         self._states: dict[int, Any] = {}  # round id -> strategy state (e.g. the running sum)
         self._in_flight: dict[int, int] = {}  # round id -> accepted updates still being added to its state
+        self.warm = threading.Event()  # set once start-up imports are done (see recover); /healthz reports it
         self._accepting = threading.Condition(threading.Lock())
         self._blobs: collections.OrderedDict[int, tuple[bytes, str]] = collections.OrderedDict()
         self._weights_cache: tuple[int, np.ndarray] | None = None
@@ -921,7 +922,15 @@ class RoundManager:
         """At start: drop unreferenced files; rounds left aggregating are picked up by the worker."""
         if self.config.dp_mode != "none":
             # dp_accounting (and scipy) take a second or two to import: do it now, not in the first aggregation.
-            threading.Thread(target=lambda: __import__("dp_accounting"), name="dp-import", daemon=True).start()
+            def warm_up() -> None:
+                try:
+                    __import__("dp_accounting")
+                finally:
+                    self.warm.set()
+
+            threading.Thread(target=warm_up, name="dp-import", daemon=True).start()
+        else:
+            self.warm.set()
         with self.lock:
             live = self.db.live_model_files() | self.db.live_update_files()
             removed = self.store.collect_garbage(live)

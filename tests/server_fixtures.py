@@ -66,6 +66,15 @@ class ServerProcess:
         self.stop()
         raise RuntimeError(f"server did not become healthy in {timeout}s:\n{self.log()}")
 
+    def wait_warm(self, timeout: float = 60.0) -> "ServerProcess":
+        """Wait until the server's start-up imports are done (/healthz "warm"), e.g. before timing it."""
+        deadline = time.monotonic() + timeout
+        while not httpx.get(self.url + "/healthz", timeout=5.0).json().get("warm"):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not warm after {timeout}s")
+            time.sleep(0.05)
+        return self
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

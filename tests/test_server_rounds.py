@@ -124,6 +124,7 @@ def test_dp_round_uniform_average_and_epsilon(server_factory):
     clip, z, goal = 1.0, 1.0, 3
     srv = server_factory("--round-goal", str(goal), "--min-count", str(goal), "--dp-mode", "distributed",
                          "--clip-norm", str(clip), "--noise-multiplier", str(z), "--deadline-s", "60")
+    srv.wait_warm()  # /healthz turns "warm" once the accountant's start-up import is done
     _, base = srv.model()
     devices = [srv.device() for _ in range(4)]  # population 4 (one never trains)
     tasks = [d.task() for d in devices[:goal]]
