@@ -76,6 +76,7 @@ class FleetReport:
     train_seconds: float = 0.0
     upload_bytes: int = 0
     errors: list[str] = field(default_factory=list)
+    interrupted: bool = False  # stopped by Ctrl-C before its rounds / duration were done
 
     @property
     def rounds_advanced(self) -> int:
@@ -103,6 +104,7 @@ class FleetReport:
             "train_seconds": round(self.train_seconds, 2),
             "upload_mb": round(self.upload_bytes / 1e6, 2),
             "errors": self.errors[:20],
+            "interrupted": self.interrupted,
             "config": self.config,
         }
 
@@ -316,8 +318,15 @@ class Fleet:
         watcher.start()
         with ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="fleet") as pool:
             futures = [pool.submit(self._worker, heap, heap_lock, deadline) for _ in range(cfg.workers)]
-            for f in futures:
-                f.result()
+            try:
+                for f in futures:
+                    f.result()
+            except KeyboardInterrupt:  # Ctrl-C: stop every worker after its current step, report what ran
+                self._stop.set()
+                self.report.interrupted = True
+                self.on_event("interrupted: stopping the devices after their current step")
+                for f in futures:
+                    f.exception()
         self._stop.set()
         watcher.join(5.0)
         self.report.seconds = time.monotonic() - start

@@ -74,3 +74,42 @@ def test_fleet_cli_with_chitchat_users(tmp_path: Path) -> None:
         assert summary["rounds_advanced"] >= 1 and summary["uploads"] >= 3 and not summary["errors"]
     finally:
         srv.stop()
+
+
+@pytest.mark.slow
+def test_fleet_cli_stops_promptly_on_ctrl_c(tmp_path: Path) -> None:
+    """Ctrl-C in the middle of a long fleet run stops the devices and still writes the report."""
+    import os
+    import signal
+    import time
+
+    from models.data import load_dataset
+
+    srv = _server(tmp_path, load_dataset("chitchat").all_train_sentences()[:20_000], "--round-goal", "3",
+                  "--min-count", "3")
+    try:
+        out = tmp_path / "fleet.json"
+        cmd = [sys.executable, "-m", "device_app", "--headless", "--fleet", "4", "--dataset", "chitchat", "--server",
+               srv.url, "--duration", "600", "--step", "0.2", "--max-wait", "1", "--json-out", str(out)]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        try:
+            lines = []
+            for line in proc.stdout:
+                lines.append(line)
+                if "devices ready" in line:
+                    break
+            assert proc.poll() is None, "".join(lines)[-3000:]
+            time.sleep(3.0)  # let the devices get going
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            rest, _ = proc.communicate(timeout=60)
+            assert time.monotonic() - t0 < 45, "the fleet kept running after Ctrl-C"
+            assert proc.returncode == 0, (("".join(lines) + rest)[-3000:])
+            summary = json.loads(out.read_text())
+            assert summary["interrupted"] is True and summary["seconds"] < 300
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    finally:
+        srv.stop()
