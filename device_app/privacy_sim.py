@@ -64,6 +64,23 @@ class TamperTransport(httpx.BaseTransport):
         self.inner.close()
 
 
+class Lockstep:
+    """Holds every device before each message it sends until all have computed theirs.
+
+    For benchmarks on one machine: the devices' compute (which a real fleet does in parallel, one
+    phone each) then never overlaps the server's handling of a stage, so a stage's server-side time
+    is measured cleanly from `released[label]` (when the last device finished computing) to the
+    stage's close, and each device's compute is measured on its own (thread CPU time)."""
+
+    def __init__(self, n: int, timeout: float = 600.0) -> None:
+        self._barrier = threading.Barrier(n, timeout=timeout)
+        self.released: dict[str, float] = {}  # message label -> wall clock (time.time) when all were ready
+
+    def sync(self, label: str) -> None:
+        if self._barrier.wait() == 0:
+            self.released.setdefault(label, time.time())
+
+
 @dataclass
 class SimResult:
     device_id: str
@@ -100,7 +117,7 @@ class SimDevice:
     def run(self, delta: np.ndarray, *, drop_after: str | None = None, corrupt_masked: bool = False,
             config: ModelConfig | None = None, num_examples: int = 10,
             before_finish: Callable[[], None] | None = None,
-            before_upload: Callable[[], None] | None = None) -> SimResult:
+            before_upload: Callable[[], None] | None = None, lockstep: Lockstep | None = None) -> SimResult:
         """The device side of the task's protocol on `delta` (flat float32)."""
         t0 = time.perf_counter()
         task = self.task
@@ -110,7 +127,8 @@ class SimDevice:
         meta = {"num_examples": num_examples, "metrics": {"loss": 1.0}}
         try:
             if params.get("protocol") == "secagg":
-                return self._run_secagg(task, delta, meta, drop_after, corrupt_masked, t0, before_finish, before_upload)
+                return self._run_secagg(task, delta, meta, drop_after, corrupt_masked, t0, before_finish, before_upload,
+                                        lockstep)
             if params.get("protocol") == "paillier":
                 answer = self.paillier.submit(self.api, task, [delta], meta)
                 return SimResult(self.device_id, "uploaded", quantized=self.paillier.last["quantized"],
@@ -124,6 +142,8 @@ class SimDevice:
             c0 = time.thread_time()
             blob = wire.encode(tensors, config, kind="delta", model_version=task.base_version, metadata=meta)
             encode_s = time.thread_time() - c0
+            if lockstep is not None:
+                lockstep.sync("update")
             self.api.upload_update(task.round_id, blob, url=task.upload_url)
             return SimResult(self.device_id, "uploaded", timings={"encode_s": encode_s},
                              seconds=time.perf_counter() - t0, bytes=len(blob))
@@ -134,12 +154,14 @@ class SimDevice:
 
     def _run_secagg(self, task: Task, delta: np.ndarray, meta: dict[str, Any], drop_after: str | None,
                     corrupt: bool, t0: float, before_finish: Callable[[], None] | None = None,
-                    before_upload: Callable[[], None] | None = None) -> SimResult:
+                    before_upload: Callable[[], None] | None = None, lockstep: Lockstep | None = None) -> SimResult:
         hook = self.secagg
         hook.register(self.api)
         from device_app.secagg import SecAggSession, _wait
 
         s = SecAggSession(task.secure_aggregation, self.device_id, hook.identity, hook.pins, 2, task.deadline)
+        if lockstep is not None:
+            s.before_post = lambda url: lockstep.sync(url.rstrip("/").rsplit("/", 1)[-1])
         s.advertise(self.api)
         if drop_after == "advertise":
             return SimResult(self.device_id, "dropped", "after advertising keys")
@@ -159,6 +181,8 @@ class SimDevice:
                                     bits=s.q.bits, metadata=meta)
         if before_upload is not None:
             before_upload()
+        if lockstep is not None:
+            lockstep.sync("masked_input")
         for attempt in range(100):  # a server restarting: the same bytes again until it answers
             try:
                 self.api.post_bytes(s.urls["masked_input"], blob)
@@ -180,8 +204,10 @@ class SimDevice:
 def run_round(devices: Sequence[SimDevice], deltas: Sequence[np.ndarray], *, drop_after: dict[int, str] | None = None,
               corrupt: Sequence[int] = (), config: ModelConfig | None = None, timeout: float = 600.0,
               before_finish: Callable[[], None] | None = None,
-              before_upload: dict[int, Callable[[], None]] | None = None) -> list[SimResult]:
-    """Check every device in (in order), then run them all at once, one thread each."""
+              before_upload: dict[int, Callable[[], None]] | None = None,
+              lockstep: Lockstep | None = None) -> list[SimResult]:
+    """Check every device in (in order), then run them all at once, one thread each (in `lockstep`,
+    if given: no device may drop out then)."""
     drop_after = drop_after or {}
     for d in devices:
         if d.checkin() is None:
@@ -192,7 +218,7 @@ def run_round(devices: Sequence[SimDevice], deltas: Sequence[np.ndarray], *, dro
         try:
             results[i] = devices[i].run(deltas[i], drop_after=drop_after.get(i), corrupt_masked=i in corrupt,
                                         config=config, before_finish=before_finish,
-                                        before_upload=(before_upload or {}).get(i))
+                                        before_upload=(before_upload or {}).get(i), lockstep=lockstep)
         except Exception as exc:  # noqa: BLE001 - reported per device
             results[i] = SimResult(devices[i].device_id, "failed", f"{exc.__class__.__name__}: {exc}")
 
@@ -205,4 +231,4 @@ def run_round(devices: Sequence[SimDevice], deltas: Sequence[np.ndarray], *, dro
             for i, r in enumerate(results)]
 
 
-__all__ = ["SimDevice", "SimResult", "TamperTransport", "run_round", "ELIGIBLE"]
+__all__ = ["Lockstep", "SimDevice", "SimResult", "TamperTransport", "run_round", "ELIGIBLE"]

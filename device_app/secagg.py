@@ -39,7 +39,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -200,6 +200,9 @@ class SecAggSession:
         self.quantized: np.ndarray | None = None
         self.masked_sha256: str | None = None
         self.timings: dict[str, float] = {}
+        # Called with the URL just before each message is posted (benchmarks hold every device there
+        # until all have computed theirs: see device_app.privacy_sim.Lockstep).
+        self.before_post: Callable[[str], None] | None = None
 
     def _timed(self, key: str, t0: float) -> None:
         """CPU seconds of this thread since t0 (thread_time: waiting for the GIL or the network is not counted)."""
@@ -216,6 +219,8 @@ class SecAggSession:
     def _post(self, api: Any, url: str, body: dict[str, Any]) -> dict[str, Any]:
         from device_app.http_client import ServerError
 
+        if self.before_post is not None:
+            self.before_post(url)
         try:
             return api.post_json(url, body)
         except ServerError as exc:
@@ -333,8 +338,11 @@ class SecAggSession:
         if self.me not in u3 or not set(u3) <= set(self.u2) or len(u3) < self.t:
             raise SecAggError("bad_u3", "the survivor set is inconsistent (or leaves this device out)")
         self.u3 = u3
+        t0 = time.thread_time()
         msg = sm.consistency_message(self.session, self.rid, u3)
-        self._post(api, self.urls["consistency"], {"signature": sm.b64(self.identity.sign(msg))})
+        signature = sm.b64(self.identity.sign(msg))
+        self._timed("consistency_compute_s", t0)
+        self._post(api, self.urls["consistency"], {"signature": signature})
         answer = _wait(api, self.urls["consistency"], self.give_up)
         t0 = time.thread_time()
         if sorted(answer.get("u3") or []) != u3:

@@ -95,6 +95,26 @@ def test_secure_sum_equals_plain_sum_exactly(srv: ServerProcess) -> None:
         d.close()
 
 
+def test_lockstep_round_is_exact_and_times_every_message(srv: ServerProcess) -> None:
+    """The benchmark's lockstep mode (every device computes a message before any sends it) runs the
+    same protocol: the exact sum, and one release time per message, in protocol order."""
+    from device_app.privacy_sim import Lockstep
+
+    _, base = srv.model()
+    devs = _devices(srv, seed=11)
+    step = Lockstep(N, timeout=60)
+    results = run_round(devs, _deltas(N, 11), lockstep=step)
+    assert [x.status for x in results] == ["uploaded"] * N, [x.detail for x in results]
+    _check_exact(srv, devs, results, list(range(N)), base)
+    labels = ["advertise_keys", "share_keys", "masked_input", "consistency", "unmasking"]
+    assert list(step.released) == labels
+    times = [step.released[k] for k in labels]
+    assert times == sorted(times)
+    assert all(x.timings.get("consistency_compute_s", 0) > 0 for x in results)
+    for d in devs:
+        d.close()
+
+
 def test_dropouts_within_threshold_still_give_the_exact_sum(srv: ServerProcess) -> None:
     _, base = srv.model()
     devs = _devices(srv, seed=100)
