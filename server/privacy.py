@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import Depends, Query, Request
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
@@ -184,7 +185,9 @@ def add_routes(app, manager, auth, config) -> None:
             if wait > 0:
                 await sa.waiters.wait(round_id, lambda: ready(round_id) or _round_over(round_id),
                                       min(wait, MAX_WAIT_S))
-            return await run_in_threadpool(fn, device_id, round_id)
+            # plain JSON: views hold long lists of plain strings and ints, which FastAPI's generic
+            # encoder would walk value by value for every one of the cohort's requests
+            return JSONResponse(await run_in_threadpool(fn, device_id, round_id))
         return get
 
     def _round_over(round_id: int) -> bool:

@@ -222,6 +222,9 @@ class SecAggCoordinator:
         self._timers: dict[int, dict[str, float]] = {}
         self._finishing: set[int] = set()
         self._graphs: dict[int, tuple[Any, dict[str, list[str]]]] = {}
+        # Parts of stage views that no longer change once their stage closed (the cohort's keys, the
+        # consistency signatures): built once per round and handed to every device, not re-read per request.
+        self._frozen: dict[tuple[str, int], Any] = {}
         self.waiters = Waiters()
 
     # ------------------------------------------------------------------ rows
@@ -433,13 +436,15 @@ class SecAggCoordinator:
         self._raise_if_failed(rnd, row)
         if STAGES.index(row["stage"]) <= STAGES.index("advertise"):
             return {"ready": False, "stage": row["stage"]}
-        keys = {r["device_id"]: r for r in self.db.all("SELECT * FROM secagg_keys WHERE round_id = ?", (rid,))}
-        idents = {r["device_id"]: r["public_key"] for r in self.db.all(
-            "SELECT device_id, public_key FROM device_identity WHERE device_id IN (SELECT device_id FROM secagg_keys"
-            " WHERE round_id = ?)", (rid,))}
-        participants = [{"device_id": u, "index": i + 1, "c_pk": keys[u]["c_pk"], "s_pk": keys[u]["s_pk"],
-                         "signature": keys[u]["signature"], "identity_key": idents.get(u)}
-                        for i, u in enumerate(row["u1"])]
+        participants = self._frozen.get(("keys", rid))
+        if participants is None:  # U1's keys are fixed from the close of the advertise stage on
+            keys = {r["device_id"]: r for r in self.db.all("SELECT * FROM secagg_keys WHERE round_id = ?", (rid,))}
+            idents = {r["device_id"]: r["public_key"] for r in self.db.all(
+                "SELECT device_id, public_key FROM device_identity WHERE device_id IN (SELECT device_id FROM"
+                " secagg_keys WHERE round_id = ?)", (rid,))}
+            participants = self._frozen[("keys", rid)] = [
+                {"device_id": u, "index": i + 1, "c_pk": keys[u]["c_pk"], "s_pk": keys[u]["s_pk"],
+                 "signature": keys[u]["signature"], "identity_key": idents.get(u)} for i, u in enumerate(row["u1"])]
         return {"ready": True, "stage": row["stage"], "session": row["session"], "threshold": row["threshold"],
                 "neighbors": row["graph_k"], "graph_seed": row["graph_seed"], "participants": participants}
 
@@ -720,8 +725,11 @@ class SecAggCoordinator:
         self._raise_if_failed(rnd, row)
         if STAGES.index(row["stage"]) <= STAGES.index("consistency"):
             return {"ready": False, "stage": row["stage"]}
-        sigs = [{"device_id": r["device_id"], "signature": r["signature"]} for r in self.db.all(
-            "SELECT device_id, signature FROM secagg_consistency WHERE round_id = ? ORDER BY device_id", (rid,))]
+        sigs = self._frozen.get(("signatures", rid))
+        if sigs is None:  # fixed from the close of the consistency stage on
+            sigs = self._frozen[("signatures", rid)] = [
+                {"device_id": r["device_id"], "signature": r["signature"]} for r in self.db.all(
+                    "SELECT device_id, signature FROM secagg_consistency WHERE round_id = ? ORDER BY device_id", (rid,))]
         return {"ready": True, "stage": row["stage"], "u3": row["u3"], "signatures": sigs}
 
     # ------------------------------------------------------------------ stage 5: unmasking
@@ -957,6 +965,8 @@ class SecAggCoordinator:
                 self._update(rid, cleaned=1, sum_file=None, result_file=None)
             self._sums.pop(rid, None)
             self._graphs.pop(rid, None)
+            self._frozen.pop(("keys", rid), None)
+            self._frozen.pop(("signatures", rid), None)
             self._batches.pop(rid, None)
             self._timers.pop(rid, None)
         for rel in (row["sum_file"], row["result_file"]):
