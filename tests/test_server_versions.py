@@ -177,7 +177,7 @@ def test_status_page_metrics_and_openapi(server_factory):
     for path in ("/v1/checkin", "/v1/rounds/{round_id}/update", "/v1/models/{version}", "/v1/admin/rollback",
                  "/healthz", "/metrics", "/status"):
         assert path in spec["paths"], path
-    assert anon.get("/healthz").json() == {"status": "ok", "initialized": True, "global_version": 3}
+    assert anon.get("/healthz").json() == {"status": "ok", "initialized": True, "global_version": 3, "warm": True}
 
 
 def test_uninitialised_server_and_admin_init(server_factory):
