@@ -249,18 +249,24 @@ class ServerAPI:
 
     # ------------------------------------------------------------------ privacy protocols (device_app/secagg.py)
 
-    def get_json(self, path: str, params: dict[str, Any] | None = None, timeout: float | None = None) -> dict[str, Any]:
+    @staticmethod
+    def _options(params: dict[str, Any] | None, timeout: float | None) -> dict[str, Any]:
         kw: dict[str, Any] = {"params": params} if params else {}
         if timeout is not None:
             kw["timeout"] = httpx.Timeout(timeout, connect=5.0)
-        return self._request("GET", path, **kw).json()
+        return kw
 
-    def post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self._request("POST", path, json=body, ok=(200, 201)).json()
+    def get_json(self, path: str, params: dict[str, Any] | None = None, timeout: float | None = None) -> dict[str, Any]:
+        return self._request("GET", path, **self._options(params, timeout)).json()
 
-    def post_bytes(self, path: str, blob: bytes) -> dict[str, Any]:
+    def post_json(self, path: str, body: dict[str, Any], params: dict[str, Any] | None = None,
+                  timeout: float | None = None) -> dict[str, Any]:
+        return self._request("POST", path, json=body, ok=(200, 201), **self._options(params, timeout)).json()
+
+    def post_bytes(self, path: str, blob: bytes, params: dict[str, Any] | None = None,
+                   timeout: float | None = None) -> dict[str, Any]:
         return self._request("POST", path, content=blob, headers={"Content-Type": "application/octet-stream"},
-                             ok=(200, 201)).json()
+                             ok=(200, 201), **self._options(params, timeout)).json()
 
     def round_info(self, round_id: int) -> dict[str, Any]:
         return self._request("GET", ROUTES["round"].format(round_id=round_id)).json()

@@ -72,13 +72,16 @@ class Lockstep:
     is measured cleanly from `released[label]` (when the last device finished computing) to the
     stage's close, and each device's compute is measured on its own (thread CPU time)."""
 
-    def __init__(self, n: int, timeout: float = 600.0) -> None:
+    def __init__(self, n: int, timeout: float = 600.0, on_release: Callable[[str], None] | None = None) -> None:
         self._barrier = threading.Barrier(n, timeout=timeout)
+        self._on_release = on_release  # e.g. to read the server's CPU clock at each release
         self.released: dict[str, float] = {}  # message label -> wall clock (time.time) when all were ready
 
     def sync(self, label: str) -> None:
-        if self._barrier.wait() == 0:
-            self.released.setdefault(label, time.time())
+        if self._barrier.wait() == 0 and label not in self.released:
+            if self._on_release is not None:
+                self._on_release(label)
+            self.released[label] = time.time()
 
 
 @dataclass
@@ -157,7 +160,7 @@ class SimDevice:
                     before_upload: Callable[[], None] | None = None, lockstep: Lockstep | None = None) -> SimResult:
         hook = self.secagg
         hook.register(self.api)
-        from device_app.secagg import SecAggSession, _wait
+        from device_app.secagg import SecAggSession
 
         s = SecAggSession(task.secure_aggregation, self.device_id, hook.identity, hook.pins, 2, task.deadline)
         if lockstep is not None:
@@ -165,11 +168,11 @@ class SimDevice:
         s.advertise(self.api)
         if drop_after == "advertise":
             return SimResult(self.device_id, "dropped", "after advertising keys")
-        s.receive_keys(_wait(self.api, s.urls["advertise_keys"], s.give_up))
-        s.share(self.api)
+        s.receive_keys(s.wait_stage(self.api, s.urls["advertise_keys"]))
+        s.share(self.api, wait_next=True)  # no training here: nothing to do until every device shared
         if drop_after == "share":
             return SimResult(self.device_id, "dropped", "after sharing keys")
-        s.receive_shares(_wait(self.api, s.urls["share_keys"], s.give_up))
+        s.receive_shares(s.wait_stage(self.api, s.urls["share_keys"]))
         blob = s.masked_blob(delta, meta, self.rng)
         header, y, _ = sm.decode_masked(blob, bits=s.q.bits, dim=delta.size)
         masked = np.array(y)
@@ -181,11 +184,9 @@ class SimDevice:
                                     bits=s.q.bits, metadata=meta)
         if before_upload is not None:
             before_upload()
-        if lockstep is not None:
-            lockstep.sync("masked_input")
         for attempt in range(100):  # a server restarting: the same bytes again until it answers
             try:
-                self.api.post_bytes(s.urls["masked_input"], blob)
+                s.post_masked(self.api, blob, announce=attempt == 0)
                 break
             except Offline:
                 time.sleep(0.2)

@@ -149,7 +149,10 @@ class PeerPins:
 # =========================================================================== SecAgg device session
 
 
-def _wait(api: Any, url: str, give_up: float, poll_s: float = 20.0) -> dict[str, Any]:
+POLL_S = 20.0  # longest single long-poll (the server caps it too)
+
+
+def _wait(api: Any, url: str, give_up: float, poll_s: float = POLL_S) -> dict[str, Any]:
     """Long-poll a stage until it is ready; SecAggError if the round failed or time ran out."""
     from device_app.http_client import Offline, ServerError
 
@@ -203,6 +206,7 @@ class SecAggSession:
         # Called with the URL just before each message is posted (benchmarks hold every device there
         # until all have computed theirs: see device_app.privacy_sim.Lockstep).
         self.before_post: Callable[[str], None] | None = None
+        self._next: dict[str, dict[str, Any]] = {}  # url -> stage view the server sent with a message's answer
 
     def _timed(self, key: str, t0: float) -> None:
         """CPU seconds of this thread since t0 (thread_time: waiting for the GIL or the network is not counted)."""
@@ -213,18 +217,48 @@ class SecAggSession:
         t0 = time.thread_time()
         sig = self.identity.sign(sm.advertise_message(self.session, self.rid, self.me, self.c_pk, self.s_pk))
         self._post(api, self.urls["advertise_keys"],
-                   {"c_pk": sm.b64(self.c_pk), "s_pk": sm.b64(self.s_pk), "signature": sm.b64(sig)})
+                   {"c_pk": sm.b64(self.c_pk), "s_pk": sm.b64(self.s_pk), "signature": sm.b64(sig)}, wait_next=True)
         self._timed("advertise_compute_s", t0)
 
-    def _post(self, api: Any, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _wait_options(self) -> dict[str, Any]:
+        wait = min(POLL_S, max(0.0, self.give_up - time.time()))
+        return {"params": {"wait": wait}, "timeout": wait + 15.0}
+
+    def _keep_next(self, url: str, answer: dict[str, Any]) -> dict[str, Any]:
+        nxt = answer.get("next")
+        if isinstance(nxt, dict) and nxt.get("ready"):
+            self._next[url] = nxt
+        return answer
+
+    def _post(self, api: Any, url: str, body: dict[str, Any], wait_next: bool = False) -> dict[str, Any]:
+        """POST a message; with wait_next the server holds the answer until the stage's view is ready and
+        sends it along (one round trip per stage instead of a POST and a long-poll GET)."""
         from device_app.http_client import ServerError
 
         if self.before_post is not None:
             self.before_post(url)
         try:
-            return api.post_json(url, body)
+            return self._keep_next(url, api.post_json(url, body, **(self._wait_options() if wait_next else {})))
         except ServerError as exc:
             raise SecAggError(exc.reason, exc.detail) from None
+
+    def post_masked(self, api: Any, blob: bytes, announce: bool = True) -> dict[str, Any]:
+        """Upload the masked vector (the answer carries the survivor set once the stage closed);
+        announce=False for a retry of the same bytes (before_post already ran for them)."""
+        from device_app.http_client import ServerError
+
+        url = self.urls["masked_input"]
+        if announce and self.before_post is not None:
+            self.before_post(url)
+        try:
+            return self._keep_next(url, api.post_bytes(url, blob, **self._wait_options()))
+        except ServerError as exc:
+            raise SecAggError(exc.reason, exc.detail) from None
+
+    def wait_stage(self, api: Any, url: str) -> dict[str, Any]:
+        """The stage view for `url`: the one the server sent with the message's answer, else long-poll."""
+        nxt = self._next.pop(url, None)
+        return nxt if nxt is not None else _wait(api, url, self.give_up)
 
     def receive_keys(self, answer: dict[str, Any]) -> None:
         """Verify the cohort the server announces: the keys of every device this one will mask with or
@@ -279,7 +313,9 @@ class SecAggSession:
         self.t = t
         self._timed("verify_keys_s", t0)
 
-    def share(self, api: Any) -> None:
+    def share(self, api: Any, wait_next: bool = False) -> None:
+        """Send the encrypted shares; wait_next when nothing else is to be done before the others have
+        (a device that trains next does not wait)."""
         t0 = time.thread_time()
         mine = self.graph[self.me]
         xs = [self.index[v] for v in mine] + [self.index[self.me]]
@@ -293,11 +329,11 @@ class SecAggSession:
             out.append({"to": v, "ct": sm.b64(ct)})
         body = {"shares": out, "b_commitment": sm.commitment(self.session, self.rid, self.me, self.b)}
         self._timed("share_compute_s", t0)
-        self._post(api, self.urls["share_keys"], body)
+        self._post(api, self.urls["share_keys"], body, wait_next=wait_next)
 
     def begin(self, api: Any) -> None:
         self.advertise(api)
-        self.receive_keys(_wait(api, self.urls["advertise_keys"], self.give_up))
+        self.receive_keys(self.wait_stage(api, self.urls["advertise_keys"]))
         self.share(api)
 
     # ------------------------------------------------------------------ after training
@@ -333,7 +369,7 @@ class SecAggSession:
 
     def finish(self, api: Any) -> None:
         """Consistency check and unmasking (after the masked input was accepted)."""
-        answer = _wait(api, self.urls["masked_input"], self.give_up)
+        answer = self.wait_stage(api, self.urls["masked_input"])
         u3 = sorted(answer.get("u3") or [])
         if self.me not in u3 or not set(u3) <= set(self.u2) or len(u3) < self.t:
             raise SecAggError("bad_u3", "the survivor set is inconsistent (or leaves this device out)")
@@ -342,8 +378,8 @@ class SecAggSession:
         msg = sm.consistency_message(self.session, self.rid, u3)
         signature = sm.b64(self.identity.sign(msg))
         self._timed("consistency_compute_s", t0)
-        self._post(api, self.urls["consistency"], {"signature": signature})
-        answer = _wait(api, self.urls["consistency"], self.give_up)
+        self._post(api, self.urls["consistency"], {"signature": signature}, wait_next=True)
+        answer = self.wait_stage(api, self.urls["consistency"])
         t0 = time.thread_time()
         if sorted(answer.get("u3") or []) != u3:
             raise SecAggError("inconsistent_u3", "the server showed other devices another survivor set")
@@ -438,15 +474,10 @@ class SecAggHook:
         if session is None:
             raise SecAggError("no_session", "begin() was not run for this round")
         try:
-            session.receive_shares(_wait(api, session.urls["share_keys"], session.give_up))
+            session.receive_shares(session.wait_stage(api, session.urls["share_keys"]))
             flat = np.concatenate([np.asarray(t, np.float32).reshape(-1) for t in tensors])
             blob = session.masked_blob(flat, metadata, self.rng)
-            try:
-                from device_app.http_client import ServerError
-
-                answer = api.post_bytes(session.urls["masked_input"], blob)
-            except ServerError as exc:
-                raise SecAggError(exc.reason, exc.detail) from None
+            answer = session.post_masked(api, blob)
             session.masked_sha256 = answer.get("payload_sha256")
             session.finish(api)
             return {**answer, "bytes": len(blob), "protocol": self.name, "timings": dict(session.timings)}

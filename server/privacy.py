@@ -30,7 +30,7 @@ Routes added to the app (auth: device = device bearer token, admin = admin token
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from fastapi import Depends, Query, Request
@@ -122,7 +122,9 @@ def add_routes(app, manager, auth, config) -> None:
     def _header(creds: HTTPAuthorizationCredentials | None) -> str | None:
         return f"{creds.scheme} {creds.credentials}" if creds else None
 
-    def device(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
+    async def device(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
+        # on the event loop (one indexed SQLite read), not a thread hop per request: every privacy
+        # route is a small message from each device of a cohort
         return auth.require_device(_header(creds))
 
     def admin(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
@@ -161,13 +163,32 @@ def add_routes(app, manager, auth, config) -> None:
     views = {"advertise_keys": sa.keys_view, "share_keys": sa.shares_view, "masked_input": sa.survivors_view,
              "consistency": sa.signatures_view, "unmasking": sa.result_view}
 
-    def _make_post(fn):
-        async def post(round_id: int, request: Request, device_id: str = Depends(device)) -> dict[str, Any]:
+    async def _with_next(answer: dict[str, Any], name: str, round_id: int, device_id: str, wait: float) -> Any:
+        """With ?wait=S, an accepted message's answer also carries the stage view the device asks for
+        next ("next"), once it is ready (long-poll, at most S seconds): one request per stage instead of
+        a POST and a GET. Without it, or if the view is not ready in time, the device GETs the view."""
+        if wait <= 0:
+            return answer
+        ready = _ready_check(name)
+        if await sa.waiters.wait(round_id, lambda: ready(round_id), min(wait, MAX_WAIT_S)):
+            try:
+                nxt = await run_in_threadpool(views[name], device_id, round_id)
+            except Rejection:  # e.g. the round failed meanwhile: the device learns it from the view's GET
+                nxt = None
+            if nxt is not None and nxt.get("ready"):
+                return JSONResponse({**answer, "next": nxt})
+        return answer
+
+    def _make_post(name: str, fn):
+        async def post(round_id: int, request: Request, wait: float = Query(0.0, ge=0.0, le=60.0),
+                       device_id: str = Depends(device)) -> Any:
             body = await _json(request)
-            return await run_in_threadpool(fn, device_id, round_id, body)
+            answer = await run_in_threadpool(fn, device_id, round_id, body)
+            return await _with_next(answer, name, round_id, device_id, wait)
         return post
 
-    def _make_get(stage_name: str, fn):
+    def _ready_check(stage_name: str) -> Callable[[int], bool]:
+        """Whether the view `stage_name` can answer (its stage closed, or the round is over)."""
         after = GET_READY_AFTER[stage_name]
 
         def ready(round_id: int) -> bool:
@@ -175,16 +196,19 @@ def add_routes(app, manager, auth, config) -> None:
             if s is None or s == "failed":
                 return True
             if stage_name == "unmasking":
-                return s == "done"
+                return s == "done" or _round_over(round_id)
             from server.secagg import STAGES
 
-            return STAGES.index(s) > STAGES.index(after)
+            return STAGES.index(s) > STAGES.index(after) or _round_over(round_id)
+        return ready
+
+    def _make_get(stage_name: str, fn):
+        ready = _ready_check(stage_name)
 
         async def get(round_id: int, wait: float = Query(0.0, ge=0.0, le=60.0),
                       device_id: str = Depends(device)) -> dict[str, Any]:
             if wait > 0:
-                await sa.waiters.wait(round_id, lambda: ready(round_id) or _round_over(round_id),
-                                      min(wait, MAX_WAIT_S))
+                await sa.waiters.wait(round_id, lambda: ready(round_id), min(wait, MAX_WAIT_S))
             # plain JSON: views hold long lists of plain strings and ints, which FastAPI's generic
             # encoder would walk value by value for every one of the cohort's requests
             return JSONResponse(await run_in_threadpool(fn, device_id, round_id))
@@ -195,16 +219,20 @@ def add_routes(app, manager, auth, config) -> None:
         return rnd is None or rnd["state"] in ("closed", "abandoned")
 
     for name, fn in posts.items():
-        app.post(f"/v1/rounds/{{round_id}}/secagg/{name}", tags=["privacy"], name=f"secagg_{name}")(_make_post(fn))
+        app.post(f"/v1/rounds/{{round_id}}/secagg/{name}", tags=["privacy"], name=f"secagg_{name}")(
+            _make_post(name, fn))
     for name, fn in views.items():
         app.get(f"/v1/rounds/{{round_id}}/secagg/{name}", tags=["privacy"], name=f"secagg_{name}_view")(
             _make_get(name, fn))
 
     @app.post("/v1/rounds/{round_id}/secagg/masked_input", tags=["privacy"])
-    async def secagg_masked_input(round_id: int, request: Request, device_id: str = Depends(device)) -> dict[str, Any]:
-        """Binary FKSA frame: the device's masked, quantized update (mod 2^bits)."""
+    async def secagg_masked_input(round_id: int, request: Request, wait: float = Query(0.0, ge=0.0, le=60.0),
+                                  device_id: str = Depends(device)) -> Any:
+        """Binary FKSA frame: the device's masked, quantized update (mod 2^bits). With ?wait=S the answer
+        also carries the survivor set ("next") once the masked-input stage closed."""
         body = await _read_body(request, sa.max_input_bytes())
-        return await run_in_threadpool(sa.masked_input, device_id, round_id, body)
+        answer = await run_in_threadpool(sa.masked_input, device_id, round_id, body)
+        return await _with_next(answer, "masked_input", round_id, device_id, wait)
 
     # ------------------------------------------------------------------ Paillier
     @app.get("/v1/paillier/public_key", tags=["privacy"])

@@ -27,6 +27,7 @@ transaction. Crash safety: files are durable before the row that references them
 from __future__ import annotations
 
 import collections
+import gc
 import hashlib
 import json
 import logging
@@ -920,17 +921,20 @@ class RoundManager:
     # ================================================================== lifecycle
     def recover(self) -> None:
         """At start: drop unreferenced files; rounds left aggregating are picked up by the worker."""
-        if self.config.dp_mode != "none":
-            # dp_accounting (and scipy) take a second or two to import: do it now, not in the first aggregation.
-            def warm_up() -> None:
-                try:
+        def warm_up() -> None:
+            try:
+                if self.config.dp_mode != "none":
+                    # dp_accounting (and scipy) take a second or two to import: now, not in the first aggregation
                     __import__("dp_accounting")
-                finally:
-                    self.warm.set()
+                # The hundreds of thousands of objects the imports made live as long as the server: keep
+                # them out of the cyclic collector, which otherwise walks them all on every full collection
+                # while requests wait.
+                gc.collect()
+                gc.freeze()
+            finally:
+                self.warm.set()
 
-            threading.Thread(target=warm_up, name="dp-import", daemon=True).start()
-        else:
-            self.warm.set()
+        threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
         with self.lock:
             live = self.db.live_model_files() | self.db.live_update_files()
             removed = self.store.collect_garbage(live)

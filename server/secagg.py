@@ -225,6 +225,7 @@ class SecAggCoordinator:
         # Parts of stage views that no longer change once their stage closed (the cohort's keys, the
         # consistency signatures): built once per round and handed to every device, not re-read per request.
         self._frozen: dict[tuple[str, int], Any] = {}
+        self._admitted: set[tuple[int, str]] = set()  # (round, device) pairs seen admitted
         self.waiters = Waiters()
 
     # ------------------------------------------------------------------ rows
@@ -353,8 +354,10 @@ class SecAggCoordinator:
         rnd = self.db.get_round(rid)
         if rnd is None or rnd["kind"] != "train" or rnd["params"].get("secure_aggregation", "none") != "secagg":
             raise Rejection("unknown_round", f"no secure-aggregation round {rid}")
-        if device_id is not None and not self.db.is_admitted(rid, device_id):
-            raise Rejection("not_admitted", f"device was not admitted to round {rid}")
+        if device_id is not None and (rid, device_id) not in self._admitted:
+            if not self.db.is_admitted(rid, device_id):
+                raise Rejection("not_admitted", f"device was not admitted to round {rid}")
+            self._admitted.add((rid, device_id))  # an admission is never withdrawn
         row = self._row(rid)
         if row is None:
             row = self._ensure_row(rnd)
@@ -967,6 +970,7 @@ class SecAggCoordinator:
             self._graphs.pop(rid, None)
             self._frozen.pop(("keys", rid), None)
             self._frozen.pop(("signatures", rid), None)
+            self._admitted = {pair for pair in self._admitted if pair[0] != rid}
             self._batches.pop(rid, None)
             self._timers.pop(rid, None)
         for rel in (row["sum_file"], row["result_file"]):

@@ -115,6 +115,27 @@ def test_lockstep_round_is_exact_and_times_every_message(srv: ServerProcess) -> 
         d.close()
 
 
+def test_one_round_trip_per_stage(srv: ServerProcess) -> None:
+    """Each message's answer carries the next stage's view: a device sends its 5 messages and never
+    needs a separate long-poll GET (which stays available as the fallback, tested by the tamper tests)."""
+    seen: dict[int, list[tuple[str, str]]] = {i: [] for i in range(N)}
+
+    def recorder(i: int) -> TamperTransport:
+        def hook(path: str, method: str, body: bytes) -> None:
+            if "/secagg/" in path:
+                seen[i].append((method, path.rsplit("/", 1)[-1]))
+        return TamperTransport(request_hook=hook)
+
+    _, base = srv.model()
+    devs = _devices(srv, seed=12, transports={i: recorder(i) for i in range(N)})
+    results = run_round(devs, _deltas(N, 12))
+    assert [x.status for x in results] == ["uploaded"] * N, [x.detail for x in results]
+    _check_exact(srv, devs, results, list(range(N)), base)
+    for i in range(N):
+        assert seen[i] == [("POST", "advertise_keys"), ("POST", "share_keys"), ("POST", "masked_input"),
+                           ("POST", "consistency"), ("POST", "unmasking")], seen[i]
+
+
 def test_dropouts_within_threshold_still_give_the_exact_sum(srv: ServerProcess) -> None:
     _, base = srv.model()
     devs = _devices(srv, seed=100)
@@ -218,16 +239,24 @@ def test_server_storage_holds_no_individual_update(srv: ServerProcess) -> None:
                     assert needle not in data, f"{phase}: device {i}'s update found in {name}"
 
 
+def _view(method: str, data: Any) -> dict[str, Any] | None:
+    """The stage view in a response as the relay sees it: a GET's answer, or the "next" view that a
+    message's POST answer carries (device_app.secagg: one round trip per stage)."""
+    view = data if method == "GET" else (data.get("next") if isinstance(data, dict) else None)
+    return view if isinstance(view, dict) and view.get("ready") else None
+
+
 def test_tampered_relayed_share_is_detected_by_its_recipient(srv: ServerProcess) -> None:
     """The relay flips a byte of one encrypted share: AES-GCM authentication fails at the recipient,
     which stops (a dropout after sharing); the others still get the exact sum."""
     _, base = srv.model()
 
     def flip(path: str, method: str, data: Any) -> Any:
-        if method == "GET" and path.endswith("/secagg/share_keys") and data.get("ready") and data.get("shares"):
-            ct = bytearray(base64.b64decode(data["shares"][0]["ct"]))
+        view = _view(method, data) if path.endswith("/secagg/share_keys") else None
+        if view and view.get("shares"):
+            ct = bytearray(base64.b64decode(view["shares"][0]["ct"]))
             ct[20] ^= 0x01
-            data["shares"][0]["ct"] = base64.b64encode(bytes(ct)).decode()
+            view["shares"][0]["ct"] = base64.b64encode(bytes(ct)).decode()
             return data
         return None
 
@@ -246,8 +275,9 @@ def test_substituted_peer_key_is_detected(srv: ServerProcess) -> None:
     _, fake_pk = sm.x25519_keypair()
 
     def swap(path: str, method: str, data: Any) -> Any:
-        if method == "GET" and path.endswith("/secagg/advertise_keys") and data.get("ready"):
-            for p in data["participants"]:
+        view = _view(method, data) if path.endswith("/secagg/advertise_keys") else None
+        if view:
+            for p in view["participants"]:
                 if p["device_id"] != devs[2].device_id:
                     p["s_pk"] = sm.b64(fake_pk)
                     break
