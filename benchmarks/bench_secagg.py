@@ -30,10 +30,11 @@ Two views of the same round:
 * devices on their own CPUs (the ratio the goal is about): the round is run again in lockstep
   (device_app.privacy_sim.Lockstep): before each message, every device waits until all have computed
   theirs. Each step's time is then the slowest device's compute for that message (its thread CPU time)
-  plus the server's measured time from the moment all messages were ready to the stage's close (server
-  timestamps; for the last message, to the new model version). Nothing is modelled but the parallelism
-  of the devices; check-ins and identity registration (once per device, not per round) are left out of
-  both modes.
+  plus the server's busy time for it: its process CPU time from the moment all messages were ready to
+  the next step (for the last message, to the new model version). See critical_path() for why CPU
+  time rather than the step's wall time, which is also reported. Nothing is modelled but the
+  parallelism of the devices; check-ins and identity registration (once per device, not per round) are
+  left out of both modes.
 
 Neither mode includes local training, which dominates a real round (seconds to minutes per device) and
 is the same in both.
@@ -86,16 +87,25 @@ SECAGG_STEPS = (  # (message label, server stage it closes or None for the end o
 )
 
 
-def critical_path(mode: str, released: dict[str, float], rnd: dict, results: list) -> dict:
+def critical_path(mode: str, released: dict[str, float], cpu_at: dict[str, float], cpu_end: float, rnd: dict,
+                  results: list) -> dict:
     """Round time with every device on its own CPU: per step, the slowest device's compute for its
-    message plus the server's measured time from the moment all messages were ready to the stage's close."""
+    message plus the server's busy time for the step.
+
+    The server's busy time is its process CPU time from the moment all messages were ready to the
+    next step's release (or the new model version): the devices of this harness share one Python
+    process, so the wall time of a step also holds their serialised HTTP client work (reported as
+    server_wall_s), which a real fleet does in parallel. CPU time counts a second core used in
+    parallel twice, so it overstates the server's time a little, for both modes alike."""
     steps = SECAGG_STEPS if mode == "secagg" else (("update", None, ("encode_s",)),)
     stages = (rnd.get("secure_aggregation") or {}).get("stages", {})
+    labels = [s[0] for s in steps]
     out = {}
-    for label, stage, keys in steps:
+    for i, (label, stage, keys) in enumerate(steps):
         device = max(sum(x.timings.get(k, 0.0) for k in keys) for x in results)
         end = stages[stage]["closed"] if stage else rnd["closed_at"]
-        out[label] = {"device_max_s": device, "server_s": end - released[label]}
+        nxt = cpu_at[labels[i + 1]] if i + 1 < len(labels) else cpu_end
+        out[label] = {"device_max_s": device, "server_s": nxt - cpu_at[label], "server_wall_s": end - released[label]}
     out["total_s"] = sum(v["device_max_s"] + v["server_s"] for v in out.values())
     return out
 
@@ -120,7 +130,9 @@ def run_one(workdir: Path, preset_name: str, n: int, mode: str, deltas: list[np.
         noisy = [d + rng.standard_normal(d.size).astype(np.float32) * np.float32(stddev) for d in deltas[:n]]
         cpu0 = cpu_seconds(srv.proc.pid)
         t0 = time.time()
-        step = Lockstep(n) if lockstep else None
+        cpu_at: dict[str, float] = {}
+        step = Lockstep(n, on_release=lambda label: cpu_at.setdefault(label, cpu_seconds(srv.proc.pid))) \
+            if lockstep else None
         results = run_round(devs, noisy, config=cfg, lockstep=step)
         rid = devs[0].task.round_id
         r = srv.wait_round(rid, timeout=3600)
@@ -130,7 +142,8 @@ def run_one(workdir: Path, preset_name: str, n: int, mode: str, deltas: list[np.
             raise RuntimeError(f"{name}: round {r['state']} {r.get('outcome')} {bad[:3]}")
         wall = r["closed_at"] - t0
         if step is not None:
-            return {"devices": n, "mode": mode, "critical_path": critical_path(mode, step.released, r, results)}
+            return {"devices": n, "mode": mode,
+                    "critical_path": critical_path(mode, step.released, cpu_at, cpu1, r, results)}
         dev_seconds = [x.seconds for x in results]
         out = {"devices": n, "mode": mode, "wall_s": wall, "server_cpu_s": cpu1 - cpu0,
                "device_protocol_s_mean": statistics.mean(dev_seconds), "device_protocol_s_max": max(dev_seconds),
