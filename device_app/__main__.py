@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.add_argument("--duration", type=float, help="stop after this many seconds")
     fleet.add_argument("--p-eligible", type=float, default=0.7, help="chance a device is eligible at a step")
     fleet.add_argument("--p-dropout", type=float, default=0.1, help="chance a device drops out of a task")
-    fleet.add_argument("--workers", type=int, default=4, help="threads driving the devices")
+    fleet.add_argument("--workers", type=int, default=4,
+                       help="threads driving the devices (one per device when the server runs SecAgg)")
     fleet.add_argument("--step", type=float, default=0.5, help="seconds between a device's steps")
     fleet.add_argument("--max-wait", type=float, default=5.0, help="cap on the server's retry-after (seconds)")
     fleet.add_argument("--seed", type=int, default=0)

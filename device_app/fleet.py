@@ -177,7 +177,9 @@ class Fleet:
         root.mkdir(parents=True, exist_ok=True)
         self._http = httpx.Client(
             timeout=httpx.Timeout(60.0, connect=10.0),
-            limits=httpx.Limits(max_connections=max(8, cfg.workers * 2), max_keepalive_connections=max(8, cfg.workers * 2)),
+            # a cap, not a pool size: room for every device's long-poll when the server runs SecAgg
+            limits=httpx.Limits(max_connections=max(8, cfg.workers * 2, cfg.n_devices + 8),
+                                max_keepalive_connections=max(8, cfg.workers * 2)),
         )
         cache = ModelCache()
         seeds = np.random.SeedSequence(cfg.seed).spawn(cfg.n_devices)
@@ -299,6 +301,21 @@ class Fleet:
                 pass
             self._stop.wait(0.25)
 
+    def _worker_count(self) -> int:
+        """cfg.workers, or one thread per device when the server runs secure aggregation: an admitted
+        device then waits inside the protocol's stages for the others, and a round whose devices cannot
+        all be in it at once would fail (too few keys advertised)."""
+        workers = self.config.workers
+        try:
+            protocol = self.devices[0].client.ensure_registered().model_info().get("secure_aggregation") or "none"
+        except Exception:  # noqa: BLE001 - offline now: the configured count
+            return workers
+        if protocol != "none" and workers < len(self.devices):
+            self.on_event(f"the server runs secure aggregation ({protocol}): {len(self.devices)} worker threads, "
+                          "one per device, since admitted devices wait in its stages")
+            return len(self.devices)
+        return workers
+
     def run(self) -> FleetReport:
         cfg = self.config
         if not self.devices:
@@ -314,10 +331,11 @@ class Fleet:
         heap = [(d.next_action, d.index) for d in self.devices]
         heapq.heapify(heap)
         heap_lock = threading.Lock()
+        workers = self._worker_count()
         watcher = threading.Thread(target=self._watch_server, args=(deadline,), name="fleet-watch", daemon=True)
         watcher.start()
-        with ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="fleet") as pool:
-            futures = [pool.submit(self._worker, heap, heap_lock, deadline) for _ in range(cfg.workers)]
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fleet") as pool:
+            futures = [pool.submit(self._worker, heap, heap_lock, deadline) for _ in range(workers)]
             try:
                 for f in futures:
                     f.result()

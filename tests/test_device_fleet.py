@@ -113,3 +113,26 @@ def test_fleet_cli_stops_promptly_on_ctrl_c(tmp_path: Path) -> None:
                 proc.kill()
     finally:
         srv.stop()
+
+
+def test_fleet_against_a_secagg_server_uses_a_thread_per_device(tmp_path: Path) -> None:
+    """With SecAgg, admitted devices wait in the protocol's stages for each other: a fleet of 5 devices
+    configured with 2 workers still completes secure rounds (it runs one thread per device)."""
+    srv = _server(tmp_path, SAMPLE_MESSAGES, "--round-goal", "3", "--min-count", "3", "--deadline-s", "60",
+                  "--secure-aggregation", "secagg", "--secagg-stage-s", "20", "--dp-mode", "distributed",
+                  "--clip-norm", "0.5", "--noise-multiplier", "0.3")
+    try:
+        events: list[str] = []
+        config = FleetConfig(server_url=srv.url, n_devices=5, rounds=1, duration_s=150, p_eligible=1.0, p_dropout=0.0,
+                             initial_messages=5, step_s=0.1, max_wait_s=0.5, workers=2, seed=3)
+        report = run_fleet(config, dataset=_dataset(5), on_event=events.append)
+        summary = report.summary()
+        assert any("one per device" in e for e in events), events
+        assert summary["rounds_advanced"] >= 1 and not summary["errors"], summary
+        with srv.admin() as admin:
+            rounds = admin.get("/v1/admin/rounds").json()
+        rounds = rounds["rounds"] if isinstance(rounds, dict) else rounds
+        closed = [r for r in rounds if r["kind"] == "train" and r["state"] == "closed"]
+        assert closed and all(r["accepted"] >= 3 for r in closed)
+    finally:
+        srv.stop()
