@@ -283,6 +283,17 @@ def threshold_for(holders: int, fraction: float) -> int:
     return max(holders // 2 + 1, math.ceil(fraction * holders - 1e-9))
 
 
+def unmask_probability(k: int, keep: float, threshold: int, survivors: int) -> float:
+    """Chance that a SecAgg+ round can unmask: every one of `survivors` devices keeps at least
+    `threshold` of its k + 1 share holders (itself and its k neighbours), when each neighbour is still
+    there at unmasking independently with probability `keep`. A device below it makes the round fail."""
+    if not 0.0 <= keep <= 1.0 or k < 0 or survivors < 0:
+        raise SecAggMathError("need k >= 0, survivors >= 0 and keep in [0, 1]")
+    need = max(0, threshold - 1)  # the device's own share is always there
+    per_device = sum(math.comb(k, j) * keep ** j * (1.0 - keep) ** (k - j) for j in range(need, k + 1))
+    return min(1.0, per_device) ** survivors
+
+
 def pair_sign(u: str, v: str) -> int:
     """+1 if u adds the pairwise mask with v, -1 if it subtracts it (u < v adds)."""
     if u == v:

@@ -207,6 +207,32 @@ class _Batch:
         self.pending: list[_Pending] = []
 
 
+def neighbourhood_warning(config) -> str | None:
+    """A warning when SecAgg+'s neighbourhoods are too small for the configured over-admission.
+
+    Devices admitted beyond the goal arrive after the masked-input stage closed and count as dropouts
+    in their neighbours' neighbourhoods, so a neighbour is still there with probability about
+    1 / over_admit; a round fails if any survivor keeps fewer than the threshold of its share holders
+    (docs/scaling.md measured k = 16 with 30% over-admission: every round abandoned)."""
+    k = int(config.secagg_neighbors)
+    if config.secure_aggregation != "secagg" or k <= 0 or k + 1 >= config.max_admitted:
+        return None  # complete graph (or k covers the cohort): the threshold is over the whole cohort
+    keep = 1.0 / float(config.over_admit)
+
+    def chance(kk: int) -> float:
+        return sm.unmask_probability(kk, keep, sm.threshold_for(kk + 1, config.secagg_threshold), config.round_goal)
+
+    p = chance(k)
+    if p >= 0.9:
+        return None
+    better = next((kk for kk in range(k + 1, config.max_admitted) if chance(kk) >= 0.99), None)
+    advice = (f"use --secagg-neighbors {better} or more" if better else "use the complete graph "
+              "(--secagg-neighbors 0)") + " or less over-admission"
+    return (f"SecAgg+ with k = {k} neighbours and over-admission {config.over_admit:g}: a round can unmask with "
+            f"probability {p:.2g} (each neighbour still there with probability ~{keep:.2f}, threshold "
+            f"{sm.threshold_for(k + 1, config.secagg_threshold)} of {k + 1}); {advice}")
+
+
 class SecAggCoordinator:
     """Server side of the SecAgg protocol for every round that asks for it (one instance per server)."""
 
@@ -216,6 +242,9 @@ class SecAggCoordinator:
         self.store = manager.store
         self.config = manager.config
         install_schema(self.db)
+        warning = neighbourhood_warning(self.config)
+        if warning:
+            log.warning(warning)
         self._stage: dict[int, str] = {}
         self._sums: dict[int, np.ndarray] = {}
         self._batches: dict[int, _Batch] = {}
@@ -1009,4 +1038,5 @@ class SecAggCoordinator:
                 "n_u3": len(row["u3"] or []), **info}
 
 
-__all__ = ["SecAggCoordinator", "SecAggFailure", "Waiters", "install_schema", "STAGES", "GET_READY_AFTER"]
+__all__ = ["SecAggCoordinator", "SecAggFailure", "Waiters", "install_schema", "neighbourhood_warning", "STAGES",
+           "GET_READY_AFTER"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import os
 
 import numpy as np
@@ -163,3 +164,24 @@ def test_peer_identity_pins_refuse_a_swapped_key(tmp_path) -> None:
     with pytest.raises(SecAggError) as exc:
         PeerPins(tmp_path / "pins.json").check({"d2": "key-evil"})  # survives a restart of the device
     assert exc.value.reason == "identity_changed"
+
+
+def test_unmask_probability_matches_enumeration_and_the_measured_fleet_runs() -> None:
+    from server.config import ServerConfig
+    from server.secagg import neighbourhood_warning
+
+    k, keep, t = 5, 0.7, 4
+    brute = 0.0  # enumerate which of the k neighbours are still there
+    for alive in itertools.product([0, 1], repeat=k):
+        if 1 + sum(alive) >= t:
+            brute += math.prod(keep if a else 1 - keep for a in alive)
+    assert sm.unmask_probability(k, keep, t, 1) == pytest.approx(brute, rel=1e-12)
+    assert sm.unmask_probability(k, keep, t, 3) == pytest.approx(brute ** 3, rel=1e-12)
+    assert sm.unmask_probability(k, 1.0, t, 100) == 1.0
+    # docs/scaling.md: k = 16 with 30% over-admission abandoned every round, k = 32 with 13% none
+    bad = ServerConfig(secure_aggregation="secagg", secagg_neighbors=16, over_admit=1.3, round_goal=140, min_count=120)
+    good = ServerConfig(secure_aggregation="secagg", secagg_neighbors=32, over_admit=1.13, round_goal=140,
+                        min_count=120)
+    assert "probability" in (neighbourhood_warning(bad) or "")
+    assert neighbourhood_warning(good) is None
+    assert neighbourhood_warning(ServerConfig(secure_aggregation="secagg", secagg_neighbors=0)) is None
