@@ -246,6 +246,14 @@ def _view(method: str, data: Any) -> dict[str, Any] | None:
     return view if isinstance(view, dict) and view.get("ready") else None
 
 
+def _only_it_stopped(srv: ServerProcess, devs, results, i: int, reason: str, base) -> None:
+    """Device i stopped with `reason`; every other device uploaded and the sum is exactly theirs."""
+    assert results[i].status == "failed" and results[i].detail.startswith(reason), results[i]
+    survivors = [j for j in range(N) if j != i]
+    assert all(results[j].status == "uploaded" for j in survivors), [x.detail for x in results]
+    _check_exact(srv, devs, results, survivors, base)
+
+
 def test_tampered_relayed_share_is_detected_by_its_recipient(srv: ServerProcess) -> None:
     """The relay flips a byte of one encrypted share: AES-GCM authentication fails at the recipient,
     which stops (a dropout after sharing); the others still get the exact sum."""
@@ -261,11 +269,7 @@ def test_tampered_relayed_share_is_detected_by_its_recipient(srv: ServerProcess)
         return None
 
     devs = _devices(srv, seed=400, transports={3: TamperTransport(response_hook=flip)})
-    results = run_round(devs, _deltas(N, 5))
-    assert results[3].status == "failed" and results[3].detail.startswith("bad_share"), results[3]
-    survivors = [i for i in range(N) if i != 3]
-    assert all(results[i].status == "uploaded" for i in survivors), [x.detail for x in results]
-    _check_exact(srv, devs, results, survivors, base)
+    _only_it_stopped(srv, devs, run_round(devs, _deltas(N, 5)), 3, "bad_share", base)
 
 
 def test_substituted_peer_key_is_detected(srv: ServerProcess) -> None:
@@ -285,11 +289,7 @@ def test_substituted_peer_key_is_detected(srv: ServerProcess) -> None:
         return None
 
     devs = _devices(srv, seed=500, transports={2: TamperTransport(response_hook=swap)})
-    results = run_round(devs, _deltas(N, 6))
-    assert results[2].status == "failed" and results[2].detail.startswith("bad_signature"), results[2]
-    survivors = [i for i in range(N) if i != 2]
-    assert all(results[i].status == "uploaded" for i in survivors), [x.detail for x in results]
-    _check_exact(srv, devs, results, survivors, base)
+    _only_it_stopped(srv, devs, run_round(devs, _deltas(N, 6)), 2, "bad_signature", base)
 
 
 def test_masked_vector_damaged_in_flight_is_rejected(srv: ServerProcess) -> None:
