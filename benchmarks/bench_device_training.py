@@ -32,13 +32,13 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from device_app.local_training import compute_delta, examples_for, privatize, trainer_for  # noqa: E402
+from device_app.testing import vocab_for  # noqa: E402
 from models import wire  # noqa: E402
 from models.config import preset  # noqa: E402
 from models.data import load_dataset  # noqa: E402
 from models.data.types import seeded_order  # noqa: E402
 from models.keras_model import build_model, get_weights  # noqa: E402
-from models.tokenizer import split_sentences, tokenize_sentences  # noqa: E402
-from models.vocab import Vocabulary  # noqa: E402
+from models.tokenizer import split_sentences  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ds = load_dataset("chitchat")
     size = preset(args.preset).vocab_size - 4
-    vocab = Vocabulary.build((t for s in ds.all_train_sentences() for t in tokenize_sentences(s)), size=size)
+    vocab = vocab_for(ds.all_train_sentences(), size=size)
     config = preset(args.preset, vocab_size=len(vocab))
     weights = get_weights(build_model(config, seed=0))
     trainer = trainer_for(config)

@@ -185,12 +185,9 @@ def create_app(config: ServerConfig, manager: RoundManager | None = None) -> Fas
     def _header(creds: HTTPAuthorizationCredentials | None) -> str | None:
         return f"{creds.scheme} {creds.credentials}" if creds else None
 
-    def device(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
-        return auth.require_device(_header(creds))
-
-    async def device_inline(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
-        """`device` on the event loop (one indexed SQLite read): for the upload route, which hands the
-        body to a worker thread anyway and should not pay a second thread hop per request."""
+    async def device(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
+        # On the event loop (one indexed SQLite read), not a thread hop per request: device routes are
+        # a cohort's many small messages and its uploads, which go to a worker thread anyway.
         return auth.require_device(_header(creds))
 
     def anyone(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
@@ -285,7 +282,7 @@ def create_app(config: ServerConfig, manager: RoundManager | None = None) -> Fas
         return JSONResponse(answer, headers=headers)
 
     @app.post("/v1/rounds/{round_id}/update", tags=["device"], openapi_extra=_RAW_BODY)
-    async def upload(round_id: int, request: Request, device_id: str = Depends(device_inline)) -> dict[str, Any]:
+    async def upload(round_id: int, request: Request, device_id: str = Depends(device)) -> dict[str, Any]:
         """Body: wire bytes, kind "delta", header model_version = the task's base_version, metadata
         {"num_examples": int, "metrics": {name: number}}. 200 once durable; a retry of the same bytes gets
         the same answer."""
@@ -383,7 +380,7 @@ def create_app(config: ServerConfig, manager: RoundManager | None = None) -> Fas
 
     from server.privacy import add_routes as add_privacy_routes
 
-    add_privacy_routes(app, manager, auth, config)  # secure aggregation, Paillier, randomized response
+    add_privacy_routes(app, manager, device, admin)  # secure aggregation, Paillier, randomized response
     return app
 
 

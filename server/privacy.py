@@ -35,7 +35,6 @@ from typing import Any, Callable
 import numpy as np
 from fastapi import Depends, Query, Request
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from server.errors import Rejection
@@ -112,23 +111,12 @@ class PrivacyServices:
         self.paillier.recover()
 
 
-def add_routes(app, manager, auth, config) -> None:
+def add_routes(app, manager, device: Callable[..., Any], admin: Callable[..., Any]) -> None:
+    """`device` / `admin`: the app's auth dependencies (server/app.py), shared by every route."""
     from server.app import _json_safe, _read_body
 
     privacy: PrivacyServices = manager.privacy
     sa = privacy.secagg
-    bearer = HTTPBearer(auto_error=False)
-
-    def _header(creds: HTTPAuthorizationCredentials | None) -> str | None:
-        return f"{creds.scheme} {creds.credentials}" if creds else None
-
-    async def device(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
-        # on the event loop (one indexed SQLite read), not a thread hop per request: every privacy
-        # route is a small message from each device of a cohort
-        return auth.require_device(_header(creds))
-
-    def admin(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        auth.require_admin(_header(creds))
 
     async def _json(request: Request) -> dict[str, Any]:
         try:

@@ -1,8 +1,8 @@
 """Process-level tuning for ingesting multi-megabyte uploads; every step is best effort.
 
 A 5.7 MB gboard delta is copied several times between the socket and the handler. These steps
-remove what the server does not need: fresh page-faulting mmaps for every buffer, small socket
-reads, and uvicorn's per-chunk re-buffering of the request body. Each one checks that the library
+remove what the server does not need: fresh page-faulting mmaps for every buffer and uvicorn's
+per-chunk re-buffering of the request body. Each one checks that the library
 still looks the way it assumes and otherwise leaves it alone (behaviour is unchanged, only slower).
 """
 from __future__ import annotations
@@ -26,18 +26,6 @@ def tune_malloc() -> None:
         libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
-        pass
-
-
-def tune_socket_reads() -> None:
-    """Read sockets in 1 MiB pieces instead of asyncio's 256 KiB (plain asyncio loop only; uvloop
-    has its own buffer): fewer trips through the event loop and the HTTP parser per upload."""
-    try:
-        import asyncio.selector_events as selector_events
-
-        if getattr(selector_events._SelectorSocketTransport, "max_size", 0) < (1 << 20):
-            selector_events._SelectorSocketTransport.max_size = 1 << 20
-    except (ImportError, AttributeError):
         pass
 
 
@@ -119,5 +107,4 @@ def tune_uvicorn_body() -> bool:
 
 def tune_all() -> None:
     tune_malloc()
-    tune_socket_reads()
     tune_uvicorn_body()
