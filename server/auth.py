@@ -46,11 +46,15 @@ def ensure_admin_token(configured: str | None, data_dir: Path) -> str:
     return token
 
 
+KNOWN_TOKENS_MAX = 1 << 18  # cached token lookups (~100 bytes each); the cache restarts when full
+
+
 class Auth:
     def __init__(self, db: Db, admin_token: str, registration_key: str | None = None) -> None:
         self.db = db
         self._admin_hash = hash_token(admin_token)
         self._registration_key = registration_key
+        self._known: dict[str, str] = {}  # token hash -> device id, for tokens seen valid
 
     def register(self, registration_key: str | None) -> tuple[str, str]:
         if self._registration_key is not None and not hmac.compare_digest(
@@ -69,8 +73,17 @@ class Auth:
     def device_for(self, token: str | None) -> str | None:
         if not token:
             return None
-        row = self.db.device_by_token_hash(hash_token(token))
-        return row["id"] if row else None
+        digest = hash_token(token)
+        device = self._known.get(digest)
+        if device is None:
+            row = self.db.device_by_token_hash(digest)
+            if row is None:
+                return None
+            device = row["id"]
+            if len(self._known) >= KNOWN_TOKENS_MAX:
+                self._known.clear()
+            self._known[digest] = device  # a token's device never changes (tokens are not reissued)
+        return device
 
     def require_device(self, authorization: str | None) -> str:
         token = bearer_token(authorization)

@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 SCHEMA_VERSION = 1
 
@@ -102,6 +102,54 @@ def _dict(row: sqlite3.Row | None) -> dict[str, Any] | None:
     return dict(row) if row is not None else None
 
 
+class RowCache:
+    """Parsed rows of one table by key, kept coherent with the database so hot paths (every request of
+    a round reads its round row) need no SQLite read.
+
+    A write invalidates its key at once (`invalidate`, inside the transaction) and the key stays
+    uncached until the transaction ends (commit or rollback: Db.write calls `settle`). A read that
+    overlapped any write or transaction end does not fill the cache, so it never holds a row older
+    than the last commit. Rows handed out are shared: callers must not mutate them.
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[Any, dict[str, Any]] = {}
+        self._dirty: set[Any] = set()
+        self._gen = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: Any, load: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None:
+        row = self._rows.get(key)
+        if row is not None:
+            return row
+        gen = self._gen
+        row = load()
+        if row is not None:
+            with self._lock:
+                if gen == self._gen and key not in self._dirty:
+                    self._rows[key] = row
+        return row
+
+    def invalidate(self, key: Any) -> None:
+        with self._lock:
+            self._gen += 1
+            self._dirty.add(key)
+            self._rows.pop(key, None)
+
+    def settle(self) -> None:
+        with self._lock:
+            self._gen += 1
+            for key in self._dirty:
+                self._rows.pop(key, None)
+            self._dirty.clear()
+
+    def drop(self, key: Any) -> None:
+        """Forget a key for good (its rows were deleted or will not be read again)."""
+        with self._lock:
+            self._gen += 1
+            self._rows.pop(key, None)
+
+
 class Db:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -110,6 +158,8 @@ class Db:
         self._depth = 0
         self._owner: int | None = None
         self._local = threading.local()
+        self._caches: list[RowCache] = []
+        self._rounds = self.cache()
         self._writer = self._connect()
         self._writer.execute("PRAGMA journal_mode=WAL")
         self._writer.executescript(SCHEMA)
@@ -147,12 +197,28 @@ class Db:
                 self._depth -= 1
                 if outer:
                     self._owner = None
-                    self._writer.execute("ROLLBACK")
+                    try:
+                        self._writer.execute("ROLLBACK")
+                    finally:
+                        self._settle()
                 raise
             self._depth -= 1
             if outer:
                 self._owner = None
-                self._writer.execute("COMMIT")
+                try:
+                    self._writer.execute("COMMIT")
+                finally:
+                    self._settle()
+
+    def cache(self) -> RowCache:
+        """A RowCache settled at the end of every write transaction of this database."""
+        c = RowCache()
+        self._caches.append(c)
+        return c
+
+    def _settle(self) -> None:
+        for c in self._caches:
+            c.settle()
 
     def _reader(self) -> sqlite3.Connection:
         if self._owner == threading.get_ident():
@@ -252,7 +318,9 @@ class Db:
         return int(cur.lastrowid)
 
     def get_round(self, round_id: int) -> dict[str, Any] | None:
-        return _round(self.one("SELECT * FROM rounds WHERE id = ?", (round_id,)))
+        """The round's row (a copy at the top level; params and outcome are shared: do not mutate)."""
+        row = self._rounds.get(round_id, lambda: _round(self.one("SELECT * FROM rounds WHERE id = ?", (round_id,))))
+        return dict(row) if row is not None else None
 
     def rounds_in_state(self, state: str, kind: str | None = None) -> list[dict[str, Any]]:
         if kind is None:
@@ -267,6 +335,7 @@ class Db:
             "SELECT * FROM rounds WHERE kind = ? AND state IN ('open', 'aggregating') ORDER BY id DESC LIMIT 1", (kind,)))
 
     def update_round(self, round_id: int, **fields: Any) -> None:
+        self._rounds.invalidate(round_id)
         self._update("rounds", "id", round_id, fields)
 
     def list_rounds(self, limit: int = 100, kind: str | None = None, before: int | None = None) -> list[dict[str, Any]]:

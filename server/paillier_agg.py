@@ -221,7 +221,6 @@ class PaillierCoordinator:
         """Decrypt the round's encrypted sum at the key holder; the float64 sum of the deltas."""
         t0 = time.perf_counter()
         row = self._row(rid)
-        rnd = self.db.get_round(rid)
         if row is None or not row["sum_file"]:
             raise SecureAggregationFailed("paillier_no_sum", f"round {rid} has no encrypted sum")
         packing: pp.Packing = row["packing"]

@@ -219,7 +219,9 @@ def add_routes(app, manager, device: Callable[..., Any], admin: Callable[..., An
         """Binary FKSA frame: the device's masked, quantized update (mod 2^bits). With ?wait=S the answer
         also carries the survivor set ("next") once the masked-input stage closed."""
         body = await _read_body(request, sa.max_input_bytes())
-        answer = await run_in_threadpool(sa.masked_input, device_id, round_id, body)
+        staged = await run_in_threadpool(sa.stage_masked, device_id, round_id, body)
+        del body  # added to the staging sum: the frame's memory is free while the sum is written
+        answer = await run_in_threadpool(sa.commit_masked, staged)
         return await _with_next(answer, "masked_input", round_id, device_id, wait)
 
     # ------------------------------------------------------------------ Paillier

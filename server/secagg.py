@@ -64,6 +64,7 @@ from models import dp
 from models import secagg_math as sm
 from models.privacy_wire import FrameError
 from server.errors import Rejection
+from server.secagg_sum import Claim, RunningSum
 from server.strategy import _parse_metadata
 
 log = logging.getLogger("server.secagg")
@@ -185,28 +186,6 @@ class Waiters:
                 pass
 
 
-class _Pending:
-    """One masked input waiting for the group commit."""
-
-    def __init__(self, device_id: str, y: np.ndarray, sha: str, num_examples: int, metrics: dict, t0: float) -> None:
-        self.device_id, self.y, self.sha = device_id, y, sha
-        self.num_examples, self.metrics, self.t0 = num_examples, metrics, t0
-        self.done = False
-        self.answer: dict[str, Any] | None = None
-        self.error: BaseException | None = None
-        self.repeat_of: "_Pending | None" = None
-
-    def finish(self, answer: dict[str, Any] | None = None, error: BaseException | None = None) -> None:
-        self.answer, self.error, self.done = answer, error, True
-
-
-class _Batch:
-    def __init__(self) -> None:
-        self.lock = threading.Lock()  # held by the one thread writing the running sum
-        self.plock = threading.Lock()  # guards `pending`
-        self.pending: list[_Pending] = []
-
-
 def neighbourhood_warning(config) -> str | None:
     """A warning when SecAgg+'s neighbourhoods are too small for the configured over-admission.
 
@@ -245,20 +224,26 @@ class SecAggCoordinator:
         warning = neighbourhood_warning(self.config)
         if warning:
             log.warning(warning)
-        self._stage: dict[int, str] = {}
-        self._sums: dict[int, np.ndarray] = {}
-        self._batches: dict[int, _Batch] = {}
+        self._sums: dict[int, RunningSum] = {}
         self._timers: dict[int, dict[str, float]] = {}
         self._finishing: set[int] = set()
         self._graphs: dict[int, tuple[Any, dict[str, list[str]]]] = {}
         # Parts of stage views that no longer change once their stage closed (the cohort's keys, the
         # consistency signatures): built once per round and handed to every device, not re-read per request.
         self._frozen: dict[tuple[str, int], Any] = {}
+        self._freeze_lock = threading.Lock()
         self._admitted: set[tuple[int, str]] = set()  # (round, device) pairs seen admitted
+        self._rows = self.db.cache()  # secagg_rounds by round id
+        self._identities: dict[str, bytes] = {}  # registered identity keys (never replaced)
         self.waiters = Waiters()
 
     # ------------------------------------------------------------------ rows
     def _row(self, rid: int) -> dict[str, Any] | None:
+        """The round's protocol row, parsed (cached; a top-level copy: nested values are shared)."""
+        row = self._rows.get(rid, lambda: self._load_row(rid))
+        return dict(row) if row is not None else None
+
+    def _load_row(self, rid: int) -> dict[str, Any] | None:
         row = self.db.one("SELECT * FROM secagg_rounds WHERE round_id = ?", (rid,))
         if row is None:
             return None
@@ -271,6 +256,7 @@ class SecAggCoordinator:
     def _update(self, rid: int, **fields: Any) -> None:
         cols = ", ".join(f"{k} = ?" for k in fields)
         vals = tuple(json.dumps(v) if isinstance(v, (dict, list)) else v for v in fields.values())
+        self._rows.invalidate(rid)
         self.db._exec(f"UPDATE secagg_rounds SET {cols} WHERE round_id = ?", vals + (rid,))
 
     def _ensure_row(self, rnd: dict[str, Any]) -> dict[str, Any]:
@@ -286,6 +272,7 @@ class SecAggCoordinator:
                                    sigmas=float(p.get("norm_sigmas", 6.0)))
         now = time.time()
         with self.db.write() as conn:
+            self._rows.invalidate(rid)
             conn.execute("INSERT OR IGNORE INTO secagg_rounds(round_id, session, stage, quantization, graph_k, info)"
                          " VALUES (?, ?, 'advertise', ?, ?, ?)",
                          (rid, secrets.token_hex(16), json.dumps(q.to_dict()), int(p.get("secagg_neighbors", 0)),
@@ -293,18 +280,14 @@ class SecAggCoordinator:
         return self._row(rid)
 
     def stage(self, rid: int) -> str | None:
-        s = self._stage.get(rid)
-        if s is None:
-            row = self.db.one("SELECT stage FROM secagg_rounds WHERE round_id = ?", (rid,))
-            if row is None:
-                return None
-            s = self._stage[rid] = row["stage"]
-        return s
+        """The round's committed stage (what every view answers from; the row is cached)."""
+        row = self._row(rid)
+        return row["stage"] if row is not None else None
 
     def _set_stage(self, rid: int, stage: str, deadline: float | None, **fields: Any) -> None:
         """Inside a write transaction: move to `stage`, recording when the previous one closed."""
         row = self._row(rid)
-        info = row["info"]
+        info = json.loads(json.dumps(row["info"]))  # the cached row's info is shared
         now = time.time()
         stages = info.setdefault("stages", {})
         stages.setdefault(row["stage"], {})["closed"] = now
@@ -317,7 +300,6 @@ class SecAggCoordinator:
             timers.clear()
         info.update(fields.pop("info", {}))
         self._update(rid, stage=stage, stage_deadline=deadline, info=info, **fields)
-        self._stage[rid] = stage
 
     def _time(self, rid: int, key: str, seconds: float) -> None:
         t = self._timers.setdefault(rid, {})
@@ -373,10 +355,13 @@ class SecAggCoordinator:
         return row
 
     def _identity_key(self, device_id: str) -> bytes:
-        row = self.db.one("SELECT public_key FROM device_identity WHERE device_id = ?", (device_id,))
-        if row is None:
-            raise Rejection("no_identity", "register an identity key first (POST /v1/devices/identity)")
-        return sm.unb64(row["public_key"], 32)
+        key = self._identities.get(device_id)
+        if key is None:
+            row = self.db.one("SELECT public_key FROM device_identity WHERE device_id = ?", (device_id,))
+            if row is None:
+                raise Rejection("no_identity", "register an identity key first (POST /v1/devices/identity)")
+            key = self._identities[device_id] = sm.unb64(row["public_key"], 32)
+        return key
 
     # ------------------------------------------------------------------ common checks
     def _round(self, rid: int, device_id: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -468,17 +453,27 @@ class SecAggCoordinator:
         self._raise_if_failed(rnd, row)
         if STAGES.index(row["stage"]) <= STAGES.index("advertise"):
             return {"ready": False, "stage": row["stage"]}
-        participants = self._frozen.get(("keys", rid))
-        if participants is None:  # U1's keys are fixed from the close of the advertise stage on
+        def build() -> list[dict[str, Any]]:  # U1's keys are fixed from the close of the advertise stage on
             keys = {r["device_id"]: r for r in self.db.all("SELECT * FROM secagg_keys WHERE round_id = ?", (rid,))}
             idents = {r["device_id"]: r["public_key"] for r in self.db.all(
                 "SELECT device_id, public_key FROM device_identity WHERE device_id IN (SELECT device_id FROM"
                 " secagg_keys WHERE round_id = ?)", (rid,))}
-            participants = self._frozen[("keys", rid)] = [
-                {"device_id": u, "index": i + 1, "c_pk": keys[u]["c_pk"], "s_pk": keys[u]["s_pk"],
-                 "signature": keys[u]["signature"], "identity_key": idents.get(u)} for i, u in enumerate(row["u1"])]
+            return [{"device_id": u, "index": i + 1, "c_pk": keys[u]["c_pk"], "s_pk": keys[u]["s_pk"],
+                     "signature": keys[u]["signature"], "identity_key": idents.get(u)} for i, u in enumerate(row["u1"])]
+        participants = self._frozen_part("keys", rid, build)
         return {"ready": True, "stage": row["stage"], "session": row["session"], "threshold": row["threshold"],
                 "neighbors": row["graph_k"], "graph_seed": row["graph_seed"], "participants": participants}
+
+    def _frozen_part(self, kind: str, rid: int, build: Callable[[], Any]) -> Any:
+        """A part of a stage view that no longer changes once its stage closed, built once per round
+        (by one thread: the cohort asks for it all at once) and handed to every device."""
+        value = self._frozen.get((kind, rid))
+        if value is None:
+            with self._freeze_lock:
+                value = self._frozen.get((kind, rid))
+                if value is None:
+                    value = self._frozen[(kind, rid)] = build()
+        return value
 
     def _raise_if_failed(self, rnd: dict[str, Any], row: dict[str, Any]) -> None:
         if row["stage"] == "failed" or rnd["state"] == "abandoned":
@@ -555,10 +550,14 @@ class SecAggCoordinator:
         self._raise_if_failed(rnd, row)
         if STAGES.index(row["stage"]) <= STAGES.index("share"):
             return {"ready": False, "stage": row["stage"]}
-        u2 = set(row["u2"])
-        shares = [{"from": r["sender"], "ct": sm.b64(bytes(r["ct"]))} for r in self.db.all(
-            "SELECT sender, ct FROM secagg_shares WHERE round_id = ? AND recipient = ? ORDER BY sender", (rid, device_id))
-            if r["sender"] in u2]
+        def build() -> dict[str, list[dict[str, str]]]:  # U2's shares are fixed from the close of the share stage on
+            u2, inbox = set(row["u2"]), {}
+            for r in self.db.all("SELECT sender, recipient, ct FROM secagg_shares WHERE round_id = ? ORDER BY sender",
+                                 (rid,)):
+                if r["sender"] in u2:
+                    inbox.setdefault(r["recipient"], []).append({"from": r["sender"], "ct": sm.b64(bytes(r["ct"]))})
+            return inbox
+        shares = self._frozen_part("shares", rid, build).get(device_id, [])
         return {"ready": True, "stage": row["stage"], "u2": row["u2"], "shares": shares}
 
     # ------------------------------------------------------------------ stage 3: masked input
@@ -566,11 +565,17 @@ class SecAggCoordinator:
         return self.m.dim * 8 + (1 << 16)
 
     def masked_input(self, device_id: str, rid: int, body: bytes) -> dict[str, Any]:
-        t0 = time.perf_counter()
+        """Stage and commit one masked input (the HTTP route runs the two halves separately so that the
+        request body is freed as soon as it has been added to the staging sum)."""
+        return self.commit_masked(self.stage_masked(device_id, rid, body))
+
+    def stage_masked(self, device_id: str, rid: int, body: bytes) -> tuple[RunningSum, Claim] | dict[str, Any]:
+        """Validate a masked input and add it to the round's staging sum. Returns (the round's running
+        sum, the input's claim), or the stored answer when the input was already committed (a retry)."""
         rnd, row = self._round(rid, device_id)
         prev = self.db.get_update(rid, device_id)
         if prev is not None:
-            if prev["payload_sha256"] != hashlib.sha256(body[:-32]).hexdigest():
+            if prev["payload_sha256"] != hashlib.sha256(memoryview(body)[:-32]).hexdigest():
                 raise Rejection("duplicate_upload", f"round {rid} already holds a different masked input from this device")
             return self._answer(prev)
         self._require_stage(rnd, row, "masked")
@@ -586,113 +591,81 @@ class SecAggCoordinator:
             raise Rejection("bad_metadata", "masked input is for another round, session or device")
         meta = header.get("metadata") or {}
         num_examples, metrics = _parse_metadata(meta, rnd["params"]["max_examples_per_update"])
-        # Group commit: uploads that arrive while the running sum is being written wait, and the next
-        # writer adds all of them at once (one sum file, one fsync, one transaction for the batch).
-        entry = _Pending(device_id, y, sha, num_examples, metrics, t0)
-        batch = self._batches.setdefault(rid, _Batch())
-        with batch.plock:
-            batch.pending.append(entry)
-        with batch.lock:
-            if not entry.done:
-                with batch.plock:
-                    todo, batch.pending = batch.pending, []
-                self._commit_batch(rid, todo)
-        if entry.error is not None:
-            raise entry.error
-        self.m.metrics.inc("fk_uploads_total", {"result": "accepted"})
-        return entry.answer
+        running = self._running(rid, row)
+        return running, running.stage(Claim(device_id, sha, num_examples, metrics), y)
 
-    def _commit_batch(self, rid: int, todo: list["_Pending"]) -> None:
-        """Add a batch of masked inputs to the running sum: new sum file (durable), then one transaction
-        with every contributor row, then the previous sum file goes. Each entry gets its answer or error."""
+    def commit_masked(self, staged: tuple[RunningSum, Claim] | dict[str, Any]) -> dict[str, Any]:
+        """The staged input's answer once it is in the durable running sum (group commit: inputs
+        staged while a sum is being written go together in the next write)."""
+        if isinstance(staged, dict):
+            return staged
+        running, claim = staged
+        rid = running.round_id
+        answer = running.wait(claim, lambda claims, new, count: self._commit_sum(rid, claims, new, count))
+        self.m.metrics.inc("fk_uploads_total", {"result": "accepted"})
+        return answer
+
+    def _running(self, rid: int, row: dict[str, Any] | None) -> RunningSum:
+        """The round's running sum (loaded from its file after a restart)."""
+        running = self._sums.get(rid)
+        if running is None:
+            with self.m.lock:
+                running = self._sums.get(rid)
+                if running is None:
+                    row = self._row(rid)
+                    q = row["quantization"]
+                    current = None
+                    if row["sum_file"]:
+                        current = np.load(self.store.path(row["sum_file"]), allow_pickle=False)
+                        if current.dtype != sm.ring_dtype(q.bits) or current.size != self.m.dim:
+                            raise RuntimeError(f"round {rid}: stored running sum has the wrong layout")
+                    running = self._sums[rid] = RunningSum(rid, self.m.dim, sm.ring_dtype(q.bits), current,
+                                                           int(row["sum_count"]))
+        return running
+
+    def _commit_sum(self, rid: int, claims: list[Claim], new: np.ndarray, count: int) -> None:
+        """Make `new` (the running sum with `claims` added) durable: sum file first, then one transaction
+        with every contributor row and the row's pointer to the file, then the old file goes."""
         tb = time.perf_counter()
+        rnd, row = self._round(rid, None)
+        self._require_stage(rnd, row, "masked")
+        rel = f"secagg/r{rid:06d}/sum-{count:06d}-{secrets.token_hex(4)}.npy"
+        self.store.write_atomic(rel, lambda f: np.save(f, new, allow_pickle=False),
+                                size=new.nbytes + 128)  # durable first
         try:
-            with self.m.lock:  # which entries can be taken (read-only checks)
+            with self.m.lock:
                 rnd, row = self._round(rid, None)
-                take: list[_Pending] = []
-                seen: dict[str, _Pending] = {}
-                for e in todo:
-                    prev = self.db.get_update(rid, e.device_id)
-                    first = seen.get(e.device_id)
-                    if prev is not None or first is not None:
-                        sha = prev["payload_sha256"] if prev is not None else first.sha
-                        e.repeat_of = None if prev is not None else first
-                        if sha != e.sha:
-                            e.finish(error=Rejection("duplicate_upload", f"round {rid} already holds a different "
-                                                                         "masked input from this device"))
-                        elif prev is not None:
-                            e.finish(answer=self._answer(prev))
-                        continue
-                    try:
-                        self._require_stage(rnd, row, "masked")
-                    except Rejection as exc:
-                        e.finish(error=exc)
-                        continue
-                    seen[e.device_id] = e
-                    take.append(e)
-            if take:
+                self._require_stage(rnd, row, "masked")
+                if row["sum_count"] != count - len(claims):
+                    raise RuntimeError("running sum out of step with the database")
+                now = time.time()
                 q = row["quantization"]
-                current = self._current_sum(rid, row, q)
-                new = np.array(current, copy=True) if current is not None else np.zeros(self.m.dim, sm.ring_dtype(q.bits))
-                for e in take:
-                    np.add(new, e.y, out=new)  # wraps mod 2^bits
-                count = row["sum_count"] + len(take)
-                rel = f"secagg/r{rid:06d}/sum-{count:06d}-{secrets.token_hex(4)}.npy"
-                self.store.write_atomic(rel, lambda f: np.save(f, new, allow_pickle=False))  # durable first
-                committed = False
-                try:
-                    with self.m.lock:
-                        rnd, row2 = self._round(rid, None)
-                        self._require_stage(rnd, row2, "masked")
-                        if row2["sum_count"] != row["sum_count"]:
-                            raise RuntimeError("running sum out of step with the database")
-                        now = time.time()
-                        with self.db.write():
-                            for e in take:
-                                self.db.add_update(round_id=rid, device_id=e.device_id, payload_sha256=e.sha,
-                                                   file=None, num_examples=e.num_examples, weight=1.0, norm=0.0,
-                                                   dtype=f"secagg{q.bits}", metrics=e.metrics, received_at=now)
-                                self.db.touch_device(e.device_id, now)
-                            self._update(rid, sum_file=rel, sum_count=count)
-                        committed = True  # the row points at the new sum: from here on it must stay
-                        self._sums[rid] = new
-                        self._time(rid, "ingest_seconds", time.perf_counter() - tb)  # sum + write + commit
-                        self._time(rid, "ingest_batches", 1.0)
-                        for e in take:
-                            e.finish(answer=self._answer(self.db.get_update(rid, e.device_id)))
-                        if count >= len(row2["u2"]) or count >= rnd["params"]["goal"]:
-                            self._close_masked(rnd, self._row(rid))
-                except BaseException as exc:
-                    if not committed:
-                        self.store.delete(rel)
-                        for e in take:
-                            e.finish(error=exc if isinstance(exc, Rejection) else
-                                     Rejection("round_closed", f"masked input not accepted: {exc}"))
-                    if not isinstance(exc, Rejection):
-                        raise
-                else:
-                    self.store.delete(row["sum_file"])
-            for e in todo:  # repeats of an entry in this same batch
-                if not e.done and e.repeat_of is not None:
-                    e.finish(answer=e.repeat_of.answer, error=e.repeat_of.error)
-        finally:
-            for e in todo:
-                if not e.done:
-                    e.finish(error=Rejection("round_closed", "masked input not accepted"))
+                with self.db.write():
+                    for c in claims:
+                        self.db.add_update(round_id=rid, device_id=c.device_id, payload_sha256=c.sha, file=None,
+                                           num_examples=c.num_examples, weight=1.0, norm=0.0,
+                                           dtype=f"secagg{q.bits}", metrics=c.metrics, received_at=now)
+                        self.db.touch_device(c.device_id, now)
+                    self._update(rid, sum_file=rel, sum_count=count)
+        except BaseException:
+            self.store.delete(rel)
+            raise
+        # the row points at the new sum: from here on it stays
+        self.store.delete(row["sum_file"])
+        self._time(rid, "ingest_seconds", time.perf_counter() - tb)  # write + commit
+        self._time(rid, "ingest_batches", 1.0)
+        for c in claims:
+            c.finish(answer=self._answer({"round_id": rid, "payload_sha256": c.sha, "num_examples": c.num_examples}))
+        if count >= len(row["u2"]) or count >= rnd["params"]["goal"]:
+            with self.m.lock:
+                rnd, row = self._round(rid, None)
+                if row["stage"] == "masked" and rnd["state"] == "open":
+                    self._close_masked(rnd, row)
 
     @staticmethod
     def _answer(row: dict[str, Any]) -> dict[str, Any]:
         return {"status": "accepted", "round_id": row["round_id"], "payload_sha256": row["payload_sha256"],
                 "num_examples": row["num_examples"]}
-
-    def _current_sum(self, rid: int, row: dict[str, Any], q: sm.Quantization) -> np.ndarray | None:
-        cur = self._sums.get(rid)
-        if cur is None and row["sum_file"]:
-            cur = np.load(self.store.path(row["sum_file"]), allow_pickle=False)
-            if cur.dtype != sm.ring_dtype(q.bits) or cur.size != self.m.dim:
-                raise RuntimeError(f"round {rid}: stored running sum has the wrong layout")
-            self._sums[rid] = cur
-        return cur
 
     def _close_masked(self, rnd: dict[str, Any], row: dict[str, Any]) -> None:
         rid = rnd["id"]
@@ -757,11 +730,9 @@ class SecAggCoordinator:
         self._raise_if_failed(rnd, row)
         if STAGES.index(row["stage"]) <= STAGES.index("consistency"):
             return {"ready": False, "stage": row["stage"]}
-        sigs = self._frozen.get(("signatures", rid))
-        if sigs is None:  # fixed from the close of the consistency stage on
-            sigs = self._frozen[("signatures", rid)] = [
-                {"device_id": r["device_id"], "signature": r["signature"]} for r in self.db.all(
-                    "SELECT device_id, signature FROM secagg_consistency WHERE round_id = ? ORDER BY device_id", (rid,))]
+        sigs = self._frozen_part("signatures", rid, lambda: [  # fixed from the close of the consistency stage on
+            {"device_id": r["device_id"], "signature": r["signature"]} for r in self.db.all(
+                "SELECT device_id, signature FROM secagg_consistency WHERE round_id = ? ORDER BY device_id", (rid,))])
         return {"ready": True, "stage": row["stage"], "u3": row["u3"], "signatures": sigs}
 
     # ------------------------------------------------------------------ stage 5: unmasking
@@ -889,7 +860,7 @@ class SecAggCoordinator:
                                                         "public key (a share was altered)")
             dropped_sks[v] = sk
         t_rec = time.perf_counter()
-        current = self._current_sum(rid, row, q)
+        current = self._running(rid, row).current
         if current is None:
             raise ValueError("no running sum")
         total = np.array(current, copy=True)
@@ -997,10 +968,9 @@ class SecAggCoordinator:
                 self._update(rid, cleaned=1, sum_file=None, result_file=None)
             self._sums.pop(rid, None)
             self._graphs.pop(rid, None)
-            self._frozen.pop(("keys", rid), None)
-            self._frozen.pop(("signatures", rid), None)
+            for kind in ("keys", "shares", "signatures"):
+                self._frozen.pop((kind, rid), None)
             self._admitted = {pair for pair in self._admitted if pair[0] != rid}
-            self._batches.pop(rid, None)
             self._timers.pop(rid, None)
         for rel in (row["sum_file"], row["result_file"]):
             self.store.delete(rel)

@@ -222,3 +222,85 @@ def test_runtime_tuning_installs_zero_copy_body_on_the_pinned_uvicorn() -> None:
     assert len(parts) == 3000 and parts.take() is chunk  # one chunk: handed over, not copied
     parts += b"xyz"
     assert parts.take() == chunk + b"xyz"
+
+
+def test_running_sum_group_commit_is_exact_and_a_failed_commit_changes_nothing() -> None:
+    import threading
+
+    from server.errors import Rejection
+    from server.secagg_sum import Claim, RunningSum
+
+    rng = np.random.default_rng(3)
+    ys = [rng.integers(0, 2**32, 50, dtype=np.uint64).astype(np.uint32) for _ in range(12)]
+    rs = RunningSum(7, 50, np.uint32)
+    commits: list[tuple[list[str], np.ndarray, int]] = []
+
+    def commit(claims, new, count):
+        commits.append(([c.device_id for c in claims], new.copy(), count))
+        for c in claims:
+            c.finish(answer={"device": c.device_id})
+
+    claims = [rs.stage(Claim(f"d{i}", f"sha{i}", 1, {}), y) for i, y in enumerate(ys[:5])]
+    assert rs.wait(claims[0], commit) == {"device": "d0"}  # one commit took all five staged inputs
+    assert len(commits) == 1 and commits[0][0] == [f"d{i}" for i in range(5)] and rs.count == 5
+    assert all(c.done for c in claims)
+    want = np.zeros(50, np.uint32)
+    for y in ys[:5]:
+        want += y  # wraps mod 2^32 like the ring
+    np.testing.assert_array_equal(rs.current, want)
+    # a retry of the same bytes resolves to the first claim; different bytes are refused
+    assert rs.stage(Claim("d1", "sha1", 1, {}), ys[1]) is claims[1]
+    with pytest.raises(Rejection) as exc:
+        rs.stage(Claim("d1", "other", 1, {}), ys[2])
+    assert exc.value.reason == "duplicate_upload"
+
+    def failing(claims, new, count):
+        raise Rejection("round_closed", "stage closed")
+
+    bad = rs.stage(Claim("d5", "sha5", 1, {}), ys[5])
+    with pytest.raises(Rejection):
+        rs.wait(bad, failing)
+    np.testing.assert_array_equal(rs.current, want)  # unchanged
+    assert rs.count == 5 and bad.error is not None
+    # the refused device may send again; concurrent stagers all land exactly once
+    threads = [threading.Thread(target=lambda i=i: rs.wait(rs.stage(Claim(f"d{i}", f"sha{i}", 1, {}), ys[i]), commit))
+               for i in range(5, 12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for y in ys[5:]:
+        want += y
+    np.testing.assert_array_equal(rs.current, want)
+    assert rs.count == 12 and sorted(d for c in commits for d in c[0]) == sorted(f"d{i}" for i in range(12))
+
+
+def test_row_cache_never_serves_a_row_older_than_the_last_commit(tmp_path) -> None:
+    from server.db import Db
+
+    db = Db(tmp_path / "x.db")
+    with db.write():
+        rid = db.create_round(kind="train", base_version=0, params={"a": 1}, seed=0)
+    assert db.get_round(rid)["state"] == "open"
+    assert db._rounds.get(rid, lambda: None) is not None  # cached
+    with db.write():
+        db.update_round(rid, state="aggregating")
+        assert db.get_round(rid)["state"] == "aggregating"  # the writer sees its own change
+    assert db.get_round(rid)["state"] == "aggregating"
+    with pytest.raises(RuntimeError):
+        with db.write():
+            db.update_round(rid, state="closed")
+            raise RuntimeError("rolled back")
+    assert db.get_round(rid)["state"] == "aggregating"  # the rolled-back value is not cached
+    # a read that overlapped a write does not fill the cache
+    cache = db.cache()
+    stale = {"v": 1}
+
+    def slow_load():
+        cache.invalidate("k")
+        cache.settle()  # a write committed while this (old) value was being read
+        return stale
+
+    assert cache.get("k", slow_load) is stale
+    assert cache.get("k", lambda: {"v": 2}) == {"v": 2}
+    db.close()
