@@ -5,6 +5,7 @@ server/errors.py. See server/__init__.py for the API table.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -17,6 +18,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from models.config import ModelConfig
 from models.vocab import Vocabulary, VocabularyError
@@ -120,19 +122,33 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+LARGE_BODY = 1 << 20  # bodies above this take one of the app's upload slots while they are read
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     too_large = declared is not None and declared.isdigit() and int(declared) > limit
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            too_large = True
-        if too_large:
-            if size > DRAIN_LIMIT:
-                break
-            continue
-        chunks.append(chunk)
+    slots: asyncio.Semaphore | None = getattr(request.app.state, "upload_slots", None)
+    large = slots is not None and not too_large and (declared is None or not declared.isdigit()
+                                                     or int(declared) > LARGE_BODY)
+    if large:
+        await slots.acquire()
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                too_large = True
+            if too_large:
+                if size > DRAIN_LIMIT:
+                    break
+                continue
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise Rejection("client_disconnected", "the client went away before its body arrived", status=400) from None
+    finally:
+        if large:
+            slots.release()
     if too_large:
         raise Rejection("too_large", f"body is {declared or size} bytes, the limit is {limit}")
     return b"".join(chunks)
@@ -159,6 +175,7 @@ def create_app(config: ServerConfig, manager: RoundManager | None = None) -> Fas
     app = FastAPI(title="Federated keyboard aggregation server", version="1",
                   description=f"```\n{server_package.__doc__}\n```", lifespan=lifespan)
     app.state.manager = manager
+    app.state.upload_slots = asyncio.Semaphore(config.upload_slots)
     app.state.auth = auth
 
     # ------------------------------------------------------------------ errors

@@ -88,6 +88,9 @@ class ServerConfig:
     max_upload_bytes: int | None = None  # default: float32 delta size + 1 MiB
     upload_dtypes: tuple[str, ...] = WIRE_DTYPES
     keep_update_blobs: bool = False  # delete individual updates once their round is closed
+    # Large request bodies (> 1 MiB) read at once; the others wait unread (TCP backpressure), so a
+    # burst of N uploads holds upload_slots bodies in memory instead of N.
+    upload_slots: int = 16
 
     # --- candidates and evaluation
     candidate_eval_fraction: float = 0.1  # share of check-ins (by device hash) that evaluate a staged candidate
@@ -145,6 +148,7 @@ class ServerConfig:
         need(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1 and self.adam_eps > 0, "bad Adam parameters")
         need(all(d in WIRE_DTYPES for d in self.upload_dtypes) and self.upload_dtypes, "bad upload_dtypes")
         need(self.max_upload_bytes is None or self.max_upload_bytes > 0, "max_upload_bytes must be > 0")
+        need(self.upload_slots >= 1, "upload_slots must be >= 1")
         need(0 <= self.candidate_eval_fraction <= 1, "candidate_eval_fraction must be in [0, 1]")
         need(1 <= self.eval_min_count <= self.eval_goal, "eval_min_count must be in [1, eval_goal]")
         need(self.promotion_tolerance >= 0, "promotion_tolerance must be >= 0")

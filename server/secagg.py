@@ -436,6 +436,7 @@ class SecAggCoordinator:
             self._set_stage(rid, "share", time.time() + self._stage_s(rnd), u1=u1, graph_seed=seed, threshold=t,
                             info={"n_u1": len(u1), "threshold": t, "holders_per_secret": holders})
         log.info("round %d secagg: %d devices advertised keys; threshold %d of %d holders", rid, len(u1), t, holders)
+        self._keys_part(rid)  # built here, once, so the cohort's views only read memory
         self.waiters.notify(rid)
 
     def _graph(self, rid: int, row: dict[str, Any]) -> dict[str, list[str]]:
@@ -453,16 +454,38 @@ class SecAggCoordinator:
         self._raise_if_failed(rnd, row)
         if STAGES.index(row["stage"]) <= STAGES.index("advertise"):
             return {"ready": False, "stage": row["stage"]}
-        def build() -> list[dict[str, Any]]:  # U1's keys are fixed from the close of the advertise stage on
+        participants = self._keys_part(rid)
+        return {"ready": True, "stage": row["stage"], "session": row["session"], "threshold": row["threshold"],
+                "neighbors": row["graph_k"], "graph_seed": row["graph_seed"], "participants": participants}
+
+    def _keys_part(self, rid: int) -> list[dict[str, Any]]:
+        """U1's advertised keys with their identity keys (fixed from the close of the advertise stage on)."""
+        def build() -> list[dict[str, Any]]:
             keys = {r["device_id"]: r for r in self.db.all("SELECT * FROM secagg_keys WHERE round_id = ?", (rid,))}
             idents = {r["device_id"]: r["public_key"] for r in self.db.all(
                 "SELECT device_id, public_key FROM device_identity WHERE device_id IN (SELECT device_id FROM"
                 " secagg_keys WHERE round_id = ?)", (rid,))}
             return [{"device_id": u, "index": i + 1, "c_pk": keys[u]["c_pk"], "s_pk": keys[u]["s_pk"],
-                     "signature": keys[u]["signature"], "identity_key": idents.get(u)} for i, u in enumerate(row["u1"])]
-        participants = self._frozen_part("keys", rid, build)
-        return {"ready": True, "stage": row["stage"], "session": row["session"], "threshold": row["threshold"],
-                "neighbors": row["graph_k"], "graph_seed": row["graph_seed"], "participants": participants}
+                     "signature": keys[u]["signature"], "identity_key": idents.get(u)}
+                    for i, u in enumerate(self._row(rid)["u1"])]
+        return self._frozen_part("keys", rid, build)
+
+    def _inbox_part(self, rid: int) -> dict[str, list[dict[str, str]]]:
+        """U2's encrypted shares by recipient (fixed from the close of the share stage on)."""
+        def build() -> dict[str, list[dict[str, str]]]:
+            u2, inbox = set(self._row(rid)["u2"]), {}
+            for r in self.db.all("SELECT sender, recipient, ct FROM secagg_shares WHERE round_id = ? ORDER BY sender",
+                                 (rid,)):
+                if r["sender"] in u2:
+                    inbox.setdefault(r["recipient"], []).append({"from": r["sender"], "ct": sm.b64(bytes(r["ct"]))})
+            return inbox
+        return self._frozen_part("shares", rid, build)
+
+    def _signatures_part(self, rid: int) -> list[dict[str, str]]:
+        """The consistency signatures (fixed from the close of the consistency stage on)."""
+        return self._frozen_part("signatures", rid, lambda: [
+            {"device_id": r["device_id"], "signature": r["signature"]} for r in self.db.all(
+                "SELECT device_id, signature FROM secagg_consistency WHERE round_id = ? ORDER BY device_id", (rid,))])
 
     def _frozen_part(self, kind: str, rid: int, build: Callable[[], Any]) -> Any:
         """A part of a stage view that no longer changes once its stage closed, built once per round
@@ -543,6 +566,7 @@ class SecAggCoordinator:
         with self.db.write():
             self._set_stage(rid, "masked", deadline, u2=u2, info={"n_u2": len(u2)})
         log.info("round %d secagg: %d devices shared keys", rid, len(u2))
+        self._inbox_part(rid)
         self.waiters.notify(rid)
 
     def shares_view(self, device_id: str, rid: int) -> dict[str, Any]:
@@ -550,14 +574,7 @@ class SecAggCoordinator:
         self._raise_if_failed(rnd, row)
         if STAGES.index(row["stage"]) <= STAGES.index("share"):
             return {"ready": False, "stage": row["stage"]}
-        def build() -> dict[str, list[dict[str, str]]]:  # U2's shares are fixed from the close of the share stage on
-            u2, inbox = set(row["u2"]), {}
-            for r in self.db.all("SELECT sender, recipient, ct FROM secagg_shares WHERE round_id = ? ORDER BY sender",
-                                 (rid,)):
-                if r["sender"] in u2:
-                    inbox.setdefault(r["recipient"], []).append({"from": r["sender"], "ct": sm.b64(bytes(r["ct"]))})
-            return inbox
-        shares = self._frozen_part("shares", rid, build).get(device_id, [])
+        shares = self._inbox_part(rid).get(device_id, [])
         return {"ready": True, "stage": row["stage"], "u2": row["u2"], "shares": shares}
 
     # ------------------------------------------------------------------ stage 3: masked input
@@ -723,6 +740,7 @@ class SecAggCoordinator:
             return
         with self.db.write():
             self._set_stage(rid, "unmask", time.time() + self._stage_s(rnd), info={"n_signed": n})
+        self._signatures_part(rid)
         self.waiters.notify(rid)
 
     def signatures_view(self, device_id: str, rid: int) -> dict[str, Any]:
@@ -730,9 +748,7 @@ class SecAggCoordinator:
         self._raise_if_failed(rnd, row)
         if STAGES.index(row["stage"]) <= STAGES.index("consistency"):
             return {"ready": False, "stage": row["stage"]}
-        sigs = self._frozen_part("signatures", rid, lambda: [  # fixed from the close of the consistency stage on
-            {"device_id": r["device_id"], "signature": r["signature"]} for r in self.db.all(
-                "SELECT device_id, signature FROM secagg_consistency WHERE round_id = ? ORDER BY device_id", (rid,))])
+        sigs = self._signatures_part(rid)
         return {"ready": True, "stage": row["stage"], "u3": row["u3"], "signatures": sigs}
 
     # ------------------------------------------------------------------ stage 5: unmasking
