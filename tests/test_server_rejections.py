@@ -206,3 +206,31 @@ def test_eval_report_rejections(server_factory):
     r = d.report(rid, [dict(good[0], recall=0.3), good[1]])
     assert (r.status_code, r.json()["error"]) == (409, "duplicate_upload")
     assert srv.round(rid)["accepted"] == 1
+
+
+def test_large_bodies_wait_for_an_upload_slot_and_all_get_their_answer(server_factory):
+    """With one upload slot, a burst of large bodies is read one at a time (the others wait unread)
+    and every one still gets its own answer: here a 4xx for a body that is not a delta."""
+    import threading
+
+    srv = server_factory("--upload-slots", "1", "--round-goal", "6", "--min-count", "6", "--deadline-s", "120")
+    devices = [srv.device() for _ in range(6)]
+    rid = devices[0].task()["round_id"]
+    for d in devices[1:]:
+        assert d.task()["round_id"] == rid
+    junk = b"\x00" * ((1 << 20) + 4096)  # above the 1 MiB that takes a slot, under the size limit
+    answers: dict[int, httpx.Response] = {}
+
+    def send(i: int) -> None:
+        answers[i] = devices[i].upload(rid, junk)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(answers) == list(range(6))
+    assert {r.status_code for r in answers.values()} == {400}, [r.text for r in answers.values()]
+    assert {r.json()["error"] for r in answers.values()} == {"bad_magic"}, [r.json() for r in answers.values()]
+    good = devices[0].upload(rid, encode_delta(dyadic_delta(5), 1))
+    assert good.status_code == 200, good.text
