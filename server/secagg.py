@@ -888,7 +888,7 @@ class SecAggCoordinator:
         if not ok:
             raise SecAggFailure("secagg_integrity", f"unmasked sum has a coordinate of {peak}, beyond the "
                                 f"{len(u3)} x {q.qmax} any honest sum can reach (a masked vector was altered)")
-        sum_sha = hashlib.sha256(lifted.astype("<i8").tobytes()).hexdigest()
+        sum_sha = hashlib.sha256(memoryview(np.ascontiguousarray(lifted, dtype="<i8"))).hexdigest()  # no copy
         total_f = sm.dequantize(lifted, q)
         norm = float(np.linalg.norm(total_f))
         p = rnd["params"]
