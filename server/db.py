@@ -143,12 +143,6 @@ class RowCache:
                 self._rows.pop(key, None)
             self._dirty.clear()
 
-    def drop(self, key: Any) -> None:
-        """Forget a key for good (its rows were deleted or will not be read again)."""
-        with self._lock:
-            self._gen += 1
-            self._rows.pop(key, None)
-
 
 class Db:
     def __init__(self, path: str | Path) -> None:

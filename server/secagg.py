@@ -608,7 +608,7 @@ class SecAggCoordinator:
             raise Rejection("bad_metadata", "masked input is for another round, session or device")
         meta = header.get("metadata") or {}
         num_examples, metrics = _parse_metadata(meta, rnd["params"]["max_examples_per_update"])
-        running = self._running(rid, row)
+        running = self._running(rid)
         return running, running.stage(Claim(device_id, sha, num_examples, metrics), y)
 
     def commit_masked(self, staged: tuple[RunningSum, Claim] | dict[str, Any]) -> dict[str, Any]:
@@ -622,7 +622,7 @@ class SecAggCoordinator:
         self.m.metrics.inc("fk_uploads_total", {"result": "accepted"})
         return answer
 
-    def _running(self, rid: int, row: dict[str, Any] | None) -> RunningSum:
+    def _running(self, rid: int) -> RunningSum:
         """The round's running sum (loaded from its file after a restart)."""
         running = self._sums.get(rid)
         if running is None:
@@ -876,7 +876,7 @@ class SecAggCoordinator:
                                                         "public key (a share was altered)")
             dropped_sks[v] = sk
         t_rec = time.perf_counter()
-        current = self._running(rid, row).current
+        current = self._running(rid).current
         if current is None:
             raise ValueError("no running sum")
         total = np.array(current, copy=True)
