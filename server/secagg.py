@@ -640,9 +640,10 @@ class SecAggCoordinator:
                                                            int(row["sum_count"]))
         return running
 
-    def _commit_sum(self, rid: int, claims: list[Claim], new: np.ndarray, count: int) -> None:
+    def _commit_sum(self, rid: int, claims: list[Claim], new: np.ndarray, count: int) -> Callable[[], None]:
         """Make `new` (the running sum with `claims` added) durable: sum file first, then one transaction
-        with every contributor row and the row's pointer to the file, then the old file goes."""
+        with every contributor row and the row's pointer to the file. Returns what follows once it is
+        the current sum: the old file goes, the claims get their answers, the stage may close."""
         tb = time.perf_counter()
         rnd, row = self._round(rid, None)
         self._require_stage(rnd, row, "masked")
@@ -667,17 +668,20 @@ class SecAggCoordinator:
         except BaseException:
             self.store.delete(rel)
             raise
-        # the row points at the new sum: from here on it stays
-        self.store.delete(row["sum_file"])
         self._time(rid, "ingest_seconds", time.perf_counter() - tb)  # write + commit
         self._time(rid, "ingest_batches", 1.0)
-        for c in claims:
-            c.finish(answer=self._answer({"round_id": rid, "payload_sha256": c.sha, "num_examples": c.num_examples}))
-        if count >= len(row["u2"]) or count >= rnd["params"]["goal"]:
-            with self.m.lock:
-                rnd, row = self._round(rid, None)
-                if row["stage"] == "masked" and rnd["state"] == "open":
-                    self._close_masked(rnd, row)
+
+        def after() -> None:  # the row points at the new sum: from here on it stays
+            for c in claims:
+                c.finish(answer=self._answer({"round_id": rid, "payload_sha256": c.sha,
+                                              "num_examples": c.num_examples}))
+            self.store.delete(row["sum_file"])
+            if count >= len(row["u2"]) or count >= rnd["params"]["goal"]:
+                with self.m.lock:
+                    now_rnd, now_row = self._round(rid, None)
+                    if now_row["stage"] == "masked" and now_rnd["state"] == "open":
+                        self._close_masked(now_rnd, now_row)
+        return after
 
     @staticmethod
     def _answer(row: dict[str, Any]) -> dict[str, Any]:

@@ -47,6 +47,9 @@ class Claim:
         return self.answer
 
 
+Commit = Callable[[list[Claim], np.ndarray, int], Callable[[], None]]
+
+
 class RunningSum:
     """current: the durable sum of `count` inputs (None before the first commit); adds wrap modulo 2^bits."""
 
@@ -80,10 +83,12 @@ class RunningSum:
             self._staged.append(claim)
             return claim
 
-    def commit_pending(self, commit: Callable[[list[Claim], np.ndarray, int], None]) -> None:
+    def commit_pending(self, commit: Commit) -> None:
         """(Caller holds `writer`.) Take everything staged, fold it into the spare buffer and call
-        `commit(claims, new_sum, new_count)`, which makes it durable and answers the claims (or raises:
-        then the claims are refused and released, and the current sum stays as it was)."""
+        `commit(claims, new_sum, new_count)`, which makes it durable (or raises: then the claims are
+        refused and released, and the current sum stays as it was). What `commit` returns is called once
+        the new sum is current: the work after durability (answers, cleanup), whose failure must not
+        roll the in-memory sum back behind the durable one."""
         with self._lock:
             if not self._staged:
                 return
@@ -100,12 +105,13 @@ class RunningSum:
             self._spare_staging = staged
         count = self.count + len(claims)
         try:
-            commit(claims, new, count)
+            after = commit(claims, new, count)
         except BaseException as exc:
             self._spare = new
             self.release(claims, exc)
             raise
         self._spare, self.current, self.count = self.current, new, count
+        after()
 
     def release(self, claims: list[Claim], error: BaseException) -> None:
         """Refuse `claims` (not in the sum) and let their devices try again."""
@@ -117,7 +123,7 @@ class RunningSum:
             c.finish(error=error if isinstance(error, Rejection) else
                      Rejection("round_closed", f"masked input not accepted: {error}"))
 
-    def wait(self, claim: Claim, commit: Callable[[list[Claim], np.ndarray, int], None]) -> dict[str, Any]:
+    def wait(self, claim: Claim, commit: Commit) -> dict[str, Any]:
         """The claim's outcome: commit it, with whatever else is staged, unless another writer does.
         (Group commit: inputs staged while a commit is being written go together in the next one.)"""
         with self.writer:

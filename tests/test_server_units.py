@@ -237,8 +237,11 @@ def test_running_sum_group_commit_is_exact_and_a_failed_commit_changes_nothing()
 
     def commit(claims, new, count):
         commits.append(([c.device_id for c in claims], new.copy(), count))
-        for c in claims:
-            c.finish(answer={"device": c.device_id})
+
+        def after():
+            for c in claims:
+                c.finish(answer={"device": c.device_id})
+        return after
 
     claims = [rs.stage(Claim(f"d{i}", f"sha{i}", 1, {}), y) for i, y in enumerate(ys[:5])]
     assert rs.wait(claims[0], commit) == {"device": "d0"}  # one commit took all five staged inputs
@@ -262,14 +265,30 @@ def test_running_sum_group_commit_is_exact_and_a_failed_commit_changes_nothing()
         rs.wait(bad, failing)
     np.testing.assert_array_equal(rs.current, want)  # unchanged
     assert rs.count == 5 and bad.error is not None
-    # the refused device may send again; concurrent stagers all land exactly once
+    # the refused device sends again; work after durability that fails (e.g. closing the stage) does not
+    # put the in-memory sum behind the durable one
+
+    def durable_then_broken(claims, new, count):
+        commit(claims, new, count)()
+
+        def after():
+            raise OSError("cleanup failed")
+        return after
+
+    d5 = rs.stage(Claim("d5", "sha5", 1, {}), ys[5])
+    with pytest.raises(OSError):
+        rs.wait(d5, durable_then_broken)
+    want += ys[5]
+    np.testing.assert_array_equal(rs.current, want)
+    assert rs.count == 6 and d5.result() == {"device": "d5"}
+    # concurrent stagers all land exactly once
     threads = [threading.Thread(target=lambda i=i: rs.wait(rs.stage(Claim(f"d{i}", f"sha{i}", 1, {}), ys[i]), commit))
-               for i in range(5, 12)]
+               for i in range(6, 12)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    for y in ys[5:]:
+    for y in ys[6:]:
         want += y
     np.testing.assert_array_equal(rs.current, want)
     assert rs.count == 12 and sorted(d for c in commits for d in c[0]) == sorted(f"d{i}" for i in range(12))
