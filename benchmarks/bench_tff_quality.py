@@ -52,10 +52,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from tff_sim.reaper import install_atexit_reaper, install_signal_handlers, reap_worker_binaries
+    from models import interrupts
+    from tff_sim.reaper import install_atexit_reaper, reap_worker_binaries
 
     install_atexit_reaper()
-    install_signal_handlers()
+    interrupts.install()  # Ctrl-C / SIGTERM: the `finally` below reaps TFF's worker
     from tff_sim import report
     from tff_sim.config import SimConfig
     from tff_sim.runner import load_data, run

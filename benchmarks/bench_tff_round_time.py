@@ -131,10 +131,11 @@ def main() -> None:
                         help="TFF client loops to time: iterator (tff_sim's default), reduce (TFF's default), or both")
     args = parser.parse_args()
 
-    from tff_sim.reaper import install_atexit_reaper, install_signal_handlers, reap_worker_binaries
+    from models import interrupts
+    from tff_sim.reaper import install_atexit_reaper, reap_worker_binaries
 
     install_atexit_reaper()
-    install_signal_handlers()
+    interrupts.install()  # Ctrl-C / SIGTERM: the `finally` below reaps TFF's worker
     if args.max_concurrent:
         import tensorflow_federated as tff
 

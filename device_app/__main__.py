@@ -7,11 +7,18 @@
     python -m device_app --headless --suggest "see you to"
     python -m device_app --headless --fleet 20 --dataset chitchat --server URL --rounds 3
     python -m device_app --screenshot shot.png --type "see you to"   # render the app once, exit
+    python -m device_app --headless --server https://fk.example:8443 --pin-sha256 AA:BB:...   # over TLS
 
 The device data dir defaults to $FK_DEVICE_DIR or ~/.fk-device. The bundled initial model
 (used until the server's global model arrives, and offline) is --bundle, $FK_INITIAL_BUNDLE,
 or the first bundle found in device_app/assets/initial_model and artifacts/baselines/server_trained
 (what ./scripts/demo.sh trains).
+
+Transport security: plain http:// is refused to any host but this machine (127.0.0.1, ::1,
+localhost). Over https the device verifies the server with the system CAs, --ca-file PEM (chain
+and hostname), or --pin-sha256 HEX (exactly the certificate with that SHA-256, as
+`python -m server --tls-self-signed` prints it; checked before anything is sent). Both are saved
+with the server URL in the data dir's settings.json, so later runs and the app keep using them.
 """
 from __future__ import annotations
 
@@ -19,21 +26,40 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
+
+from models import interrupts
 
 
 def default_data_dir() -> Path:
     return Path(os.environ.get("FK_DEVICE_DIR") or Path.home() / ".fk-device")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Checks the server URL and TLS flags together (device_app/transport.py): a refused URL or a bad
+    pin is a usage error before anything starts, in every mode (app, headless, fleet)."""
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        ns, rest = super().parse_known_args(args, namespace)
+        if getattr(ns, "server", None) or getattr(ns, "ca_file", None) or getattr(ns, "pin_sha256", None):
+            from device_app.transport import TransportPolicyError, check_settings
+
+            try:
+                ns.ca_file, ns.pin_sha256 = check_settings(ns.server, ns.ca_file, ns.pin_sha256)
+            except TransportPolicyError as exc:
+                self.error(str(exc))
+        return ns, rest
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m device_app", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="python -m device_app", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--server", help="server URL, e.g. http://127.0.0.1:8080 (default: the saved one, or offline)")
+    p.add_argument("--ca-file", help="verify the https server with this PEM CA file (saved with the server URL)")
+    p.add_argument("--pin-sha256", metavar="HEX", help="trust exactly the server certificate with this SHA-256 "
+                                                       "fingerprint (AA:BB:.. or hex; saved with the server URL)")
     p.add_argument("--data-dir", type=Path, default=None, help="device data dir (default $FK_DEVICE_DIR or ~/.fk-device)")
     p.add_argument("--bundle", help="initial model bundle directory (used until a server model arrives)")
     p.add_argument("--headless", action="store_true", help="no UI")
@@ -73,8 +99,15 @@ def _size(text: str) -> tuple[int, int]:
 def _make_client(args: argparse.Namespace):
     from device_app.client import DeviceClient
 
+    from device_app.transport import TransportPolicyError
+
     data_dir = args.data_dir or default_data_dir()
-    return DeviceClient(data_dir, args.server, initial_bundle=args.bundle)
+    try:
+        return DeviceClient(data_dir, args.server, initial_bundle=args.bundle, ca_file=args.ca_file,
+                            pin_sha256=args.pin_sha256)
+    except TransportPolicyError as exc:  # e.g. a saved http:// URL to another machine
+        print(f"python -m device_app: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def run_fleet_cli(args: argparse.Namespace) -> int:
@@ -88,13 +121,14 @@ def run_fleet_cli(args: argparse.Namespace) -> int:
         duration_s=args.duration, p_eligible=args.p_eligible, p_dropout=args.p_dropout, workers=args.workers,
         step_s=args.step, max_wait_s=args.max_wait, seed=args.seed, personalize=args.personalize,
         data_dir=str(args.data_dir) if args.data_dir else None, keep_data=args.data_dir is not None,
+        ca_file=args.ca_file, pin_sha256=args.pin_sha256,
     )
     report = run_fleet(config, on_event=lambda msg: print(f"[fleet] {msg}", flush=True))
     text = format_report(report)
     print(text)
     if args.json_out:
         args.json_out.write_text(text + "\n", encoding="utf-8")
-    return 0
+    return interrupts.acknowledge() if report.interrupted else 0
 
 
 def run_headless(args: argparse.Namespace) -> int:
@@ -116,15 +150,13 @@ def run_headless(args: argparse.Namespace) -> int:
             client.refresh_privacy()
             print(json.dumps({"done": done, "status": client.status()}, indent=2, default=str))
             return 0
-        stop = threading.Event()
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        interrupts.install(on_request=lambda _: client.cancel())  # training stops at its next batch
         print(f"headless device in {client.data_dir}; server {client.settings.server_url or '(offline)'}; Ctrl-C stops")
-        while not stop.is_set():
+        while True:
             for item in client.tick():
                 print(f"{time.strftime('%H:%M:%S')} {item}", flush=True)
-            stop.wait(args.interval)
-        return 0
+            interrupts.stop_event().wait(args.interval)
+            interrupts.check()
     finally:
         client.close()
 
@@ -152,6 +184,16 @@ def run_app(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    interrupts.install()  # Ctrl-C / SIGTERM: exit 130 / 143 in every phase, with the cleanup of each mode
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as exc:
+        code = interrupts.acknowledge(exc)
+        print(f"\ninterrupted ({exc})", file=sys.stderr, flush=True)
+        return code
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

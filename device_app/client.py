@@ -20,6 +20,10 @@ of the round's stddev added, optionally masked by secure aggregation) carrying a
 and training-loss numbers, and evaluation reports (recall/loss numbers). Never text, token ids,
 or the personal model.
 
+Transport security (device_app/transport.py): plain http:// only to this machine; an https server
+is verified with the system CAs, a CA file (`ca_file`) or a pinned certificate fingerprint
+(`pin_sha256`), both saved in settings.json with the server URL (another URL drops them).
+
 Offline: with no server, or when it is unreachable, suggestions keep working (global or
 bundled initial model, personal model); a finished update waits in pending/ until its round's
 deadline, then it is dropped with the round.
@@ -41,6 +45,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from device_app import secagg as secagg_mod
+from device_app import transport as transport_policy
 from device_app.eligibility import BatteryProbe, Eligibility, EligibilityMonitor, EligibilitySettings, psutil_battery_charging
 from device_app.http_client import (
     FINAL_UPLOAD_REASONS,
@@ -49,6 +54,7 @@ from device_app.http_client import (
     ServerAPI,
     ServerError,
     Task,
+    UntrustedServer,
 )
 from device_app.model_state import ModelState
 from device_app.personalize import PersonalizationSettings, Personalizer
@@ -76,10 +82,15 @@ class ClientSettings:
     max_chars: int = DEFAULT_MAX_CHARS
     sync_interval_s: float = 300.0
     upload_dtype: str = "float32"  # preferred; the task's list decides
+    # How the https server is verified (device_app/transport.py); they belong to server_url.
+    ca_file: str | None = None  # PEM CA file: chain + hostname verification
+    pin_sha256: str | None = None  # SHA-256 of the server's DER certificate (lowercase hex)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "server_url": self.server_url,
+            "ca_file": self.ca_file,
+            "pin_sha256": self.pin_sha256,
             "eligibility": self.eligibility.to_dict(),
             "personalization": self.personalization.to_dict(),
             "auto_personalize": self.auto_personalize,
@@ -94,6 +105,8 @@ class ClientSettings:
         known = {f.name for f in dataclasses.fields(PersonalizationSettings)}
         return cls(
             server_url=data.get("server_url"),
+            ca_file=data.get("ca_file") or None,
+            pin_sha256=data.get("pin_sha256") or None,
             eligibility=EligibilitySettings.from_dict(data.get("eligibility", {})),
             personalization=PersonalizationSettings(**{k: v for k, v in data.get("personalization", {}).items() if k in known}),
             auto_personalize=bool(data.get("auto_personalize", True)),
@@ -183,7 +196,14 @@ class DeviceClient:
         model_cache: ModelCache | None = None,
         persist_models: bool = True,
         save_settings: bool = True,
+        ca_file: str | os.PathLike | None = None,
+        pin_sha256: str | None = None,
     ) -> None:
+        """server_url / ca_file / pin_sha256 override the saved settings ("" clears ca_file or the pin);
+        a server_url other than the saved one drops the saved CA file and pin, which vouch for that
+        server only. Raises transport.TransportPolicyError for a URL or TLS setting the device refuses
+        (plain http:// to another machine, a malformed pin). An injected `transport` or `http_client`
+        verifies TLS by itself (build it with transport.make_transport)."""
         self.data_dir = Path(data_dir).expanduser()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._settings_path = self.data_dir / "settings.json"
@@ -191,11 +211,21 @@ class DeviceClient:
         self.pending_dir = self.data_dir / "pending"
         self.sent_log_path = self.data_dir / "sent.jsonl"
         self._save_settings = save_settings
+        loaded = settings is None
         if settings is None:
             saved = _read_json(self._settings_path, None)
             settings = ClientSettings.from_dict(saved) if isinstance(saved, dict) else ClientSettings()
         if server_url is not None:
+            if loaded and server_url != settings.server_url:
+                settings.ca_file = settings.pin_sha256 = None
             settings.server_url = server_url
+        if ca_file is not None:
+            settings.ca_file = str(ca_file) or None
+        if pin_sha256 is not None:
+            settings.pin_sha256 = pin_sha256 or None
+        # Refuse before anything is stored or sent; keep the normalised forms (absolute path, hex).
+        settings.ca_file, settings.pin_sha256 = transport_policy.check_settings(
+            settings.server_url, settings.ca_file, settings.pin_sha256)
         self.settings = settings
         self.state: dict[str, Any] = _read_json(self._state_path, {})
         if self.state.get("server_url") != settings.server_url:
@@ -223,6 +253,9 @@ class DeviceClient:
         self.progress: tuple[float, str] | None = None
         self._progress_listeners: list[Progress] = []
         self._cancel = threading.Event()
+        for hook in self.secure_aggregation:  # a closing app leaves a SecAgg round at its next stage
+            if hasattr(hook, "should_stop") and hook.should_stop is None:
+                hook.should_stop = self._cancel.is_set
         self.last_outcome: Outcome | None = None
         self.session_facts = SessionFacts()  # yes/no facts of this session, reported by randomized response
         self.telemetry = TelemetryReporter()
@@ -238,12 +271,23 @@ class DeviceClient:
         with self._lock:
             _write_json_atomic(self._state_path, self.state)
 
-    def set_server_url(self, url: str | None) -> None:
+    def set_server_url(self, url: str | None, *, ca_file: str | None = None, pin_sha256: str | None = None) -> None:
+        """Talk to another server (None: offline). Another URL drops the old server's CA file / pin
+        (pass the new server's); the same URL with ca_file / pin_sha256 changes only how it is verified.
+        Raises transport.TransportPolicyError, changing nothing, for a URL or setting the device refuses."""
         with self._lock:
             url = (url or "").strip() or None
+            if url == self.settings.server_url and ca_file is None and pin_sha256 is None:
+                return  # the same server (e.g. the app's field submitted again): keep its verification
+            ca, pin = transport_policy.check_settings(url, ca_file, pin_sha256)
             if url == self.settings.server_url:
+                self.settings.ca_file, self.settings.pin_sha256 = ca, pin
+                if self._api is not None:
+                    self._api.close()
+                self._api = None
+                self.save_settings()
                 return
-            self.settings.server_url = url
+            self.settings.server_url, self.settings.ca_file, self.settings.pin_sha256 = url, ca, pin
             self.state = {"server_url": url}
             if self._api is not None:
                 self._api.close()
@@ -319,6 +363,7 @@ class DeviceClient:
     def api(self) -> ServerAPI | None:
         with self._lock:
             if self._api is None and self.settings.server_url:
+                injected = self._transport is not None or self._http_client is not None
                 self._api = ServerAPI(
                     self.settings.server_url,
                     token=self.state.get("token"),
@@ -326,6 +371,9 @@ class DeviceClient:
                     transport=self._transport,
                     on_request=self._on_request,
                     client=self._http_client,
+                    # an injected transport / shared client was built with its own verification
+                    ca_file=None if injected else self.settings.ca_file,
+                    pin_sha256=None if injected else self.settings.pin_sha256,
                 )
             return self._api
 
@@ -334,9 +382,13 @@ class DeviceClient:
         self.last_error = None
 
     def _offline(self, exc: Exception) -> None:
-        self.connection = "offline"
+        if isinstance(exc, UntrustedServer):  # not a dead network: someone else answered
+            self.connection = "untrusted server"
+            log.warning("%s", exc)
+        else:
+            self.connection = "offline"
+            log.info("server unreachable: %s", exc)
         self.last_error = str(exc)
-        log.info("server unreachable: %s", exc)
 
     def ensure_registered(self) -> ServerAPI:
         api = self.api
@@ -872,6 +924,8 @@ class DeviceClient:
         privacy = self.state.get("privacy") or {}
         return {
             "server_url": self.settings.server_url,
+            "ca_file": self.settings.ca_file,
+            "pin_sha256": self.settings.pin_sha256,
             "connection": self.connection,
             "device_id": self.state.get("device_id"),
             "last_error": self.last_error,

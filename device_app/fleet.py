@@ -13,6 +13,9 @@ The devices share what a real fleet would not need to duplicate in one process: 
 copy of each global model (ModelCache), one Keras trainer per model config, one HTTP
 connection pool. Retry-after waits are honoured but capped at `max_wait_s`, so a demo does
 not sit out the server's 10-minute pace steering.
+
+Over https, `ca_file` or `pin_sha256` (--ca-file / --pin-sha256) set how that shared client verifies
+the server (device_app/transport.py); plain http:// is refused unless the server is on this machine.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ import numpy as np
 from device_app.client import ClientSettings, DeviceClient, ModelCache, Outcome
 from device_app.eligibility import Eligibility, EligibilitySettings
 from device_app.personalize import PersonalizationSettings
+from device_app.transport import check_settings, make_transport
 
 log = logging.getLogger("device_app.fleet")
 
@@ -56,6 +60,8 @@ class FleetConfig:
     personalize: bool = False
     data_dir: str | None = None  # default: a temporary directory, deleted afterwards
     keep_data: bool = False
+    ca_file: str | None = None  # verify the https server with this CA file (device_app/transport.py)
+    pin_sha256: str | None = None  # or: trust exactly the certificate with this SHA-256 fingerprint
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -148,6 +154,7 @@ class Fleet:
         self._tmp: str | None = None
         self._http: httpx.Client | None = None
         self._version_seen: int | None = None
+        self._started = 0.0
 
     # ------------------------------------------------------------------ setup
 
@@ -171,21 +178,28 @@ class Fleet:
 
     def setup(self) -> None:
         cfg = self.config
+        self.on_event(f"setting up {cfg.n_devices} devices typing {cfg.dataset} users' messages")
+        # the URL policy and TLS settings, refused before any directory or connection exists
+        ca_file, pin = check_settings(cfg.server_url, cfg.ca_file, cfg.pin_sha256)
         root = Path(cfg.data_dir) if cfg.data_dir else Path(tempfile.mkdtemp(prefix="fk-fleet-"))
         if not cfg.data_dir:
             self._tmp = str(root)
         root.mkdir(parents=True, exist_ok=True)
         self._http = httpx.Client(
             timeout=httpx.Timeout(60.0, connect=10.0),
-            # a cap, not a pool size: room for every device's long-poll when the server runs SecAgg
-            limits=httpx.Limits(max_connections=max(8, cfg.workers * 2, cfg.n_devices + 8),
-                                max_keepalive_connections=max(8, cfg.workers * 2)),
+            transport=make_transport(
+                ca_file=ca_file, pin_sha256=pin,
+                # a cap, not a pool size: room for every device's long-poll when the server runs SecAgg
+                limits=httpx.Limits(max_connections=max(8, cfg.workers * 2, cfg.n_devices + 8),
+                                    max_keepalive_connections=max(8, cfg.workers * 2))),
         )
         cache = ModelCache()
         seeds = np.random.SeedSequence(cfg.seed).spawn(cfg.n_devices)
         for i, (cid, messages) in enumerate(self._load_users()):
             settings = ClientSettings(
                 server_url=cfg.server_url,
+                ca_file=ca_file,  # recorded for status(); the shared client above does the verifying
+                pin_sha256=pin,
                 eligibility=EligibilitySettings(idle_after_s=0.0, use_battery_sensor=False),
                 personalization=PersonalizationSettings(),
                 auto_personalize=cfg.personalize,
@@ -317,12 +331,34 @@ class Fleet:
         return workers
 
     def run(self) -> FleetReport:
+        """Drive the devices until the rounds or the duration are done, or Ctrl-C / SIGTERM (then every
+        device stops at its next training batch or step, and the report says interrupted)."""
+        self._started = time.monotonic()
+        try:
+            self._run()
+        except KeyboardInterrupt as exc:
+            from models import interrupts
+
+            interrupts.acknowledge(exc)
+            self.report.interrupted = True
+            self.on_event("interrupted: the devices stopped after their current step")
+        finally:
+            self._stop.set()
+            self.report.seconds = time.monotonic() - self._started
+        return self.report
+
+    def _stop_devices(self) -> None:
+        self._stop.set()
+        for device in self.devices:
+            device.client.cancel()  # training in progress stops at its next batch
+
+    def _run(self) -> None:
         cfg = self.config
         if not self.devices:
             self.setup()
         duration = cfg.duration_s if cfg.duration_s is not None else (600.0 if cfg.rounds is None else 3600.0)
-        start = time.monotonic()
-        deadline = start + duration
+        self._started = time.monotonic()  # the run's clock starts once the devices exist
+        deadline = self._started + duration
         # The first sync of every device: all share one download decode through the ModelCache.
         for device in self.devices:
             device.client.sync()
@@ -333,29 +369,22 @@ class Fleet:
         heap_lock = threading.Lock()
         workers = self._worker_count()
         watcher = threading.Thread(target=self._watch_server, args=(deadline,), name="fleet-watch", daemon=True)
-        watcher.start()
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fleet") as pool:
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fleet")
+        try:
+            watcher.start()
             futures = [pool.submit(self._worker, heap, heap_lock, deadline) for _ in range(workers)]
-            try:
-                for f in futures:
-                    f.result()
-            except KeyboardInterrupt:  # Ctrl-C: stop every worker after its current step, report what ran
-                self._stop.set()
-                self.report.interrupted = True
-                self.on_event("interrupted: stopping the devices after their current step")
-                for f in futures:
-                    f.exception()
-        self._stop.set()
-        watcher.join(5.0)
-        self.report.seconds = time.monotonic() - start
-        return self.report
+            for f in futures:
+                f.result()
+        finally:  # whatever ends the run (Ctrl-C included), the workers are told before they are waited for
+            self._stop_devices()
+            pool.shutdown(wait=True, cancel_futures=True)
+            watcher.join(5.0)
 
 
 def run_fleet(config: FleetConfig, *, dataset: Any = None, on_event: Callable[[str], None] | None = None) -> FleetReport:
     fleet = Fleet(config, dataset=dataset, on_event=on_event)
     try:
-        fleet.setup()
-        return fleet.run()
+        return fleet.run()  # sets up the devices first, inside its Ctrl-C handling
     finally:
         fleet.close()
 

@@ -8,9 +8,15 @@ training metrics, and evaluation reports (recall/loss numbers). Never text or to
 `transport` and `on_request` are injection points: tests pass a recording transport (or a
 hook) to capture every request body, the fleet may share a connection pool.
 
-Errors: `Offline` when the server cannot be reached (connection refused, DNS, timeout);
-`ServerError` for HTTP errors, with the server's machine-readable reason from its JSON
-body {"error": reason, "detail": ...}.
+Transport security (device_app/transport.py): the base URL, and any absolute URL the server hands
+out, must pass the URL policy (plain http:// only to loopback), checked before any connection.
+`ca_file` / `pin_sha256` set how the client ServerAPI builds verifies the server; a `client` or
+`transport` passed in carries its own verification (build it with transport.make_transport).
+
+Errors: `Offline` when the server cannot be reached (connection refused, DNS, timeout), and its
+`UntrustedServer` when the server's certificate does not match the pin (nothing was sent);
+`TransportPolicyError` (a ValueError) for a refused URL; `ServerError` for HTTP errors, with the
+server's machine-readable reason from its JSON body {"error": reason, "detail": ...}.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from typing import Any, Callable
 
 import httpx
 
+from device_app import transport as transport_policy
 from models.config import ModelConfig
 from models.vocab import Vocabulary
 
@@ -41,6 +48,10 @@ RequestHook = Callable[[httpx.Request], None]
 
 class Offline(Exception):
     """The server could not be reached; the device keeps working offline."""
+
+
+class UntrustedServer(Offline):
+    """The server's TLS certificate is not the pinned one: the device sent nothing and stays offline."""
 
 
 class ServerError(Exception):
@@ -151,13 +162,21 @@ class ServerAPI:
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
         registration_key: str | None = None,
         client: httpx.Client | None = None,
+        ca_file: str | None = None,
+        pin_sha256: str | None = None,
     ) -> None:
+        ca_file, pin_sha256 = transport_policy.check_settings(base_url, ca_file, pin_sha256)
+        if (ca_file or pin_sha256) and (client is not None or transport is not None):
+            raise ValueError("ca_file / pin_sha256 apply to the client ServerAPI builds; a given client or "
+                             "transport verifies by itself (device_app.transport.make_transport)")
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.device_id = device_id
         self.registration_key = registration_key
         hooks = {"request": [on_request]} if on_request is not None else {}
         self._owns_client = client is None
+        if client is None and transport is None:
+            transport = transport_policy.make_transport(ca_file=ca_file, pin_sha256=pin_sha256)
         self._client = client or httpx.Client(
             base_url=self.base_url, transport=transport, timeout=timeout, event_hooks=hooks,
             headers={"User-Agent": "fk-device/1"},
@@ -176,12 +195,18 @@ class ServerAPI:
         return headers
 
     def _url(self, path: str) -> str:
-        return path if path.startswith(("http://", "https://")) else f"{self.base_url}{path}"
+        if path.startswith(("http://", "https://")):
+            transport_policy.check_request_url(self.base_url, path)
+            return path
+        return f"{self.base_url}{path}"
 
     def _request(self, method: str, path: str, *, ok: tuple[int, ...] = (200,), **kwargs: Any) -> httpx.Response:
         headers = self._headers(kwargs.pop("headers", None))
+        url = self._url(path)
         try:
-            response = self._client.request(method, self._url(path), headers=headers, **kwargs)
+            response = self._client.request(method, url, headers=headers, **kwargs)
+        except transport_policy.CertificatePinMismatch as exc:
+            raise UntrustedServer(f"{method} {path}: {exc}") from exc
         except (httpx.TransportError, OSError) as exc:
             raise Offline(f"{method} {path}: {exc.__class__.__name__}: {exc}") from exc
         if response.status_code not in ok:
@@ -316,4 +341,5 @@ __all__ = [
     "ServerAPI",
     "ServerError",
     "Task",
+    "UntrustedServer",
 ]

@@ -99,9 +99,10 @@ class SimResult:
 class SimDevice:
     def __init__(self, server_url: str, *, seed: int = 0, transport: httpx.BaseTransport | None = None,
                  client: httpx.Client | None = None, paillier_mode: str = "standard",
-                 trusted_keyholder_keys: Sequence[str] | None = None) -> None:
+                 trusted_keyholder_keys: Sequence[str] | None = None, ca_file: str | None = None,
+                 pin_sha256: str | None = None) -> None:
         self.api = ServerAPI(server_url, transport=transport, client=client,
-                             timeout=httpx.Timeout(90.0, connect=10.0))
+                             timeout=httpx.Timeout(90.0, connect=10.0), ca_file=ca_file, pin_sha256=pin_sha256)
         self.api.register()
         self.rng = np.random.default_rng(seed)
         self.secagg = SecAggHook(rng=self.rng)

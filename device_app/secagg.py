@@ -152,11 +152,14 @@ class PeerPins:
 POLL_S = 20.0  # longest single long-poll (the server caps it too)
 
 
-def _wait(api: Any, url: str, give_up: float, poll_s: float = POLL_S) -> dict[str, Any]:
-    """Long-poll a stage until it is ready; SecAggError if the round failed or time ran out."""
+def _wait(api: Any, url: str, give_up: float, poll_s: float = POLL_S,
+          should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Long-poll a stage until it is ready; SecAggError if the round failed, time ran out or the device
+    stopped (should_stop, checked between polls)."""
     from device_app.http_client import Offline, ServerError
 
     while True:
+        _check_stop(should_stop)
         remaining = give_up - time.time()
         if remaining <= 0:
             raise SecAggError("timeout", f"{url}: the stage did not close in time")
@@ -172,12 +175,19 @@ def _wait(api: Any, url: str, give_up: float, poll_s: float = POLL_S) -> dict[st
             return answer
 
 
+def _check_stop(should_stop: Callable[[], bool] | None) -> None:
+    if should_stop is not None and should_stop():
+        raise SecAggError("cancelled", "the device stopped (the app is closing); it drops out of the round")
+
+
 class SecAggSession:
     """One device's side of one SecAgg round (all secrets in memory only, dropped with the session)."""
 
     def __init__(self, params: dict[str, Any], device_id: str, identity: DeviceIdentity, pins: PeerPins,
-                 min_participants: int = 3, deadline: float | None = None) -> None:
+                 min_participants: int = 3, deadline: float | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> None:
         self.params = params
+        self.should_stop = should_stop
         self.rid = int(params["round_id"])
         self.session = str(params["session"])
         self.me = device_id
@@ -257,8 +267,9 @@ class SecAggSession:
 
     def wait_stage(self, api: Any, url: str) -> dict[str, Any]:
         """The stage view for `url`: the one the server sent with the message's answer, else long-poll."""
+        _check_stop(self.should_stop)  # a stopping device leaves at the next stage, like a dropout
         nxt = self._next.pop(url, None)
-        return nxt if nxt is not None else _wait(api, url, self.give_up)
+        return nxt if nxt is not None else _wait(api, url, self.give_up, should_stop=self.should_stop)
 
     def receive_keys(self, answer: dict[str, Any]) -> None:
         """Verify the cohort the server announces: the keys of every device this one will mask with or
@@ -427,6 +438,7 @@ class SecAggHook:
         self.min_participants = min_participants
         self.rng = rng
         self._registered: set[tuple[str, str]] = set()
+        self.should_stop: Callable[[], bool] | None = None  # DeviceClient: its cancel flag
         self.sessions: dict[int, SecAggSession] = {}
         self.last_session: SecAggSession | None = None
 
@@ -463,7 +475,8 @@ class SecAggHook:
     def begin(self, api: Any, task: Any) -> SecAggSession:
         self.register(api)
         params = task.secure_aggregation
-        session = SecAggSession(params, api.device_id, self.identity, self.pins, self.min_participants, task.deadline)
+        session = SecAggSession(params, api.device_id, self.identity, self.pins, self.min_participants, task.deadline,
+                                should_stop=self.should_stop)
         self.sessions[session.rid] = session
         self.last_session = session
         session.begin(api)

@@ -107,10 +107,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from tff_sim.reaper import install_atexit_reaper, install_signal_handlers, reap_worker_binaries
+    from models import interrupts
+    from tff_sim.reaper import install_atexit_reaper, reap_worker_binaries
 
     install_atexit_reaper()
-    install_signal_handlers()
+    interrupts.install()  # Ctrl-C / SIGTERM: the `finally` below reaps TFF's worker
     config, vocab, slices, test = load_users(args.preset, args.max_examples)
     print(f"users: " + ", ".join(f"{n} ({len(slices[n][0])} examples)" for n in USERS)
           + f"; vocabulary {len(vocab)}; test: {len(test)} sentences of the three users' later messages\n")

@@ -318,12 +318,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    run_baselines(
-        dataset=args.dataset, out=args.out, preset_name=args.preset, vocab_size=args.vocab_size, order=args.order,
-        max_sentences=args.max_sentences, max_eval_sentences=args.max_eval_sentences, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, seed=args.seed, clients=args.clients,
-        heldout_clients=args.heldout_clients, full=args.full, tensorboard=not args.no_tensorboard, verbose=not args.quiet,
-    )
+    from models import interrupts
+
+    interrupts.install()
+    try:
+        run_baselines(
+            dataset=args.dataset, out=args.out, preset_name=args.preset, vocab_size=args.vocab_size, order=args.order,
+            max_sentences=args.max_sentences, max_eval_sentences=args.max_eval_sentences, epochs=args.epochs,
+            batch_size=args.batch_size, lr=args.lr, seed=args.seed, clients=args.clients,
+            heldout_clients=args.heldout_clients, full=args.full, tensorboard=not args.no_tensorboard,
+            verbose=not args.quiet,
+        )
+    except KeyboardInterrupt as exc:
+        code = interrupts.acknowledge(exc)
+        print(f"\ninterrupted ({exc}): results.json and the table in {args.out} were not updated", file=sys.stderr)
+        return code
     return 0
 
 

@@ -47,6 +47,8 @@ from typing import Any, Callable, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from models import interrupts  # noqa: E402 - after the path set-up
+
 CHILD_TF_LOG_LEVEL = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"  # this process: not even CUDA plugin registration errors
 
@@ -135,14 +137,6 @@ def stage(n: int, total: int, title: str) -> None:
 
 class DemoError(RuntimeError):
     pass
-
-
-class Interrupted(BaseException):
-    """Ctrl-C or SIGTERM (a BaseException, like KeyboardInterrupt, so `except Exception` lets it pass)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 # =====================================================================================  processes
@@ -442,7 +436,9 @@ class Demo:
                "--nesterov" if s.nesterov else "--no-nesterov",
                "--candidate-eval-fraction", "1.0", "--eval-goal", str(s.eval_goal),
                "--eval-min-count", str(s.eval_min_count), "--eval-deadline-s", str(s.deadline_s),
-               "--retry-min-s", "1", "--log-level", "warning"]
+               "--retry-min-s", "1", "--log-level", "warning",
+               # counts only, on loopback, for a browser (which sends no token); a real deployment keeps the default
+               "--public-status"]
         if self.secagg:
             cmd += ["--secure-aggregation", "secagg", "--secagg-neighbors", str(s.secagg_neighbors),
                     "--secagg-stage-s", str(s.secagg_stage_s)]
@@ -466,7 +462,8 @@ class Demo:
         self.admin = Admin(self.url, self.token)
         cfg = self.admin.get("/v1/admin/config")
         say(f"server up at {self.url} (pid {self.server.proc.pid}), data in {self.run_dir / 'server'}")
-        say(f"status page: {self.url}/status   admin token: {self.run_dir / 'admin_token'}")
+        say(f"status page: {self.url}/status (public: --public-status; /metrics too)   admin token: "
+            f"{self.run_dir / 'admin_token'}")
         (self.run_dir / "admin_token").write_text(self.token + "\n")
         os.chmod(self.run_dir / "admin_token", 0o600)
         say(f"DP: {cfg['dp_mode']}, clip {cfg['clip_norm']}, noise multiplier {cfg['noise_multiplier']}; "
@@ -840,11 +837,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             values[f.name] = getattr(args, f.name)
     settings = Settings(**values)
 
-    def on_signal(signum, frame):  # noqa: ARG001
-        raise Interrupted(signum)
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    interrupts.install()  # Ctrl-C / SIGTERM raise Interrupted here, never lost in a finalizer
     become_subreaper()
     demo = Demo(args, settings)
     say(f"federated keyboard demo: run folder {demo.run_dir}")
@@ -868,10 +861,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             while True:
                 demo._check_alive(demo.server)
                 time.sleep(1)
-    except Interrupted as exc:
+    except KeyboardInterrupt as exc:
+        code = interrupts.acknowledge(exc)  # later signals: "already stopping", the cleanup goes on
         say()
         say(f"{exc}: stopping every process")
-        code = 128 + exc.signum
     except DemoError as exc:
         say(f"FAILED: {exc}")
         code = 1
@@ -882,8 +875,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         say(f"FAILED: {exc.__class__.__name__}: {exc}")
         code = 1
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        interrupts.acknowledge()  # a signal from here on must not cut the cleanup short
         demo.summary["wall_seconds"] = round(time.monotonic() - _t0, 1)
         demo.summary["exit_code"] = code
         try:

@@ -11,11 +11,16 @@ Every ServerConfig field (server/config.py) is a flag: --round-goal, --min-count
 --epochs, --batch-size, --learning-rate, --dp-mode {none,central,distributed,local}, --clip-norm,
 --noise-multiplier, --aggregator {mean,trimmed_mean,median}, --server-optimizer {sgd,momentum,adam},
 --server-lr, --candidate-eval-fraction, --promotion-tolerance, --secure-aggregation {none,secagg,paillier},
---secagg-threshold, --secagg-neighbors, --secagg-stage-s, --paillier-keyholder-url, --rr-p-first, ...;
+--secagg-threshold, --secagg-neighbors, --secagg-stage-s, --paillier-keyholder-url, --rr-p-first,
+--public-status (/status and /metrics without the admin token), ...;
 --config FILE.json sets many at once. Paillier's key holder is its own process: python -m server.keyholder.
 Admin token: --admin-token, else $FK_ADMIN_TOKEN, else generated into <data-dir>/admin_token.
 The deployment's model config and vocabulary are fixed by the first model (--init-bundle DIR, or
 --init-preset NAME [--vocab-file vocab.json] with numpy random weights, or POST /v1/admin/init).
+HTTPS (tls.py): --tls-cert FILE --tls-key FILE, or --tls-self-signed, which creates <data-dir>/tls_cert.pem
+and tls_key.pem (0600) once, reuses them on restart, and prints the certificate's path and SHA-256
+fingerprint: devices verify with --ca-file <that path> or --pin-sha256 <fingerprint>. Devices refuse plain
+http:// to anything but loopback, so a server devices reach over the network needs one of these.
 
 Modules
 -------
@@ -32,7 +37,9 @@ auth.py         registration, bearer tokens (stored as SHA-256), admin token
 app.py          FastAPI routes, create_app(config)
 metrics.py      Prometheus text;  status_page.py  HTML + server-rendered SVG (no JavaScript)
 bootstrap.py    first model from a bundle or a preset;  __main__.py  argparse + uvicorn
+tls.py          HTTPS certificates: the self-signed pair in the data dir, SHA-256 fingerprints
 errors.py       rejection reasons -> HTTP status
+contract.py     the OpenAPI contract: ErrorBody, each route's refusals and auth, bounded integers (ApiInt)
 privacy.py      the privacy layer plugged into rounds and app: protocol dispatch + its HTTP routes
 secagg.py       secure aggregation (Bonawitz et al. 2017; SecAgg+ graph optional): stage state machine,
                 identity-key registry, running modular sum, reconstruction and unmasking
@@ -65,7 +72,9 @@ POST /v1/admin/models[?promote=true&note=...]   wire weights -> {version, state:
 POST /v1/admin/candidate/discard               -> {discarded}
 POST /v1/admin/rollback        {"version", "note"?} -> {version (new), rollback_of}
 POST /v1/admin/init            {"config", "vocab", "seed"?} (empty server only) -> 201 {version: 1}
-GET  /healthz  /metrics (Prometheus)  /status (HTML)  /docs  /openapi.json
+GET  /metrics (Prometheus)  /status (HTML)   admin, or none with --public-status (ServerConfig.public_status)
+GET  /healthz  /docs  /openapi.json            none; /openapi.json is the contract: each route's auth
+                                               (deviceToken / adminToken / none) and refusals by status
 Privacy layer (server/privacy.py has the full table):
 POST /v1/devices/identity      device  {"public_key": Ed25519 b64}   set once, never replaced
 GET  /v1/devices/{id}/identity device  the registry peers verify advertised keys against
@@ -96,7 +105,9 @@ all finite; metadata; L2 norm <= clip + noise tolerance (models.dp.norm_toleranc
 Large bodies: send with Content-Length, and from httpx as an iterator of ~256 KB chunks (httpcore copies
 the rest of a `bytes` body after each partial socket send, which is quadratic under load).
 
-Rejections: 4xx {"error": reason, "detail": "..."}; reasons in server/errors.py (unauthorized, forbidden,
+Rejections: 4xx (503: not_initialized, keyholder_unavailable) {"error": reason, "detail": "..."}, the
+ErrorBody of the OpenAPI document; integers in paths, queries and bodies are bounded to +-(2^53 - 1) (422
+bad_request beyond); reasons in server/errors.py (unauthorized, forbidden,
 not_admitted, unknown_round, round_closed, stale_base_version, duplicate_upload, config_mismatch,
 too_large, truncated, bad_magic, unsupported_format_version, corrupt_header, checksum_mismatch,
 shape_mismatch, non_finite, unsupported_dtype, wrong_kind, norm_exceeded, bad_metadata, bad_report,

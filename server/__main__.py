@@ -6,6 +6,8 @@
 Every ServerConfig field is a flag (--round-goal 100, --dp-mode distributed, --no-training-on-start ...);
 --config FILE.json sets several at once (flags win). --port 0 binds a free port; --port-file writes it.
 --init-bundle / --init-preset only act on a data dir that has no model yet.
+HTTPS: --tls-cert FILE --tls-key FILE, or --tls-self-signed (created once in the data dir; its path and
+SHA-256 fingerprint are printed for the devices' --ca-file / --pin-sha256).
 """
 from __future__ import annotations
 
@@ -20,12 +22,13 @@ import argparse
 import dataclasses
 import logging
 import socket
+import ssl
 import sys
 import types
 import typing
 from pathlib import Path
 
-from server import runtime_tuning
+from server import runtime_tuning, tls
 from server.config import ServerConfig
 
 log = logging.getLogger("server")
@@ -80,6 +83,25 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _tls_files(config: ServerConfig) -> tuple[Path, Path] | None:
+    """(certificate, key) to serve HTTPS with, or None for plain HTTP. Creates the self-signed pair on
+    first use and prints its fingerprint: the operator hands it (or the file) to the devices."""
+    if config.tls_self_signed:
+        cert, key, created = tls.ensure_self_signed(config.data_dir, config.host)
+    elif config.tls_cert and config.tls_key:
+        cert, key, created = Path(config.tls_cert), Path(config.tls_key), False
+    else:
+        return None
+    tls.check_pair(cert, key)  # a clear error now rather than a traceback from inside uvicorn
+    fingerprint = tls.fingerprint_sha256(tls.load_certificate(cert))
+    kind = ("created a self-signed" if created else "self-signed") if config.tls_self_signed else "serving"
+    # printed, not only logged: the operator needs it whatever the log level
+    print(f"TLS: {kind} certificate {cert.resolve()}\n"
+          f"TLS: SHA-256 fingerprint {tls.format_fingerprint(fingerprint)}\n"
+          f"TLS: devices verify with --ca-file {cert.resolve()} or --pin-sha256 {fingerprint}", flush=True)
+    return cert, key
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -107,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     elif not manager.initialized:
         log.warning("no model yet: devices are told to retry until an admin calls POST /v1/admin/init")
 
+    try:
+        tls_files = _tls_files(config)
+    except (ValueError, OSError, ssl.SSLError) as exc:
+        print(f"python -m server: cannot serve HTTPS: {exc}", file=sys.stderr)
+        return 2
     app = create_app(config, manager)
     if config.admin_token is None:
         log.info("admin token: see %s", Path(config.data_dir) / "admin_token")
@@ -116,9 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(args.port_file + ".tmp")
         tmp.write_text(f"{port}\n")
         os.replace(tmp, args.port_file)
-    log.info("listening on http://%s:%d (data dir %s)", config.host, port, config.data_dir)
+    scheme = "https" if tls_files else "http"
+    log.info("listening on %s://%s:%d (data dir %s)", scheme, config.host, port, config.data_dir)
+    ssl_files = {"ssl_certfile": str(tls_files[0]), "ssl_keyfile": str(tls_files[1])} if tls_files else {}
     server = uvicorn.Server(uvicorn.Config(app, log_level=config.log_level, access_log=False,
-                                           timeout_keep_alive=30, limit_concurrency=None))
+                                           timeout_keep_alive=30, limit_concurrency=None, **ssl_files))
     server.run(sockets=[sock])
     return 0
 

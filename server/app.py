@@ -1,7 +1,8 @@
 """HTTP routes (FastAPI). JSON for control; the models/ wire format for weights and deltas.
 
-Every refusal is a 4xx with JSON {"error": reason, "detail": "..."}; reasons are listed in
-server/errors.py. See server/__init__.py for the API table.
+Every refusal is a 4xx (503 while uninitialised) with JSON {"error": reason, "detail": "..."}; reasons
+are listed in server/errors.py, and each route's reasons per status in its OpenAPI document (/openapi.json,
+built by server/contract.py). See server/__init__.py for the API table.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import logging
 import math
 from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -27,8 +28,9 @@ from server import status_page
 from server.auth import Auth, ensure_admin_token
 from server.bootstrap import random_weights
 from server.config import ServerConfig
+from server.contract import BODY_READ_REASONS, WIRE_REASONS, ApiInt, finish, refusals
 from server.db import Db
-from server.errors import Rejection
+from server.errors import REASONS, Rejection
 from server.metrics import Metrics
 from server.rounds import RoundManager
 from server.store import Store
@@ -39,6 +41,9 @@ WIRE_MEDIA_TYPE = "application/octet-stream"
 DRAIN_LIMIT = 64 << 20  # an oversized body is read (and dropped) up to this much so the client sees the 413
 _RAW_BODY = {"requestBody": {"required": True, "content": {WIRE_MEDIA_TYPE: {"schema": {"type": "string",
                                                                                          "format": "binary"}}}}}
+_WIRE_ANSWER = {200: {"description": "models/ wire bytes (kind weights); ETag, X-Model-Version",
+                      "content": {WIRE_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}},
+                304: {"description": "Not Modified: If-None-Match matched the ETag"}}
 
 
 # ---------------------------------------------------------------------- request bodies
@@ -57,13 +62,13 @@ class Eligibility(BaseModel):
 class CheckinRequest(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
     eligibility: Eligibility = Eligibility()
-    model_version: int | None = None
+    model_version: ApiInt | None = None
 
 
 class EvalResult(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    model_version: int
-    num_examples: int
+    model_version: ApiInt
+    num_examples: ApiInt
     recall: float = Field(allow_inf_nan=False)
     loss: float = Field(allow_inf_nan=False)
     metrics: dict[str, float] = {}
@@ -76,7 +81,7 @@ class EvalReport(BaseModel):
 
 class RollbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: int
+    version: ApiInt
     note: str | None = Field(None, max_length=500)
 
 
@@ -84,7 +89,7 @@ class InitRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     config: dict[str, Any]
     vocab: dict[str, Any]
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2 ** 32 - 1)  # numpy's generators take no negative seed
 
 
 # ---------------------------------------------------------------------- helpers
@@ -159,7 +164,11 @@ def create_app(config: ServerConfig, manager: RoundManager | None = None) -> Fas
     manager = manager or build_manager(config)
     admin_token = ensure_admin_token(config.admin_token, config.data_path)
     auth = Auth(manager.db, admin_token, config.registration_key)
-    bearer = HTTPBearer(auto_error=False, description="device token from /v1/devices/register, or the admin token")
+    # Two schemes on the same Authorization header, so the document says which token each route takes.
+    device_bearer = HTTPBearer(auto_error=False, scheme_name="deviceToken",
+                               description="a device's token from POST /v1/devices/register")
+    admin_bearer = HTTPBearer(auto_error=False, scheme_name="adminToken",
+                              description="the admin token (--admin-token, $FK_ADMIN_TOKEN or <data-dir>/admin_token)")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -194,24 +203,31 @@ def create_app(config: ServerConfig, manager: RoundManager | None = None) -> Fas
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Unknown route or method; anything else FastAPI refuses itself (e.g. a JSON body that is not
+        # UTF-8: "There was an error parsing the body", a 400) is a malformed request like any invalid
+        # JSON, so it gets bad_request's one status (422) as every other validation failure does.
         reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
-        return JSONResponse({"error": reason, "detail": str(exc.detail)}, status_code=exc.status_code,
+        return JSONResponse({"error": reason, "detail": str(exc.detail)}, status_code=REASONS[reason],
                             headers=getattr(exc, "headers", None))
 
     # ------------------------------------------------------------------ auth dependencies
     def _header(creds: HTTPAuthorizationCredentials | None) -> str | None:
         return f"{creds.scheme} {creds.credentials}" if creds else None
 
-    async def device(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
+    async def device(creds: HTTPAuthorizationCredentials | None = Depends(device_bearer)) -> str:
         # On the event loop (one indexed SQLite read), not a thread hop per request: device routes are
         # a cohort's many small messages and its uploads, which go to a worker thread anyway.
         return auth.require_device(_header(creds))
 
-    def anyone(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
-        return auth.require_any(_header(creds))
+    def anyone(creds: HTTPAuthorizationCredentials | None = Depends(device_bearer),
+               _admin: HTTPAuthorizationCredentials | None = Depends(admin_bearer)) -> str:
+        return auth.require_any(_header(creds))  # both schemes read the one Authorization header
 
-    def admin(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    def admin(creds: HTTPAuthorizationCredentials | None = Depends(admin_bearer)) -> None:
         auth.require_admin(_header(creds))
+
+    # /status and /metrics: admin token unless the operator made them public (--public-status)
+    status_auth = [] if config.public_status else [Depends(admin)]
 
     # ------------------------------------------------------------------ public
     @app.get("/healthz", tags=["ops"])
@@ -219,25 +235,25 @@ def create_app(config: ServerConfig, manager: RoundManager | None = None) -> Fas
         return {"status": "ok", "initialized": manager.initialized, "global_version": manager.global_version(),
                 "warm": manager.warm.is_set()}
 
-    @app.get("/metrics", tags=["ops"], response_class=Response)
-    def metrics_endpoint(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Response:
-        if not config.status_page_public:
-            auth.require_admin(_header(creds))
+    @app.get("/metrics", tags=["ops"], response_class=Response, dependencies=status_auth,
+             responses={200: {"description": "Prometheus text exposition format",
+                              "content": {prom.CONTENT_TYPE: {"schema": {"type": "string"}}}}})
+    def metrics_endpoint() -> Response:
+        """Prometheus metrics (counts only). Admin token unless the server runs with --public-status."""
         return Response(_metrics_text(manager), media_type=prom.CONTENT_TYPE)
 
     @app.get("/", include_in_schema=False)
     def root() -> RedirectResponse:
         return RedirectResponse("/status")
 
-    @app.get("/status", tags=["ops"], response_class=HTMLResponse)
-    def status_html(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> HTMLResponse:
-        if not config.status_page_public:
-            auth.require_admin(_header(creds))
+    @app.get("/status", tags=["ops"], response_class=HTMLResponse, dependencies=status_auth)
+    def status_html() -> HTMLResponse:
+        """The status page (HTML + inline SVG). Admin token unless the server runs with --public-status."""
         page = status_page.render(manager.status(), manager.list_rounds(200), manager.list_versions())
         return HTMLResponse(page)
 
     # ------------------------------------------------------------------ devices
-    @app.post("/v1/devices/register", status_code=201, tags=["device"])
+    @app.post("/v1/devices/register", status_code=201, tags=["device"], responses=refusals("registration_refused"))
     def register(body: RegisterRequest | None = None) -> dict[str, Any]:
         """Register a device: returns its id and bearer token (shown once; the server keeps only a hash)."""
         device_id, token = auth.register(body.registration_key if body else None)
@@ -245,7 +261,7 @@ def create_app(config: ServerConfig, manager: RoundManager | None = None) -> Fas
         return {"device_id": device_id, "token": token, "global_version": manager.global_version(),
                 "config_hash": manager.model_config.config_hash() if manager.initialized else None}
 
-    @app.get("/v1/model/info", tags=["device"])
+    @app.get("/v1/model/info", tags=["device"], responses=refusals("not_initialized"))
     def model_info(_: str = Depends(anyone)) -> dict[str, Any]:
         """The deployment's model config and vocabulary hash, the global and candidate versions, and the
         population privacy guarantee of the global model (epsilon, delta, accountant, DP settings)."""
@@ -258,38 +274,41 @@ def create_app(config: ServerConfig, manager: RoundManager | None = None) -> Fas
                 "max_upload_bytes": manager.max_upload_bytes, "secure_aggregation": config.secure_aggregation,
                 "privacy": manager.privacy_report()}
 
-    @app.get("/v1/model/vocab", tags=["device"])
-    def model_vocab(request: Request, _: str = Depends(anyone)) -> Response:
+    @app.get("/v1/model/vocab", tags=["device"], response_class=JSONResponse,
+             responses={**refusals("not_initialized"), 304: _WIRE_ANSWER[304]})
+    def model_vocab(if_none_match: str | None = Header(None), _: str = Depends(anyone)) -> Response:
         """The vocabulary as models.vocab JSON (format_version, hash, tokens); ETag = its hash."""
         manager._require_initialized()
         etag = f'"{manager.vocab.content_hash()}"'
         headers = {"ETag": etag, "Cache-Control": "no-cache"}
-        if _etag_matches(request.headers.get("if-none-match"), etag):
+        if _etag_matches(if_none_match, etag):
             return Response(status_code=304, headers=headers)
         return JSONResponse(manager.vocab.to_dict(), headers=headers)
 
-    def _serve_model(version: int, request: Request, immutable: bool) -> Response:
+    def _serve_model(version: int, if_none_match: str | None, immutable: bool) -> Response:
         blob, sha = manager.model_blob(version)
         etag = _etag(sha)
         headers = {"ETag": etag, "X-Model-Version": str(version),
                    "Cache-Control": "public, max-age=31536000, immutable" if immutable else "no-cache"}
-        if _etag_matches(request.headers.get("if-none-match"), etag):
+        if _etag_matches(if_none_match, etag):
             manager.metrics.inc("fk_model_downloads_total", {"status": "304"})
             return Response(status_code=304, headers=headers)
         manager.metrics.inc("fk_model_downloads_total", {"status": "200"})
         return Response(blob, media_type=WIRE_MEDIA_TYPE, headers=headers)
 
-    @app.get("/v1/models/current", tags=["device"], response_class=Response)
-    def model_current(request: Request, _: str = Depends(anyone)) -> Response:
+    @app.get("/v1/models/current", tags=["device"], response_class=Response,
+             responses={**_WIRE_ANSWER, **refusals("not_initialized")})
+    def model_current(if_none_match: str | None = Header(None), _: str = Depends(anyone)) -> Response:
         """The global model as wire bytes (kind weights, header model_version = version). Honors If-None-Match."""
         manager._require_initialized()
-        return _serve_model(manager.global_version(), request, immutable=False)
+        return _serve_model(manager.global_version(), if_none_match, immutable=False)
 
-    @app.get("/v1/models/{version}", tags=["device"], response_class=Response)
-    def model_version(version: int, request: Request, _: str = Depends(anyone)) -> Response:
+    @app.get("/v1/models/{version}", tags=["device"], response_class=Response,
+             responses={**_WIRE_ANSWER, **refusals("not_initialized", "unknown_version")})
+    def model_version(version: ApiInt, if_none_match: str | None = Header(None), _: str = Depends(anyone)) -> Response:
         """Any stored version (global, earlier, or a candidate under evaluation) as wire bytes."""
         manager._require_initialized()
-        return _serve_model(version, request, immutable=True)
+        return _serve_model(version, if_none_match, immutable=True)
 
     @app.post("/v1/checkin", tags=["device"])
     def checkin(body: CheckinRequest, device_id: str = Depends(device)) -> JSONResponse:
@@ -298,8 +317,10 @@ def create_app(config: ServerConfig, manager: RoundManager | None = None) -> Fas
         headers = {"Retry-After": str(answer["retry_after"])} if answer["action"] == "retry" else {}
         return JSONResponse(answer, headers=headers)
 
-    @app.post("/v1/rounds/{round_id}/update", tags=["device"], openapi_extra=_RAW_BODY)
-    async def upload(round_id: int, request: Request, device_id: str = Depends(device)) -> dict[str, Any]:
+    @app.post("/v1/rounds/{round_id}/update", tags=["device"], openapi_extra=_RAW_BODY, responses=refusals(
+        "not_initialized", *BODY_READ_REASONS, "unknown_round", "not_admitted", "duplicate_upload", "round_closed",
+        "wrong_protocol", *WIRE_REASONS, "stale_base_version", "bad_metadata", "norm_exceeded"))
+    async def upload(round_id: ApiInt, request: Request, device_id: str = Depends(device)) -> dict[str, Any]:
         """Body: wire bytes, kind "delta", header model_version = the task's base_version, metadata
         {"num_examples": int, "metrics": {name: number}}. 200 once durable; a retry of the same bytes gets
         the same answer."""
@@ -311,13 +332,14 @@ def create_app(config: ServerConfig, manager: RoundManager | None = None) -> Fas
             raise
         return await run_in_threadpool(manager.submit_update, device_id, round_id, body)
 
-    @app.post("/v1/rounds/{round_id}/eval", tags=["device"])
-    def eval_report(round_id: int, body: EvalReport, device_id: str = Depends(device)) -> dict[str, Any]:
+    @app.post("/v1/rounds/{round_id}/eval", tags=["device"], responses=refusals(
+        "not_initialized", "unknown_round", "not_admitted", "duplicate_upload", "round_closed", "bad_report"))
+    def eval_report(round_id: ApiInt, body: EvalReport, device_id: str = Depends(device)) -> dict[str, Any]:
         """Recall and loss of the candidate and the baseline on the device's local data."""
         return manager.submit_eval(device_id, round_id, [r.model_dump() for r in body.results])
 
-    @app.get("/v1/rounds/{round_id}", tags=["device"])
-    def round_info(round_id: int, _: str = Depends(anyone)) -> dict[str, Any]:
+    @app.get("/v1/rounds/{round_id}", tags=["device"], responses=refusals("unknown_round"))
+    def round_info(round_id: ApiInt, _: str = Depends(anyone)) -> dict[str, Any]:
         """State of one round (counts only)."""
         rnd = manager.db.get_round(round_id)
         if rnd is None:
@@ -340,8 +362,9 @@ def create_app(config: ServerConfig, manager: RoundManager | None = None) -> Fas
                      kind: Literal["train", "eval"] | None = None) -> dict[str, Any]:
         return _json_safe({"rounds": manager.list_rounds(limit, kind)})
 
-    @app.get("/v1/admin/rounds/{round_id}", tags=["admin"], dependencies=[Depends(admin)])
-    def admin_round(round_id: int) -> dict[str, Any]:
+    @app.get("/v1/admin/rounds/{round_id}", tags=["admin"], dependencies=[Depends(admin)],
+             responses=refusals("unknown_round"))
+    def admin_round(round_id: ApiInt) -> dict[str, Any]:
         rnd = manager.db.get_round(round_id)
         if rnd is None:
             raise Rejection("unknown_round", f"no round {round_id}")
@@ -356,30 +379,36 @@ def create_app(config: ServerConfig, manager: RoundManager | None = None) -> Fas
     def admin_privacy(accountant: Literal["rdp", "pld"] | None = None) -> dict[str, Any]:
         return _json_safe(manager.privacy_report(accountant))
 
-    @app.post("/v1/admin/training/start", tags=["admin"], dependencies=[Depends(admin)])
+    @app.post("/v1/admin/training/start", tags=["admin"], dependencies=[Depends(admin)],
+              responses=refusals("not_initialized"))
     def training_start() -> dict[str, Any]:
         return _json_safe(manager.set_training(True))
 
-    @app.post("/v1/admin/training/stop", tags=["admin"], dependencies=[Depends(admin)])
+    @app.post("/v1/admin/training/stop", tags=["admin"], dependencies=[Depends(admin)],
+              responses=refusals("not_initialized"))
     def training_stop() -> dict[str, Any]:
         return _json_safe(manager.set_training(False))
 
-    @app.post("/v1/admin/models", tags=["admin"], dependencies=[Depends(admin)], openapi_extra=_RAW_BODY)
+    @app.post("/v1/admin/models", tags=["admin"], dependencies=[Depends(admin)], openapi_extra=_RAW_BODY,
+              responses=refusals("not_initialized", *BODY_READ_REASONS, *WIRE_REASONS))
     async def admin_push(request: Request, promote: bool = False, note: str | None = None) -> dict[str, Any]:
         """Push wire weights (e.g. from tff_sim): staged as the candidate (evaluated on devices), or global with promote=true."""
         limit = (manager.max_upload_bytes or DRAIN_LIMIT) * 2
         body = await _read_body(request, limit)
         return await run_in_threadpool(lambda: manager.push_model(body, promote=promote, note=note))
 
-    @app.post("/v1/admin/candidate/discard", tags=["admin"], dependencies=[Depends(admin)])
+    @app.post("/v1/admin/candidate/discard", tags=["admin"], dependencies=[Depends(admin)],
+              responses=refusals("not_initialized", "no_candidate"))
     def admin_discard() -> dict[str, Any]:
         return manager.discard_candidate()
 
-    @app.post("/v1/admin/rollback", tags=["admin"], dependencies=[Depends(admin)])
+    @app.post("/v1/admin/rollback", tags=["admin"], dependencies=[Depends(admin)],
+              responses=refusals("not_initialized", "unknown_version", "not_a_global_version", "already_global"))
     def admin_rollback(body: RollbackRequest) -> dict[str, Any]:
         return manager.rollback(body.version, body.note)
 
-    @app.post("/v1/admin/init", tags=["admin"], dependencies=[Depends(admin)], status_code=201)
+    @app.post("/v1/admin/init", tags=["admin"], dependencies=[Depends(admin)], status_code=201,
+              responses=refusals("already_initialized", "bad_request"))
     def admin_init(body: InitRequest) -> dict[str, Any]:
         """Initialise an empty server: model config + vocabulary JSON, numpy random weights (push real ones next)."""
         try:
@@ -398,6 +427,7 @@ def create_app(config: ServerConfig, manager: RoundManager | None = None) -> Fas
     from server.privacy import add_routes as add_privacy_routes
 
     add_privacy_routes(app, manager, device, admin)  # secure aggregation, Paillier, randomized response
+    finish(app, {device: "device", anyone: "any", admin: "admin"})  # auth + validation refusals, ErrorBody
     return app
 
 

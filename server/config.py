@@ -108,8 +108,14 @@ class ServerConfig:
 
     # --- ops
     tick_s: float = 0.1  # how often deadlines are checked
-    status_page_public: bool = True  # /status and /metrics without a token (they show counts only)
+    # /status and /metrics without a token (they show counts only); default: the admin token is required
+    public_status: bool = False
     log_level: str = "info"
+
+    # --- transport security (server/tls.py): HTTPS with a given certificate, or a self-signed one
+    tls_cert: str | None = None  # PEM certificate (chain); needs tls_key
+    tls_key: str | None = None  # its PEM private key
+    tls_self_signed: bool = False  # create once and serve <data_dir>/tls_cert.pem (+ tls_key.pem, 0600)
 
     def __post_init__(self) -> None:
         self.upload_dtypes = tuple(self.upload_dtypes)
@@ -169,6 +175,10 @@ class ServerConfig:
         need(8 <= self.paillier_value_bits <= 48, "paillier_value_bits must be in [8, 48]")
         need(0 < self.rr_p_first < 1 and 0 < self.rr_p_second < 1, "rr coin biases must be in (0, 1)")
         need(self.rr_period_s > 0, "rr_period_s must be > 0")
+        need((self.tls_cert is None) == (self.tls_key is None), "tls_cert and tls_key go together")
+        need(not (self.tls_self_signed and self.tls_cert), "tls_self_signed and tls_cert exclude each other")
+        for tls_file in (self.tls_cert, self.tls_key):
+            need(tls_file is None or Path(tls_file).is_file(), f"TLS file {tls_file} does not exist")
 
     # ------------------------------------------------------------------ derived
     @property

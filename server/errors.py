@@ -1,7 +1,8 @@
 """Rejections: every refused request is a 4xx with a stable machine-readable reason.
 
-The body is always JSON {"error": reason, "detail": "human sentence"}. A rejection changes
-nothing on the server (no row, no file, no aggregate).
+The body is always JSON {"error": reason, "detail": "human sentence"} (server/contract.py ErrorBody;
+the OpenAPI document lists each route's reasons per status). A rejection changes nothing on the server
+(no row, no file, no aggregate).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ REASONS: dict[str, int] = {
     "duplicate_upload": 409,      # a different payload was already accepted from this device in this round
     "config_mismatch": 409,       # blob made for another model config
     "too_large": 413,
+    "client_disconnected": 400,   # the body stopped before its Content-Length (nobody reads this answer)
     "truncated": 400,
     "bad_magic": 400,
     "unsupported_format_version": 400,
@@ -51,8 +53,8 @@ REASONS: dict[str, int] = {
     "unknown_identity": 404,
     "coins_mismatch": 409,        # randomized response with other coin biases than the server's
     "already_reported": 409,      # this question was already answered in this period
-    "keyholder_unavailable": 503,
-    "not_configured": 503,
+    "keyholder_unavailable": 503,  # the key holder cannot be reached: the server cannot serve this now
+    "not_configured": 404,        # this deployment has no such service (e.g. no Paillier key holder)
 }
 
 

@@ -77,8 +77,7 @@ class PaillierCoordinator:
             if self._key is None:
                 url = self.config.paillier_keyholder_url
                 if not url:
-                    raise Rejection("not_configured", "no Paillier key holder configured (--paillier-keyholder-url)",
-                                    status=503)
+                    raise Rejection("not_configured", "no Paillier key holder configured (--paillier-keyholder-url)")
                 try:
                     info = httpx.get(url.rstrip("/") + "/v1/public_key", timeout=30.0).json()
                 except (httpx.HTTPError, ValueError) as exc:

@@ -37,6 +37,7 @@ from fastapi import Depends, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from server.contract import BODY_READ_REASONS, FRAME_REASONS, ApiInt, refusals
 from server.errors import Rejection
 from server.paillier_agg import PaillierCoordinator, SecureAggregationFailed
 from server.secagg import GET_READY_AFTER, MAX_WAIT_S, SecAggCoordinator
@@ -111,6 +112,36 @@ class PrivacyServices:
         self.paillier.recover()
 
 
+def _json_body(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """openapi_extra declaring a JSON object body. The handlers parse the body themselves (a cohort's
+    many small messages skip pydantic), so this only documents it: their own checks answer 422 bad_request."""
+    schema = {"type": "object", "properties": properties, "required": list(required)}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+_B64 = {"type": "string", "description": "base64"}
+_BINARY_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
+    "schema": {"type": "string", "format": "binary"}}}}}
+_POST_BODIES = {
+    "advertise_keys": _json_body({"c_pk": _B64, "s_pk": _B64, "signature": _B64}, ("c_pk", "s_pk", "signature")),
+    "share_keys": _json_body({"shares": {"type": "array", "items": {
+        "type": "object", "properties": {"to": {"type": "string"}, "ct": _B64}, "required": ["to", "ct"]}},
+        "b_commitment": {"type": "string", "description": "SHA-256 hex"}}, ("shares", "b_commitment")),
+    "consistency": _json_body({"signature": _B64}, ("signature",)),
+    "unmasking": _json_body({"b_shares": {"type": "object", "additionalProperties": _B64},
+                             "s_shares": {"type": "object", "additionalProperties": _B64}},
+                            ("b_shares", "s_shares")),
+}
+# what every SecAgg stage message can be refused with (SecAggCoordinator._round, _require_stage, the
+# duplicate check, the body checks); advertise and consistency also verify a signature
+_STAGE_REASONS = ("unknown_round", "not_admitted", "round_closed", "duplicate_upload", "bad_request")
+_POST_REASONS = {"advertise_keys": (*_STAGE_REASONS, "no_identity", "bad_signature"),
+                 "share_keys": _STAGE_REASONS,
+                 "consistency": (*_STAGE_REASONS, "no_identity", "bad_signature"),
+                 "unmasking": _STAGE_REASONS}
+_VIEW_REASONS = ("unknown_round", "not_admitted", "round_closed")  # SecAggCoordinator *_view
+
+
 def add_routes(app, manager, device: Callable[..., Any], admin: Callable[..., Any]) -> None:
     """`device` / `admin`: the app's auth dependencies (server/app.py), shared by every route."""
     from server.app import _json_safe, _read_body
@@ -128,19 +159,20 @@ def add_routes(app, manager, device: Callable[..., Any], admin: Callable[..., An
         return body
 
     # ------------------------------------------------------------------ identity registry
-    @app.post("/v1/devices/identity", tags=["privacy"])
+    @app.post("/v1/devices/identity", tags=["privacy"], openapi_extra=_json_body({"public_key": _B64}, ("public_key",)),
+              responses=refusals("bad_request", "identity_exists"))
     async def identity_register(request: Request, device_id: str = Depends(device)) -> dict[str, Any]:
         """Register this device's Ed25519 identity key (once; it can never be replaced)."""
         body = await _json(request)
         return await run_in_threadpool(sa.register_identity, device_id, str(body.get("public_key", "")))
 
-    @app.get("/v1/devices/{device_id}/identity", tags=["privacy"])
+    @app.get("/v1/devices/{device_id}/identity", tags=["privacy"], responses=refusals("unknown_identity"))
     def identity_get(device_id: str, _: str = Depends(device)) -> dict[str, Any]:
         return sa.identity(device_id)
 
     # ------------------------------------------------------------------ secure aggregation
-    @app.get("/v1/rounds/{round_id}/secagg", tags=["privacy"])
-    def secagg_state(round_id: int, _: str = Depends(device)) -> dict[str, Any]:
+    @app.get("/v1/rounds/{round_id}/secagg", tags=["privacy"], responses=refusals("unknown_round"))
+    def secagg_state(round_id: ApiInt, _: str = Depends(device)) -> dict[str, Any]:
         rnd = manager.db.get_round(round_id)
         if protocol_of(rnd) != "secagg":
             raise Rejection("unknown_round", f"no secure-aggregation round {round_id}")
@@ -170,7 +202,7 @@ def add_routes(app, manager, device: Callable[..., Any], admin: Callable[..., An
         return answer
 
     def _make_post(name: str, fn):
-        async def post(round_id: int, request: Request, wait: float = Query(0.0, ge=0.0, le=60.0),
+        async def post(round_id: ApiInt, request: Request, wait: float = Query(0.0, ge=0.0, le=60.0),
                        device_id: str = Depends(device)) -> Any:
             body = await _json(request)
             answer = await run_in_threadpool(fn, device_id, round_id, body)
@@ -195,7 +227,7 @@ def add_routes(app, manager, device: Callable[..., Any], admin: Callable[..., An
     def _make_get(stage_name: str, fn):
         ready = _ready_check(stage_name)
 
-        async def get(round_id: int, wait: float = Query(0.0, ge=0.0, le=60.0),
+        async def get(round_id: ApiInt, wait: float = Query(0.0, ge=0.0, le=60.0),
                       device_id: str = Depends(device)) -> dict[str, Any]:
             if wait > 0:
                 await sa.waiters.wait(round_id, lambda: ready(round_id), min(wait, MAX_WAIT_S))
@@ -209,14 +241,16 @@ def add_routes(app, manager, device: Callable[..., Any], admin: Callable[..., An
         return rnd is None or rnd["state"] in ("closed", "abandoned")
 
     for name, fn in posts.items():
-        app.post(f"/v1/rounds/{{round_id}}/secagg/{name}", tags=["privacy"], name=f"secagg_{name}")(
-            _make_post(name, fn))
+        app.post(f"/v1/rounds/{{round_id}}/secagg/{name}", tags=["privacy"], name=f"secagg_{name}",
+                 openapi_extra=_POST_BODIES[name], responses=refusals(*_POST_REASONS[name]))(_make_post(name, fn))
     for name, fn in views.items():
-        app.get(f"/v1/rounds/{{round_id}}/secagg/{name}", tags=["privacy"], name=f"secagg_{name}_view")(
-            _make_get(name, fn))
+        app.get(f"/v1/rounds/{{round_id}}/secagg/{name}", tags=["privacy"], name=f"secagg_{name}_view",
+                responses=refusals(*_VIEW_REASONS))(_make_get(name, fn))
 
-    @app.post("/v1/rounds/{round_id}/secagg/masked_input", tags=["privacy"])
-    async def secagg_masked_input(round_id: int, request: Request, wait: float = Query(0.0, ge=0.0, le=60.0),
+    @app.post("/v1/rounds/{round_id}/secagg/masked_input", tags=["privacy"], openapi_extra=_BINARY_BODY,
+              responses=refusals(*BODY_READ_REASONS, "unknown_round", "not_admitted", "round_closed",
+                                 "duplicate_upload", *FRAME_REASONS, "bad_metadata"))
+    async def secagg_masked_input(round_id: ApiInt, request: Request, wait: float = Query(0.0, ge=0.0, le=60.0),
                                   device_id: str = Depends(device)) -> Any:
         """Binary FKSA frame: the device's masked, quantized update (mod 2^bits). With ?wait=S the answer
         also carries the survivor set ("next") once the masked-input stage closed."""
@@ -227,12 +261,15 @@ def add_routes(app, manager, device: Callable[..., Any], admin: Callable[..., An
         return await _with_next(answer, "masked_input", round_id, device_id, wait)
 
     # ------------------------------------------------------------------ Paillier
-    @app.get("/v1/paillier/public_key", tags=["privacy"])
+    @app.get("/v1/paillier/public_key", tags=["privacy"], responses=refusals("not_configured", "keyholder_unavailable"))
     def paillier_key(_: str = Depends(device)) -> dict[str, Any]:
         return privacy.paillier.public_key_info()
 
-    @app.post("/v1/rounds/{round_id}/paillier/input", tags=["privacy"])
-    async def paillier_input(round_id: int, request: Request, device_id: str = Depends(device)) -> dict[str, Any]:
+    @app.post("/v1/rounds/{round_id}/paillier/input", tags=["privacy"], openapi_extra=_BINARY_BODY,
+              responses=refusals(*BODY_READ_REASONS, "unknown_round", "not_admitted", "round_closed",
+                                 "duplicate_upload", "not_configured", "keyholder_unavailable", *FRAME_REASONS,
+                                 "bad_metadata"))
+    async def paillier_input(round_id: ApiInt, request: Request, device_id: str = Depends(device)) -> dict[str, Any]:
         """Binary FKPL frame: the device's packed Paillier ciphertexts."""
         limit = manager.max_upload_bytes * 4 + (1 << 20) if manager.max_upload_bytes else 64 << 20
         body = await _read_body(request, limit)
@@ -243,7 +280,10 @@ def add_routes(app, manager, device: Callable[..., Any], admin: Callable[..., An
     def telemetry_config(_: str = Depends(device)) -> dict[str, Any]:
         return privacy.telemetry.public_config()
 
-    @app.post("/v1/telemetry/rr", tags=["privacy"])
+    @app.post("/v1/telemetry/rr", tags=["privacy"], openapi_extra=_json_body(
+        {"coins": {"type": "object", "properties": {"p_first": {"type": "number"}, "p_second": {"type": "number"}}},
+         "answers": {"type": "object", "additionalProperties": {"type": "boolean"}}}, ("coins", "answers")),
+              responses=refusals("bad_request", "coins_mismatch", "already_reported"))
     async def telemetry_report(request: Request, device_id: str = Depends(device)) -> dict[str, Any]:
         body = await _json(request)
         return await run_in_threadpool(privacy.telemetry.report, device_id, body)

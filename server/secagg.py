@@ -526,7 +526,7 @@ class SecAggCoordinator:
         seen = set()
         for s in shares:
             to, ct = (s.get("to"), s.get("ct")) if isinstance(s, dict) else (None, None)
-            if to not in want or to in seen or not isinstance(ct, str):
+            if not isinstance(to, str) or to not in want or to in seen or not isinstance(ct, str):
                 raise Rejection("bad_request", f"share addressed to {to!r}: not a neighbour, or repeated", status=422)
             try:
                 blob = sm.unb64(ct)

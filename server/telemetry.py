@@ -52,12 +52,14 @@ class Telemetry:
 
     def report(self, device_id: str, body: dict[str, Any]) -> dict[str, Any]:
         coins = body.get("coins") or {}
+        if not isinstance(coins, dict):
+            raise Rejection("bad_request", "coins must be an object {p_first, p_second}", status=422)
         want = self.coins
         try:
             if not (math.isclose(float(coins.get("p_first")), want.p_first)
                     and math.isclose(float(coins.get("p_second")), want.p_second)):
                 raise ValueError
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an integer beyond float range
             raise Rejection("coins_mismatch", f"answers must use the server's coins {want.to_dict()}") from None
         answers = body.get("answers")
         if not isinstance(answers, dict) or not answers:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -38,8 +39,22 @@ class ServerProcess:
         self.port: int | None = None
 
     @property
+    def ca_file(self) -> Path | None:
+        """The certificate an https server (--tls-cert / --tls-self-signed) presents; None for http."""
+        if "--tls-cert" in self.args:
+            return Path(self.args[self.args.index("--tls-cert") + 1])
+        if "--tls-self-signed" in self.args:
+            return self.data_dir / "tls_cert.pem"
+        return None
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """httpx's verify for this server: its own certificate as the CA file when it serves https."""
+        return ssl.create_default_context(cafile=str(self.ca_file)) if self.ca_file else True
+
+    @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ca_file else 'http'}://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60.0) -> "ServerProcess":
         port_file = self.data_dir.parent / f"{self.data_dir.name}.port"
@@ -58,7 +73,7 @@ class ServerProcess:
             if port_file.exists() and port_file.read_text().strip():
                 self.port = int(port_file.read_text())
                 try:
-                    if httpx.get(self.url + "/healthz", timeout=2.0).status_code == 200:
+                    if httpx.get(self.url + "/healthz", timeout=2.0, verify=self.verify).status_code == 200:
                         return self
                 except httpx.TransportError:
                     pass
@@ -69,7 +84,7 @@ class ServerProcess:
     def wait_warm(self, timeout: float = 60.0) -> "ServerProcess":
         """Wait until the server's start-up imports are done (/healthz "warm"), e.g. before timing it."""
         deadline = time.monotonic() + timeout
-        while not httpx.get(self.url + "/healthz", timeout=5.0).json().get("warm"):
+        while not httpx.get(self.url + "/healthz", timeout=5.0, verify=self.verify).json().get("warm"):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server not warm after {timeout}s")
             time.sleep(0.05)
@@ -99,10 +114,11 @@ class ServerProcess:
 
     # ------------------------------------------------------------------ clients
     def admin(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=60.0)
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=60.0,
+                            verify=self.verify)
 
     def anon(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60.0)
+        return httpx.Client(base_url=self.url, timeout=60.0, verify=self.verify)
 
     def device(self) -> "Device":
         return Device(self)
@@ -142,11 +158,12 @@ class Device:
     """A registered device speaking the HTTP API."""
 
     def __init__(self, server: ServerProcess) -> None:
-        r = httpx.post(server.url + "/v1/devices/register", timeout=30.0)
+        r = httpx.post(server.url + "/v1/devices/register", timeout=30.0, verify=server.verify)
         assert r.status_code == 201, r.text
         data = r.json()
         self.id, self.token = data["device_id"], data["token"]
-        self.client = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=60.0)
+        self.client = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=60.0,
+                                   verify=server.verify)
 
     def checkin(self, eligible: dict[str, bool] | None = None, model_version: int | None = None) -> dict[str, Any]:
         r = self.client.post("/v1/checkin", json={"eligibility": ELIGIBLE if eligible is None else eligible,

@@ -11,6 +11,7 @@ was sent.
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -342,3 +343,41 @@ def test_headless_cli_runs_one_round(server_factory, tmp_path: Path) -> None:
     assert report["status"]["contributions"] == 1 and report["status"]["messages"] == len(TYPED)
     proc = subprocess.run([*base, "--forget"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "forgot" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_headless_device_stops_on_a_signal_after_its_round_and_keeps_its_data(server_factory, tmp_path: Path,
+                                                                            sig: int) -> None:
+    """A headless device that keeps participating stops on Ctrl-C / SIGTERM once its round is uploaded,
+    exits 128 + the signal without a traceback, and its data dir still works (a later --once run)."""
+    import os
+    import subprocess
+    import sys
+
+    srv = _tiny_server(server_factory, tmp_path)
+    typed = tmp_path / "typed.txt"
+    typed.write_text("\n".join(TYPED) + "\n")
+    root = Path(__file__).resolve().parents[1]
+    base = [sys.executable, "-m", "device_app", "--headless", "--data-dir", str(tmp_path / "device"), "--server", srv.url]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "FK_INITIAL_BUNDLE": "", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([*base, "--type-file", str(typed), "--interval", "1"], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "uploaded round" in line:
+                break
+        assert proc.poll() is None, "".join(lines)[-3000:]
+        proc.send_signal(sig)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + sig, ("".join(lines) + rest)[-3000:]
+    assert "Traceback" not in rest, rest[-3000:]
+    again = subprocess.run([*base, "--once"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    status = json.loads(again.stdout[again.stdout.index("{"):])["status"]
+    assert status["contributions"] >= 1 and status["messages"] == len(TYPED)

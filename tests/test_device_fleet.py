@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,12 +80,12 @@ def test_fleet_cli_with_chitchat_users(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_fleet_cli_stops_promptly_on_ctrl_c(tmp_path: Path) -> None:
-    """Ctrl-C in the middle of a long fleet run stops the devices and still writes the report."""
-    import os
-    import signal
-    import time
-
+@pytest.mark.parametrize("marker,sig", [("setting up", signal.SIGTERM), ("global model version", signal.SIGINT)],
+                         ids=["setup", "rounds"])
+def test_fleet_cli_stops_promptly_on_a_signal(tmp_path: Path, marker: str, sig: int) -> None:
+    """Ctrl-C or SIGTERM while the devices are set up, or in the middle of a long run once rounds complete:
+    the devices stop after their current step (training stops at its next batch), the report is still
+    written (interrupted: true), and the exit code is 128 + the signal."""
     from models.data import load_dataset
 
     srv = _server(tmp_path, load_dataset("chitchat").all_train_sentences()[:20_000], "--round-goal", "3",
@@ -97,17 +100,19 @@ def test_fleet_cli_stops_promptly_on_ctrl_c(tmp_path: Path) -> None:
             lines = []
             for line in proc.stdout:
                 lines.append(line)
-                if "devices ready" in line:
+                if marker in line:
                     break
             assert proc.poll() is None, "".join(lines)[-3000:]
-            time.sleep(3.0)  # let the devices get going
             t0 = time.monotonic()
-            proc.send_signal(signal.SIGINT)
-            rest, _ = proc.communicate(timeout=60)
-            assert time.monotonic() - t0 < 45, "the fleet kept running after Ctrl-C"
-            assert proc.returncode == 0, (("".join(lines) + rest)[-3000:])
+            proc.send_signal(sig)
+            rest, _ = proc.communicate(timeout=120)
+            assert time.monotonic() - t0 < 45, "the fleet kept running after the signal"
+            assert proc.returncode == 128 + sig, (("".join(lines) + rest)[-3000:])
+            assert "Traceback" not in rest, rest[-3000:]
             summary = json.loads(out.read_text())
             assert summary["interrupted"] is True and summary["seconds"] < 300
+            if marker == "global model version":
+                assert summary["uploads"] >= 3 and summary["rounds_advanced"] >= 1
         finally:
             if proc.poll() is None:
                 proc.kill()

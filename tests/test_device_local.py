@@ -226,7 +226,7 @@ def test_secure_aggregation_hook_masks_the_upload(tmp_path: Path, bundle_dir: Pa
     settings = ClientSettings()
     settings.eligibility.idle_after_s = 0
     settings.eligibility.use_battery_sensor = False
-    c = DeviceClient(tmp_path / "d", "http://fake", settings=settings, initial_bundle=False, seed=0,
+    c = DeviceClient(tmp_path / "d", "http://localhost", settings=settings, initial_bundle=False, seed=0,
                      transport=_fake_server(bundle_dir, {"protocol": "test-masks"}, uploads), secure_aggregation=[hook])
     try:
         for m in SAMPLE_MESSAGES:
@@ -247,7 +247,7 @@ def test_round_asking_for_unknown_secure_aggregation_is_declined(tmp_path: Path,
     settings = ClientSettings()
     settings.eligibility.idle_after_s = 0
     settings.eligibility.use_battery_sensor = False
-    c = DeviceClient(tmp_path / "d", "http://fake", settings=settings, initial_bundle=False,
+    c = DeviceClient(tmp_path / "d", "http://localhost", settings=settings, initial_bundle=False,
                      transport=_fake_server(bundle_dir, {"protocol": "something-else"}, uploads))
     try:
         for m in SAMPLE_MESSAGES:

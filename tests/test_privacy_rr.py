@@ -87,7 +87,7 @@ def test_devices_report_through_the_server(server_factory) -> None:  # noqa: F81
     assert q["rate"] == pytest.approx(2 * sent_yes / n - 0.5)
     assert q["ci_low"] <= true_rate <= q["ci_high"]  # seeded: holds for this draw
     assert summary["local_epsilon"] == pytest.approx(math.log(3))
-    page = srv.anon().get("/status").text
+    page = srv.admin().get("/status").text
     assert "Telemetry (randomized response)" in page and "suggestion_accepted" in page
     # the database holds counts, never an individual answer
     rows = srv.admin_get("/v1/admin/status")["telemetry"]["questions"]["suggestion_accepted"]

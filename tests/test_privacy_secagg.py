@@ -408,3 +408,22 @@ def test_kill9_mid_masked_input_keeps_every_accepted_upload(tmp_path: Path) -> N
         _check_exact(srv, devs, out, list(range(N)), base)
     finally:
         srv.stop()
+
+
+def test_a_stopping_device_leaves_a_secagg_stage_wait_before_the_next_poll():
+    """DeviceClient.cancel() (Ctrl-C, the app closing) reaches a device waiting in a SecAgg stage: it drops
+    out at its next poll like a dropout, instead of riding the protocol to its end."""
+    from device_app.secagg import SecAggError, _wait
+
+    polls: list[str] = []
+
+    class Api:
+        def get_json(self, url, params=None, timeout=None):
+            polls.append(url)
+            stop.append(True)  # the signal arrives while this long-poll is out
+            return {"ready": False}
+
+    stop: list[bool] = []
+    with pytest.raises(SecAggError) as err:
+        _wait(Api(), "/v1/secagg/1/stage", time.time() + 60, poll_s=0.01, should_stop=lambda: bool(stop))
+    assert err.value.reason == "cancelled" and polls == ["/v1/secagg/1/stage"]

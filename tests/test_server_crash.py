@@ -153,6 +153,6 @@ def test_concurrent_uploads_never_corrupt_the_aggregate(server_factory):
     assert rnd["state"] == "closed" and rnd["accepted"] == n
     _, weights = srv.model()
     assert_weights_equal(weights, expected_mean(base, deltas, counts))
-    metrics = srv.anon().get("/metrics").text
+    metrics = srv.admin().get("/metrics").text
     assert f'fk_uploads_total{{result="accepted"}} {n}' in metrics
     assert f'fk_uploads_total{{result="repeat"}} {n}' in metrics

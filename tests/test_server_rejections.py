@@ -107,7 +107,7 @@ def test_every_upload_rejection_changes_nothing(server_factory):
     assert srv.round(rid)["accepted"] == 1 and update_files() == 1
 
     # the metrics saw the rejections
-    text = srv.anon().get("/metrics").text
+    text = srv.admin().get("/metrics").text
     assert 'fk_uploads_total{result="norm_exceeded"} 1' in text
     assert 'fk_uploads_total{result="repeat"} 1' in text
 

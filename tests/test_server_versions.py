@@ -154,7 +154,8 @@ def test_status_page_metrics_and_openapi(server_factory):
             assert d.upload(t["round_id"], body).status_code == 200
         srv.wait_round(tasks[0]["round_id"])
     anon = srv.anon()
-    page = anon.get("/status")
+    admin = srv.admin()  # /status and /metrics need the admin token (no --public-status here)
+    page = admin.get("/status")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     html = page.text
     for chart in ("chart-rounds", "chart-participants", "chart-versions", "chart-recall", "chart-epsilon"):
@@ -162,7 +163,7 @@ def test_status_page_metrics_and_openapi(server_factory):
     assert html.count("<svg") == 5 and "<script" not in html.lower()
     assert not re.search(r'(src|href)="https?://', html), "the page must not load anything from the internet"
     assert "polyline" in html and "<rect" in html
-    metrics = anon.get("/metrics")
+    metrics = admin.get("/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
     text = metrics.text
     assert "fk_devices_registered 2" in text and "fk_global_version 3" in text

@@ -23,8 +23,9 @@ def _chromium(*args: str, timeout: float = 90.0) -> subprocess.CompletedProcess:
 
 
 def test_status_page_renders_charts_in_chromium(server_factory, tmp_path: Path):
+    # --public-status: a browser sends no bearer token (by default /status needs the admin token)
     srv = server_factory("--round-goal", "2", "--min-count", "2", "--deadline-s", "60", "--dp-mode", "local",
-                         "--clip-norm", "100", "--noise-multiplier", "0.01")
+                         "--clip-norm", "100", "--noise-multiplier", "0.01", "--public-status")
     devices = [srv.device() for _ in range(2)]
     for i in range(3):
         tasks = [d.task() for d in devices]

@@ -25,6 +25,22 @@ def _print_summary(summary: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from models import interrupts
+
+    interrupts.install()  # first: Ctrl-C or SIGTERM in any phase (imports, tracing, rounds, reports) stops the run
+    from tff_sim.reaper import reap_worker_binaries
+
+    try:
+        return _run(argv)
+    except KeyboardInterrupt as exc:
+        code = interrupts.acknowledge(exc)
+        print("\ninterrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr, flush=True)
+        return code
+    finally:
+        reap_worker_binaries()
+
+
+def _run(argv: list[str] | None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "matplotlib", "h5py"):
@@ -32,19 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     from tff_sim.config import parse_args
 
     cfg = parse_args(argv)
-    from tff_sim.reaper import install_atexit_reaper, install_signal_handlers, reap_worker_binaries
+    from tff_sim.reaper import install_atexit_reaper
 
     install_atexit_reaper()
-    install_signal_handlers()  # SIGTERM takes Ctrl-C's path: checkpoint, reap, exit 130
+    logging.getLogger("tff_sim").info("phase: loading TensorFlow and TFF")
     from tff_sim.runner import run
 
-    try:
-        result = run(cfg)
-    except KeyboardInterrupt:
-        print("\ninterrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
-        return 130
-    finally:
-        reap_worker_binaries()
+    result = run(cfg)
     _print_summary(result.summary)
     return 0
 

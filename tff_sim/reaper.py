@@ -46,19 +46,3 @@ def install_atexit_reaper() -> None:
     if not _installed:
         atexit.register(reap_worker_binaries)
         _installed = True
-
-
-def _raise_keyboard_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
-    raise KeyboardInterrupt
-
-
-def install_signal_handlers() -> None:
-    """SIGTERM (kill, timeouts) takes Ctrl-C's path: `finally` blocks and the reaper run.
-
-    Without it, SIGTERM ends Python without running atexit, and the worker_binary is left
-    behind (orphaned, holding its memory).
-    """
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)

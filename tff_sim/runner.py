@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from models import interrupts
 from tff_sim import checkpoint, client_data, privacy, report, sampling
 from tff_sim.config import SimConfig
 
@@ -83,7 +84,9 @@ def run(cfg: SimConfig, data: client_data.SimData | None = None,
     out = cfg.output_dir()
     out.mkdir(parents=True, exist_ok=True)
     timer = _Timer()
-    data = data or load_data(cfg)
+    if data is None:
+        log.info("phase: loading %s and building the vocabulary", cfg.dataset)
+        data = load_data(cfg)
     model_config = data.model_config
     plan = privacy.plan(cfg, data.population)
     z = plan.noise_multiplier if plan else None
@@ -103,8 +106,10 @@ def run(cfg: SimConfig, data: client_data.SimData | None = None,
                 f"{out} holds a checkpoint of a different configuration (hash {header.get('config_hash')}, this one "
                 f"{cfg.config_hash()}): pass --fresh to start over, or another --output"
             )
+    log.info("phase: building the federated process (TensorFlow tracing)")
     learning = process.build_learning_process(cfg, model_config, noise_multiplier=z)
     w0 = process.initial_weights(model_config, cfg.seed)
+    log.info("phase: starting TFF's worker and initialising the server state")
     state = process.initialize(learning, w0)
     history: list[dict[str, Any]] = []
     start_round, resumed_from = 0, None
@@ -140,6 +145,7 @@ def run(cfg: SimConfig, data: client_data.SimData | None = None,
     last_done = start_round
     try:
         for r in range(start_round + 1, cfg.rounds + 1):
+            interrupts.check()  # a stop some library swallowed ends the run here, between rounds
             ids = sampling.sample_clients(data.train_ids, r, cfg.seed, cfg.clients_per_round, sampling_mode)
             datasets = [
                 client_data.client_dataset(data.train[cid], r, cfg.seed, cfg.client_epochs, cfg.batch_size,
@@ -166,7 +172,10 @@ def run(cfg: SimConfig, data: client_data.SimData | None = None,
                 checkpoint.save(out, state, save_header(r))
             if on_round is not None:
                 on_round(row)
-            if bar is not None:
+            if bar is None:
+                log.info("round %d/%d done in %.1f s (train loss %s)", r, cfg.rounds, row["round_seconds"],
+                         f"{row['train_loss']:.3f}" if row.get("train_loss") is not None else "-")
+            else:
                 post = {"loss": f"{row['train_loss']:.3f}" if row.get("train_loss") is not None else "-"}
                 if "eval_top1_recall" in row:
                     post["top1"] = f"{100 * row['eval_top1_recall']:.1f}%"
@@ -174,8 +183,10 @@ def run(cfg: SimConfig, data: client_data.SimData | None = None,
                     post["eps"] = privacy.format_epsilon(row.get(f"epsilon_{plan.accountants[0]}", math.nan))
                 bar.set_postfix(post)
                 bar.update(1)
-    except BaseException:
+    except BaseException as exc:
         # Ctrl-C or an error: keep what is done, so the same command resumes from here.
+        if isinstance(exc, KeyboardInterrupt):
+            interrupts.acknowledge(exc)  # a second Ctrl-C must not cut the checkpoint short
         if last_done > start_round or not checkpoint.exists(out):
             checkpoint.save(out, state, save_header(last_done))
             log.warning("stopped after round %d; checkpoint saved in %s (rerun the same command to resume)",
@@ -186,6 +197,7 @@ def run(cfg: SimConfig, data: client_data.SimData | None = None,
             bar.close()
         tb.close()
 
+    interrupts.check()
     weights = process.get_weights_from_state(learning, state)
     summary = finish(cfg, data, out, weights, history, plan, timer, resumed_from, tff.__version__)
     return RunResult(out, weights, history, summary, data)
@@ -206,7 +218,11 @@ def finish(cfg: SimConfig, data: client_data.SimData, out: Path, weights: list[n
            resumed_from: int | None, tff_version: str) -> dict[str, Any]:
     from tff_sim.export import export_model
 
+    log.info("phase: final evaluation (%d test, %d held-out sentences)", len(data.test_sentences),
+             len(data.heldout_sentences))
     final = final_evaluation(data, weights)
+    interrupts.check()
+    log.info("phase: writing the model, plots and report")
     trained = [row for row in history if row.get("round", 0) > 0]
     train_seconds = float(sum(row.get("round_seconds", 0.0) for row in trained))
     summary: dict[str, Any] = {

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from device_app.client import DeviceClient
+from device_app.transport import TransportPolicyError
 from device_app.worker import BackgroundWorker
 
 _configured = False
@@ -224,7 +225,11 @@ def _build_app_class():
                 self.client.set_participation(**{key: value})
 
         def set_server(self, url: str) -> None:
-            self.client.set_server_url(url)
+            try:
+                self.client.set_server_url(url)
+            except TransportPolicyError as exc:  # e.g. plain http:// to another machine: say why
+                self.status_screen.note.text = str(exc)
+                return
             self.worker.submit("sync")
 
         def _job_done(self, job: str, result: Any, error: BaseException | None) -> None:

@@ -1,0 +1,258 @@
+"""How a device reaches the server safely: the URL policy and the TLS verification of its connections.
+
+    check_settings("https://fk.example:8443", pin_sha256="AA:BB:...")   # raises TransportPolicyError
+    httpx.Client(transport=make_transport(ca_file="server.pem"))         # chain + hostname check
+    httpx.Client(transport=make_transport(pin_sha256="aabb..."))         # exactly that certificate
+
+URL policy: plain http:// only to this machine (127.0.0.0/8, ::1, localhost), where nobody on the
+network can read tokens and deltas; any other host needs https://. A device verifies an https
+server with the system CAs, a CA file (--ca-file PEM: the usual chain verification with hostname
+check), or a pin (--pin-sha256: the SHA-256 of the server's DER certificate, as
+`python -m server --tls-self-signed` prints it).
+
+Pinning happens before any request data leaves: the pinned transport first fetches the server's
+certificate in a bare TLS handshake (no HTTP request), compares its fingerprint with the pin, and
+only then connects with an SSL context that trusts exactly that certificate. A mismatch raises
+`CertificatePinMismatch` naming both fingerprints; a certificate that changes later fails the
+handshake of the trusting context, after which the pin is checked again (and the error says so).
+"""
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import os
+import re
+import socket
+import ssl
+import threading
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+
+log = logging.getLogger("device_app.transport")
+
+DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)  # httpx's defaults
+HANDSHAKE_TIMEOUT_S = 10.0
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class TransportPolicyError(ValueError):
+    """A server URL or TLS setting the device refuses; raised before any connection is attempted."""
+
+
+class CertificatePinMismatch(httpx.TransportError):
+    """The server presented a certificate other than the pinned one; nothing was sent to it."""
+
+    def __init__(self, origin: str, expected: str, presented: str) -> None:
+        super().__init__(
+            f"certificate pin mismatch for {origin}: pinned SHA-256 {expected}, the server presented {presented}; "
+            "nothing was sent (if the server's certificate really changed, pin the new fingerprint)")
+        self.origin = origin
+        self.expected = expected
+        self.presented = presented
+
+
+# ---------------------------------------------------------------------- settings
+
+def normalize_fingerprint(text: str) -> str:
+    """A SHA-256 fingerprint as 64 lowercase hex digits; accepts AA:BB:.., aa bb .., plain hex."""
+    cleaned = re.sub(r"[\s:]", "", text or "").lower()
+    if not _HEX64.fullmatch(cleaned):
+        raise TransportPolicyError(
+            f"not a SHA-256 fingerprint: {text!r} (want 64 hex digits, e.g. AA:BB:... as the server prints it)")
+    return cleaned
+
+
+def fingerprint_of_der(der: bytes) -> str:
+    return hashlib.sha256(der).hexdigest()
+
+
+def is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 (also as ::ffff:127.x.x.x) or localhost: traffic that never leaves this machine."""
+    host = (host or "").strip("[]").rstrip(".").lower()
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def check_server_url(url: str) -> str:
+    """The URL if the device may talk to it; TransportPolicyError with the reason otherwise."""
+    parts = urlsplit((url or "").strip())
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise TransportPolicyError(f"server URL {url!r}: want https://HOST[:PORT] (or http:// to this machine)")
+    if scheme == "http" and not is_loopback_host(parts.hostname):
+        raise TransportPolicyError(
+            f"refusing plain http:// to {parts.hostname}: the device token and model updates would cross the "
+            "network unencrypted. Use https:// and verify the server with --ca-file PEM or --pin-sha256 HEX "
+            "(plain http is allowed only to 127.0.0.1, ::1 and localhost)")
+    return url
+
+
+def check_settings(url: str | None, ca_file: str | os.PathLike | None = None,
+                   pin_sha256: str | None = None) -> tuple[str | None, str | None]:
+    """Validate a device's server URL and TLS settings together; (ca_file as an absolute path, pin as
+    lowercase hex). Raises TransportPolicyError. A CA file or pin needs an https:// URL, since over
+    http they would verify nothing while looking as if they did."""
+    ca = str(Path(ca_file).expanduser().resolve()) if ca_file else None
+    pin = normalize_fingerprint(pin_sha256) if pin_sha256 else None
+    if ca and pin:
+        raise TransportPolicyError("give either a CA file or a pinned fingerprint, not both")
+    if ca and not Path(ca).is_file():
+        raise TransportPolicyError(f"CA file {ca} does not exist")
+    if url:
+        check_server_url(url)
+        if (ca or pin) and urlsplit(url.strip()).scheme.lower() != "https":
+            raise TransportPolicyError(
+                f"{'--ca-file' if ca else '--pin-sha256'} needs an https:// server URL, not {url}")
+    return ca, pin
+
+
+def check_request_url(base_url: str, url: str) -> None:
+    """An absolute URL the server handed out (e.g. a task's upload URL): the same policy, and no
+    downgrade from an https base to plain http."""
+    check_server_url(url)
+    if urlsplit(base_url).scheme.lower() == "https" and urlsplit(url).scheme.lower() != "https":
+        raise TransportPolicyError(f"refusing {url}: the server is https, a plain http URL would downgrade it")
+
+
+# ---------------------------------------------------------------------- verification
+
+def ca_context(ca_file: str | os.PathLike) -> ssl.SSLContext:
+    """Chain verification against exactly this CA file (not the system CAs), with hostname check."""
+    return ssl.create_default_context(cafile=str(ca_file))
+
+
+def fetch_certificate(host: str, port: int, timeout: float = HANDSHAKE_TIMEOUT_S) -> bytes:
+    """The server's leaf certificate (DER) from a TLS handshake alone: no HTTP request is sent."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # we only read the certificate; the pin decides whether to trust it
+    with ssl_socket(host, port, ctx, timeout) as tls_sock:
+        der = tls_sock.getpeercert(binary_form=True)
+    if not der:
+        raise ssl.SSLError(f"{host}:{port} presented no certificate")
+    return der
+
+
+def ssl_socket(host: str, port: int, ctx: ssl.SSLContext, timeout: float) -> ssl.SSLSocket:
+    sock = socket.create_connection((host, port), timeout=timeout)
+    try:
+        server_name = None if _is_ip(host) else host  # SNI, as httpx sends it
+        return ctx.wrap_socket(sock, server_hostname=server_name)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+        return True
+    except ValueError:
+        return False
+
+
+def pinned_context(der: bytes) -> ssl.SSLContext:
+    """An SSL context that trusts exactly this certificate (the pin identifies the server, so the
+    hostname is not checked: a self-signed certificate reached by a LAN address works)."""
+    ctx = ssl.create_default_context(cadata=ssl.DER_cert_to_PEM_cert(der))
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    # A pinned CA-issued leaf is not self-signed: let it anchor the chain on its own.
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    return ctx
+
+
+def _is_certificate_failure(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, ssl.SSLCertVerificationError):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+class PinnedTransport(httpx.BaseTransport):
+    """httpx transport that talks only to a server whose certificate has the pinned SHA-256.
+
+    Per origin (host, port), the first request fetches and checks the certificate, then one
+    httpx.HTTPTransport trusting exactly it carries the requests (connection pooling as usual)."""
+
+    def __init__(self, pin_sha256: str, *, limits: httpx.Limits = DEFAULT_LIMITS,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
+        self.pin = normalize_fingerprint(pin_sha256)
+        self.limits = limits
+        self.handshake_timeout = handshake_timeout
+        self._inner: dict[tuple[str, int], httpx.HTTPTransport] = {}
+        self._lock = threading.Lock()
+
+    def _transport_for(self, url: httpx.URL) -> httpx.HTTPTransport:
+        if url.scheme != "https":
+            # Never reached through ServerAPI (the URL policy refuses it first); here for direct use.
+            raise TransportPolicyError(f"a pinned connection needs https://, not {url}")
+        origin = (url.host, url.port or 443)
+        with self._lock:
+            inner = self._inner.get(origin)
+            if inner is not None:
+                return inner
+            try:
+                der = fetch_certificate(origin[0], origin[1], self.handshake_timeout)
+            except (OSError, ssl.SSLError) as exc:  # unreachable: the caller's offline path
+                raise httpx.ConnectError(f"TLS handshake with {origin[0]}:{origin[1]} failed: {exc}") from exc
+            presented = fingerprint_of_der(der)
+            if presented != self.pin:
+                raise CertificatePinMismatch(f"{origin[0]}:{origin[1]}", self.pin, presented)
+            inner = self._inner[origin] = httpx.HTTPTransport(verify=pinned_context(der), limits=self.limits)
+            return inner
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        inner = self._transport_for(request.url)
+        try:
+            return inner.handle_request(request)
+        except httpx.ConnectError as exc:
+            if not _is_certificate_failure(exc):
+                raise
+            # The server now presents another certificate: check the new one against the pin, so a
+            # mismatch is reported as such rather than as a dead network.
+            origin = (request.url.host, request.url.port or 443)
+            log.warning("%s:%s no longer presents the certificate checked earlier; checking the pin again", *origin)
+            with self._lock:
+                if self._inner.get(origin) is inner:
+                    del self._inner[origin]
+            inner.close()
+            self._transport_for(request.url)  # raises CertificatePinMismatch unless it still matches
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            inners, self._inner = list(self._inner.values()), {}
+        for inner in inners:
+            inner.close()
+
+
+def make_transport(*, ca_file: str | os.PathLike | None = None, pin_sha256: str | None = None,
+                   limits: httpx.Limits = DEFAULT_LIMITS) -> httpx.BaseTransport:
+    """The transport for a device's httpx.Client: pinned, CA-file verified, or the system CAs."""
+    if ca_file and pin_sha256:
+        raise TransportPolicyError("give either a CA file or a pinned fingerprint, not both")
+    if pin_sha256:
+        return PinnedTransport(pin_sha256, limits=limits)
+    if ca_file:
+        return httpx.HTTPTransport(verify=ca_context(ca_file), limits=limits)
+    return httpx.HTTPTransport(limits=limits)
+
+
+__all__ = ["CertificatePinMismatch", "PinnedTransport", "TransportPolicyError", "ca_context", "check_request_url",
+           "check_server_url", "check_settings", "fetch_certificate", "fingerprint_of_der", "is_loopback_host",
+           "make_transport", "normalize_fingerprint", "pinned_context"]
