@@ -187,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     interrupts.install()  # Ctrl-C / SIGTERM: exit 130 / 143 in every phase, with the cleanup of each mode
     try:
         return _main(argv)
-    except KeyboardInterrupt as exc:
+    except BaseException as exc:
+        if not interrupts.caused_by_stop(exc):
+            raise
         code = interrupts.acknowledge(exc)
         print(f"\ninterrupted ({exc})", file=sys.stderr, flush=True)
         return code

@@ -336,9 +336,11 @@ class Fleet:
         self._started = time.monotonic()
         try:
             self._run()
-        except KeyboardInterrupt as exc:
+        except BaseException as exc:
             from models import interrupts
 
+            if not interrupts.caused_by_stop(exc):
+                raise
             interrupts.acknowledge(exc)
             self.report.interrupted = True
             self.on_event("interrupted: the devices stopped after their current step")

@@ -329,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
             heldout_clients=args.heldout_clients, full=args.full, tensorboard=not args.no_tensorboard,
             verbose=not args.quiet,
         )
-    except KeyboardInterrupt as exc:
+    except BaseException as exc:
+        if not interrupts.caused_by_stop(exc):
+            raise
         code = interrupts.acknowledge(exc)
         print(f"\ninterrupted ({exc}): results.json and the table in {args.out} were not updated", file=sys.stderr)
         return code

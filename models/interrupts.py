@@ -11,7 +11,8 @@ rounds after a Ctrl-C during start-up or tracing.
 unraisable hook, seeing that exception swallowed by a finalizer, has it delivered to the main
 thread again from a helper thread a moment later, when it lands outside the finalizer. `check()` raises a pending request at
 safe points, for code that swallows exceptions some other way. The first `except` that handles
-the stop calls `acknowledge()`: later signals then only say that a stop is under way, so the
+the stop (`caused_by_stop(exc)`: the Interrupted itself, or an error C code made of it) calls
+`acknowledge()`: later signals then only say that a stop is under way, so the
 cleanup (checkpoint, report, reaping children) is not cut short.
 
 Exit codes: 128 + signal number (130 for Ctrl-C, 143 for SIGTERM), as a shell reports them.
@@ -19,6 +20,7 @@ Exit codes: 128 + signal number (130 for Ctrl-C, 143 for SIGTERM), as a shell re
 from __future__ import annotations
 
 import _thread
+import os
 import signal
 import sys
 import threading
@@ -61,8 +63,8 @@ def _handler(signum: int, frame: Any) -> None:  # noqa: ARG001 - signal handler 
         for fn in list(_state.on_request):
             fn(signum)
     if _state.acknowledged:
-        print(f"\n{signal.Signals(signum).name}: already stopping, finishing the cleanup", file=sys.stderr,
-              flush=True)
+        # os.write, not print: the cleanup may be inside a write to stderr, and print would be re-entrant
+        os.write(2, f"\n{signal.Signals(signum).name}: already stopping, finishing the cleanup\n".encode())
         return
     raise Interrupted(_state.signum)
 
@@ -120,6 +122,13 @@ def stop_event() -> threading.Event:
     return _state.requested
 
 
+def caused_by_stop(exc: BaseException) -> bool:
+    """This exception is the stop, or came out of it: C code that calls back into Python (TensorFlow's
+    nest utilities, say) can turn the Interrupted raised in the callback into an unrelated error
+    ("'bool' object has no attribute 'keys'"). Once a stop was asked for, what ends the program is it."""
+    return isinstance(exc, KeyboardInterrupt) or (requested() and not isinstance(exc, SystemExit))
+
+
 def check() -> None:
     """Raise the pending stop request, if any: for safe points between long steps."""
     if _state.signum is not None and not _state.acknowledged:
@@ -134,12 +143,4 @@ def acknowledge(exc: BaseException | None = None) -> int:
     return 128 + (signum if signum is not None else signal.SIGINT)
 
 
-def reset() -> None:
-    """Forget a handled stop (tests that run several commands in one process)."""
-    _state.signum = None
-    _state.acknowledged = False
-    _state.requested.clear()
-    _state.on_request.clear()
-
-
-__all__ = ["Interrupted", "acknowledge", "check", "install", "requested", "reset", "stop_event"]
+__all__ = ["Interrupted", "acknowledge", "caused_by_stop", "check", "install", "requested", "stop_event"]

@@ -861,19 +861,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             while True:
                 demo._check_alive(demo.server)
                 time.sleep(1)
-    except KeyboardInterrupt as exc:
-        code = interrupts.acknowledge(exc)  # later signals: "already stopping", the cleanup goes on
-        say()
-        say(f"{exc}: stopping every process")
-    except DemoError as exc:
-        say(f"FAILED: {exc}")
-        code = 1
-    except Exception as exc:  # noqa: BLE001
-        import traceback
+    except BaseException as exc:
+        if interrupts.caused_by_stop(exc):
+            code = interrupts.acknowledge(exc)  # later signals: "already stopping", the cleanup goes on
+            say()
+            say(f"{signal.Signals(code - 128).name}: stopping every process")
+        elif isinstance(exc, DemoError):
+            say(f"FAILED: {exc}")
+            code = 1
+        elif isinstance(exc, Exception):
+            import traceback
 
-        traceback.print_exc()
-        say(f"FAILED: {exc.__class__.__name__}: {exc}")
-        code = 1
+            traceback.print_exc()
+            say(f"FAILED: {exc.__class__.__name__}: {exc}")
+            code = 1
+        else:
+            raise
     finally:
         interrupts.acknowledge()  # a signal from here on must not cut the cleanup short
         demo.summary["wall_seconds"] = round(time.monotonic() - _t0, 1)

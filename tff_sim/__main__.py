@@ -28,14 +28,16 @@ def main(argv: list[str] | None = None) -> int:
     from models import interrupts
 
     interrupts.install()  # first: Ctrl-C or SIGTERM in any phase (imports, tracing, rounds, reports) stops the run
-    from tff_sim.reaper import reap_worker_binaries
+    from tff_sim.reaper import exit_after_interrupt, reap_worker_binaries
 
     try:
         return _run(argv)
-    except KeyboardInterrupt as exc:
+    except BaseException as exc:
+        if not interrupts.caused_by_stop(exc):
+            raise
         code = interrupts.acknowledge(exc)
         print("\ninterrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr, flush=True)
-        return code
+        exit_after_interrupt(code)
     finally:
         reap_worker_binaries()
 

@@ -185,7 +185,7 @@ def run(cfg: SimConfig, data: client_data.SimData | None = None,
                 bar.update(1)
     except BaseException as exc:
         # Ctrl-C or an error: keep what is done, so the same command resumes from here.
-        if isinstance(exc, KeyboardInterrupt):
+        if interrupts.caused_by_stop(exc):
             interrupts.acknowledge(exc)  # a second Ctrl-C must not cut the checkpoint short
         if last_done > start_round or not checkpoint.exists(out):
             checkpoint.save(out, state, save_header(last_done))
