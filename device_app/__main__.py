@@ -188,9 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except BaseException as exc:
-        if not interrupts.caused_by_stop(exc):
-            raise
-        code = interrupts.acknowledge(exc)
+        code = interrupts.stop_code(exc)
         print(f"\ninterrupted ({exc})", file=sys.stderr, flush=True)
         return code
 

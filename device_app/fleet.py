@@ -38,6 +38,7 @@ from device_app.client import ClientSettings, DeviceClient, ModelCache, Outcome
 from device_app.eligibility import Eligibility, EligibilitySettings
 from device_app.personalize import PersonalizationSettings
 from device_app.transport import check_settings, make_transport
+from models import interrupts
 
 log = logging.getLogger("device_app.fleet")
 
@@ -337,11 +338,7 @@ class Fleet:
         try:
             self._run()
         except BaseException as exc:
-            from models import interrupts
-
-            if not interrupts.caused_by_stop(exc):
-                raise
-            interrupts.acknowledge(exc)
+            interrupts.stop_code(exc)  # anything but the stop propagates
             self.report.interrupted = True
             self.on_event("interrupted: the devices stopped after their current step")
         finally:

@@ -330,9 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             verbose=not args.quiet,
         )
     except BaseException as exc:
-        if not interrupts.caused_by_stop(exc):
-            raise
-        code = interrupts.acknowledge(exc)
+        code = interrupts.stop_code(exc)
         print(f"\ninterrupted ({exc}): results.json and the table in {args.out} were not updated", file=sys.stderr)
         return code
     return 0

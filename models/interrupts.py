@@ -129,6 +129,14 @@ def caused_by_stop(exc: BaseException) -> bool:
     return isinstance(exc, KeyboardInterrupt) or (requested() and not isinstance(exc, SystemExit))
 
 
+def stop_code(exc: BaseException) -> int:
+    """For the `except BaseException` at a command's top: the exit code of the stop that `exc` is (after
+    acknowledging it, so the cleanup that follows cannot be cut short); any other exception is re-raised."""
+    if not caused_by_stop(exc):
+        raise exc
+    return acknowledge(exc)
+
+
 def check() -> None:
     """Raise the pending stop request, if any: for safe points between long steps."""
     if _state.signum is not None and not _state.acknowledged:
@@ -143,4 +151,4 @@ def acknowledge(exc: BaseException | None = None) -> int:
     return 128 + (signum if signum is not None else signal.SIGINT)
 
 
-__all__ = ["Interrupted", "acknowledge", "caused_by_stop", "check", "install", "requested", "stop_event"]
+__all__ = ["Interrupted", "acknowledge", "caused_by_stop", "check", "install", "requested", "stop_code", "stop_event"]

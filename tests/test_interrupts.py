@@ -116,3 +116,18 @@ def test_an_error_that_c_code_made_of_the_stop_counts_as_the_stop():
             print("after", interrupts.caused_by_stop(exc), interrupts.acknowledge(exc))
         """)
     assert "before False" in done.stdout and "after True 143" in done.stdout, done.stdout + done.stderr
+
+
+def test_stop_code_reraises_what_is_not_the_stop():
+    done = _run("""
+        from models import interrupts
+        interrupts.install()
+        try:
+            try:
+                raise ValueError("a real failure")
+            except BaseException as exc:
+                interrupts.stop_code(exc)
+        except ValueError as exc:
+            print("re-raised", exc)
+        """)
+    assert "re-raised a real failure" in done.stdout, done.stdout + done.stderr

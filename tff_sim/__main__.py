@@ -33,9 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(argv)
     except BaseException as exc:
-        if not interrupts.caused_by_stop(exc):
-            raise
-        code = interrupts.acknowledge(exc)
+        code = interrupts.stop_code(exc)
         print("\ninterrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr, flush=True)
         exit_after_interrupt(code)
     finally:
