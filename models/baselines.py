@@ -1,15 +1,20 @@
 """Reference numbers for the federated runs: unigram, Kneser-Ney n-gram and server-trained model.
 
-    python -m models.baselines                       # chitchat, gboard preset, capped: a few minutes
-    python -m models.baselines --full --epochs 3     # no caps (hours on a CPU)
+    python -m models.baselines --preset small        # converged: early stopping on a validation split
+    python -m models.baselines                       # the same for the gboard preset (about an hour on 2 cores)
+    python -m models.baselines --quick               # capped: 1 epoch over 20,000 sentences, a few minutes
     python -m models.baselines --preset tiny --clients 150 --max-sentences 2000 --out /tmp/b
 
 Every model uses the vocabulary of the training clients' train split and is evaluated on
 (a) "test": the training clients' test split (seen users, their most recent text) and
 (b) "heldout": everything the held-out clients wrote (unseen users).
-The count models train on all pooled training sentences (seconds); the server-trained
-Keras model on a seeded sample of at most --max-sentences of them (CPU time is the limit).
-Evaluation uses a seeded sample of at most --max-eval-sentences per split, the same
+The count models train on all pooled training sentences (seconds). The server-trained
+Keras model trains to convergence: a seeded 5% of the training sentences (at most 5,000) is held
+back as a validation split, each epoch ends with its loss, training stops after --patience
+epochs without improvement (or --epochs, or --max-minutes) and the best epoch's weights are kept.
+It checkpoints every epoch into <out>/checkpoint and the same command resumes there (--fresh
+starts over). --quick is the old capped reference (one epoch over 20,000 sentences, no
+validation). Evaluation uses a seeded sample of at most --max-eval-sentences per split, the same
 sentences for every model. Writes results.json (read by tff_sim as reference rows),
 results.csv, results.png, vocab.json, ngram-<order>.npz, unigram.npz, the server-trained
 model bundle (server_trained/), TensorBoard logs and report.md into --out.
@@ -22,6 +27,7 @@ import datetime
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,23 +38,30 @@ from models.ngram import NgramModel, UnigramModel
 from models.vocab import Vocabulary
 
 DEFAULT_OUT = "artifacts/baselines"
-# Defaults sized for "a few minutes on 2 CPU cores": the count models see all the data, the
-# LSTM (the slow part) one epoch over a sample; --full lifts both caps.
-DEFAULT_MAX_SENTENCES = 20_000
+# --quick: "a few minutes on 2 CPU cores": the LSTM (the slow part) one epoch over a sample.
+QUICK_MAX_SENTENCES = 20_000
+QUICK_EPOCHS = 1
 DEFAULT_MAX_EVAL_SENTENCES = 5_000
-DEFAULT_EPOCHS = 1
+DEFAULT_EPOCHS = 30  # an upper bound: early stopping ends the run first
+DEFAULT_PATIENCE = 2
+DEFAULT_MIN_DELTA = 1e-3
+VALIDATION_FRACTION = 0.05
+MAX_VALIDATION_SENTENCES = 5_000
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_LR = 1e-3
 ROW_KEYS = ("model", "split", "top1_recall", "top3_recall", "perplexity", "tokens", "oov_rate",
-            "top1_recall_in_vocab", "top3_recall_in_vocab", "loss", "sentences")
+            "top1_recall_in_vocab", "top3_recall_in_vocab", "loss", "sentences", "epochs", "train_seconds")
+_METRIC_KEYS = ROW_KEYS[2:10]
 SPLITS = ("test", "heldout")
 
 
-def _row(model: str, split: str, metrics: dict[str, Any], sentences: int) -> dict[str, Any]:
-    row: dict[str, Any] = {"model": model, "split": split, "sentences": sentences}
-    for key in ROW_KEYS[2:-1]:
+def _row(model: str, split: str, metrics: dict[str, Any], sentences: int, epochs: int | None,
+         train_seconds: float) -> dict[str, Any]:
+    row: dict[str, Any] = {"model": model, "split": split}
+    for key in _METRIC_KEYS:
         value = metrics[key]
         row[key] = int(value) if key == "tokens" else (None if not math.isfinite(value) else round(float(value), 6))
+    row.update(sentences=sentences, epochs=epochs, train_seconds=round(float(train_seconds), 1))
     return row
 
 
@@ -65,24 +78,28 @@ def _dropped_lines(dropped: dict[str, Any]) -> list[str]:
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    head = f"{'model':<16} {'split':<8} {'top-1':>7} {'top-3':>7} {'perplexity':>11} {'tokens':>9} {'OOV':>6}"
+    head = (f"{'model':<16} {'split':<8} {'top-1':>7} {'top-3':>7} {'perplexity':>11} {'tokens':>9} {'OOV':>6} "
+            f"{'epochs':>6} {'train s':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         ppl = "inf" if r["perplexity"] is None else f"{r['perplexity']:.1f}"
+        epochs = "-" if r.get("epochs") is None else str(r["epochs"])
         lines.append(
             f"{r['model']:<16} {r['split']:<8} {r['top1_recall']:>7.2%} {r['top3_recall']:>7.2%} {ppl:>11} "
-            f"{r['tokens']:>9} {r['oov_rate']:>6.1%}"
+            f"{r['tokens']:>9} {r['oov_rate']:>6.1%} {epochs:>6} {r.get('train_seconds', 0):>8.0f}"
         )
     return "\n".join(lines)
 
 
 def _markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    lines = ["| model | split | top-1 recall | top-3 recall | perplexity | tokens | OOV rate | top-1 in-vocab |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | split | top-1 recall | top-3 recall | perplexity | tokens | OOV rate | top-1 in-vocab | epochs | train s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         ppl = "inf" if r["perplexity"] is None else f"{r['perplexity']:.1f}"
+        epochs = "-" if r.get("epochs") is None else str(r["epochs"])
         lines.append(f"| {r['model']} | {r['split']} | {r['top1_recall']:.2%} | {r['top3_recall']:.2%} | {ppl} | "
-                     f"{r['tokens']} | {r['oov_rate']:.1%} | {r['top1_recall_in_vocab']:.2%} |")
+                     f"{r['tokens']} | {r['oov_rate']:.1%} | {r['top1_recall_in_vocab']:.2%} | {epochs} | "
+                     f"{r.get('train_seconds', 0):.0f} |")
     return "\n".join(lines)
 
 
@@ -118,9 +135,13 @@ def run_baselines(
     preset_name: str = "gboard",
     vocab_size: int | None = None,
     order: int = 5,
-    max_sentences: int | None = DEFAULT_MAX_SENTENCES,
+    max_sentences: int | None = None,
     max_eval_sentences: int | None = DEFAULT_MAX_EVAL_SENTENCES,
     epochs: int = DEFAULT_EPOCHS,
+    patience: int = DEFAULT_PATIENCE,
+    max_minutes: float | None = None,
+    quick: bool = False,
+    fresh: bool = False,
     batch_size: int = DEFAULT_BATCH_SIZE,
     lr: float = DEFAULT_LR,
     seed: int = 0,
@@ -130,11 +151,15 @@ def run_baselines(
     tensorboard: bool = True,
     verbose: bool = True,
 ) -> dict[str, Any]:
-    """Train and evaluate the three baselines, write the artifacts into `out`, return results.json's dict."""
+    """Train and evaluate the three baselines, write the artifacts into `out`, return results.json's dict.
+
+    quick: the capped reference (QUICK_MAX_SENTENCES, QUICK_EPOCHS, no validation) unless
+    max_sentences/epochs say otherwise. patience 0: exactly `epochs` epochs, no validation split.
+    """
     from tqdm import tqdm
 
     from models.bundle import save_bundle
-    from models.central import evaluate_keras, sample_sentences, token_lists, train_central
+    from models.central import evaluate_keras, sample_sentences, split_validation, token_lists, train_central
     from models.data import load_dataset
 
     def say(msg: str) -> None:
@@ -148,6 +173,10 @@ def run_baselines(
         timings[name] = round(time.time() - since, 2)
         return time.time()
 
+    if quick:
+        max_sentences = max_sentences or QUICK_MAX_SENTENCES
+        epochs = epochs if epochs != DEFAULT_EPOCHS else QUICK_EPOCHS
+        patience = 0
     if full:
         max_sentences = max_eval_sentences = None
     # 0 or a negative cap means no cap, like --full for that one cap.
@@ -182,27 +211,39 @@ def run_baselines(
 
     rows: list[dict[str, Any]] = []
 
-    def evaluate_all(name: str, evaluate) -> None:
+    def evaluate_all(name: str, evaluate, epochs_run: int | None, train_seconds: float) -> None:
         for split in SPLITS:
-            rows.append(_row(name, split, evaluate(evals[split]), len(evals[split])))
+            rows.append(_row(name, split, evaluate(evals[split]), len(evals[split]), epochs_run, train_seconds))
 
     unigram = UnigramModel.train(train, vocab)
-    evaluate_all("unigram", unigram.evaluate)
     t = lap("unigram", t)
+    evaluate_all("unigram", unigram.evaluate, None, timings["unigram"])
     ngram = NgramModel.train(train, vocab, order=order)
     t = lap("ngram_train", t)
     say(f"{ngram.name}: {ngram.info['ngrams']} n-grams per order, trained in {timings['ngram_train']} s")
-    evaluate_all(ngram.name, ngram.evaluate)
+    evaluate_all(ngram.name, ngram.evaluate, None, timings["ngram_train"])
     t = lap("ngram_eval", t)
 
-    say(f"server-trained ({preset_name}, {config.num_parameters():,} parameters): Adam lr {lr}, {epochs} epoch(s), "
-        f"batch {batch_size}, at most {max_sentences or 'all'} sentences")
+    fit_sentences, validation = (split_validation(train, VALIDATION_FRACTION, MAX_VALIDATION_SENTENCES, seed)
+                                 if patience > 0 else (train, []))
+    stop_rule = (f"early stopping (patience {patience}) on {len(validation):,} validation sentences, at most "
+                 f"{epochs} epochs" if patience > 0 else f"{epochs} epoch(s)")
+    say(f"server-trained ({preset_name}, {config.num_parameters():,} parameters): Adam lr {lr}, batch {batch_size}, "
+        f"{stop_rule}, at most {max_sentences or 'all'} sentences")
+    checkpoint = out / "checkpoint"
+    if fresh and checkpoint.exists():
+        shutil.rmtree(checkpoint)
     weights, history = train_central(
         ds, vocab, config, epochs=epochs, batch_size=batch_size, lr=lr, max_sentences=max_sentences, seed=seed,
-        log_dir=str(out / "tensorboard") if tensorboard else None, verbose=None if verbose else 0, sentences=train,
+        log_dir=str(out / "tensorboard") if tensorboard else None, verbose=None if verbose else 0,
+        sentences=fit_sentences, validation=validation, patience=patience, min_delta=DEFAULT_MIN_DELTA,
+        max_wall_s=None if max_minutes is None else 60.0 * max_minutes, checkpoint_dir=checkpoint,
     )
     t = lap("server_train", t)
-    evaluate_all("server-trained", lambda s: evaluate_keras(config, weights, s, vocab, progress=verbose))
+    say(f"server-trained: {history['epochs']} epoch(s), best {history['best_epoch']} ({history['stopped']}), "
+        f"{history['train_seconds']:.0f} s")
+    evaluate_all("server-trained", lambda s: evaluate_keras(config, weights, s, vocab, progress=verbose),
+                 history["best_epoch"], history["train_seconds"])
     t = lap("server_eval", t)
 
     # Artifacts: models first, then the result files that point at them.
@@ -213,7 +254,8 @@ def run_baselines(
         "preset": preset_name, "model": config.to_dict(), "config_hash": config.config_hash(),
         "vocab_size": len(vocab), "vocab_hash": vocab.content_hash(), "order": order, "seed": seed,
         "max_sentences": max_sentences, "max_eval_sentences": max_eval_sentences, "epochs": epochs,
-        "batch_size": batch_size, "lr": lr, "optimizer": "adam", "full": full,
+        "batch_size": batch_size, "lr": lr, "optimizer": "adam", "full": full, "quick": quick,
+        "patience": patience, "validation_sentences": len(validation), "max_minutes": max_minutes,
         "clients": clients, "heldout_clients": heldout_clients,
     }
     save_bundle(out / "server_trained", config, vocab, weights, model_version=0,
@@ -284,12 +326,19 @@ def _report(results: dict[str, Any], dropped: dict[str, Any]) -> str:
         f"n-grams per order {results['ngram']['ngrams']}; trained on all {d['train_sentences']:,} training sentences.",
         f"- server-trained: the {c['preset']} CIFG model ({c['model']}) trained centrally on the pooled training "
         f"sentences: Adam lr {c['lr']} (chosen over SGD for fast convergence on a CPU budget), batch {c['batch_size']}, "
-        f"{c['epochs']} epoch(s), at most {cap(c['max_sentences'])} sentences (used {h['sentences']:,}, "
-        f"{h['examples']:,} windows, {h['steps_per_epoch']} steps/epoch); training loss per epoch {[round(x, 3) for x in h.get('loss', [])]}.",
+        f"at most {c['epochs']} epoch(s), at most {cap(c['max_sentences'])} sentences (used {h['sentences']:,}, "
+        f"{h['examples']:,} windows, {h['steps_per_epoch']} steps/epoch). "
+        + (f"Early stopping: {h['validation_sentences']:,} validation sentences (a seeded 5% of the training "
+           f"sentences, not trained on), patience {c['patience']}; ran {h['epochs']} epoch(s), kept epoch "
+           f"{h['best_epoch']} ({h['stopped']}); {h['train_seconds']:.0f} s of training."
+           if c.get("patience") else f"No validation split (fixed epochs); {h['train_seconds']:.0f} s of training."),
+        f"- training loss per epoch {[round(x, 3) for x in h.get('loss', [])]}"
+        + (f"; validation loss {[round(x, 3) for x in h.get('val_loss', [])]}, validation top-1 "
+           f"{[round(100 * x, 2) for x in h.get('val_top1', [])]}%." if h.get("val_loss") else "."),
         "",
         "Caps: " + ("none (--full)." if c["full"] else
                     f"--max-sentences {cap(c['max_sentences'])} for the server-trained model, --max-eval-sentences "
-                    f"{cap(c['max_eval_sentences'])}; run with --full for uncapped numbers."),
+                    f"{cap(c['max_eval_sentences'])}; run with --full to evaluate on every sentence."),
         "",
     ]
     return "\n".join(lines)
@@ -303,11 +352,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="gboard", choices=sorted(PRESETS), help="server-trained model preset")
     parser.add_argument("--vocab-size", type=int, default=None, help="words in the vocabulary (default: the preset's, 10,000 for gboard)")
     parser.add_argument("--order", type=int, default=5, help="n-gram order (default 5)")
-    parser.add_argument("--max-sentences", type=int, default=DEFAULT_MAX_SENTENCES,
-                        help=f"server-trained model: train on at most this many sentences, 0 = all (default {DEFAULT_MAX_SENTENCES:,})")
+    parser.add_argument("--max-sentences", type=int, default=None,
+                        help=f"server-trained model: train on at most this many sentences (default all; --quick {QUICK_MAX_SENTENCES:,})")
     parser.add_argument("--max-eval-sentences", type=int, default=DEFAULT_MAX_EVAL_SENTENCES,
                         help=f"evaluate on at most this many sentences per split, 0 = all (default {DEFAULT_MAX_EVAL_SENTENCES:,})")
-    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS,
+                        help=f"most epochs of the server-trained model (default {DEFAULT_EPOCHS}: early stopping ends it first)")
+    parser.add_argument("--patience", type=int, default=DEFAULT_PATIENCE,
+                        help=f"stop after this many epochs without a better validation loss (default {DEFAULT_PATIENCE}; "
+                             "0: no validation split, exactly --epochs)")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop training after the epoch that crosses this")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"the capped reference: {QUICK_EPOCHS} epoch over {QUICK_MAX_SENTENCES:,} sentences, no early stopping")
+    parser.add_argument("--fresh", action="store_true", help="discard <out>/checkpoint instead of resuming from it")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="Adam learning rate")
     parser.add_argument("--seed", type=int, default=0, help="held-out clients, samples, initialisation")
@@ -325,13 +382,15 @@ def main(argv: list[str] | None = None) -> int:
         run_baselines(
             dataset=args.dataset, out=args.out, preset_name=args.preset, vocab_size=args.vocab_size, order=args.order,
             max_sentences=args.max_sentences, max_eval_sentences=args.max_eval_sentences, epochs=args.epochs,
+            patience=args.patience, max_minutes=args.max_minutes, quick=args.quick, fresh=args.fresh,
             batch_size=args.batch_size, lr=args.lr, seed=args.seed, clients=args.clients,
             heldout_clients=args.heldout_clients, full=args.full, tensorboard=not args.no_tensorboard,
             verbose=not args.quiet,
         )
     except BaseException as exc:
         code = interrupts.stop_code(exc)
-        print(f"\ninterrupted ({exc}): results.json and the table in {args.out} were not updated", file=sys.stderr)
+        print(f"\ninterrupted ({exc}): results.json and the table in {args.out} were not updated; the same command "
+              f"resumes training from the last finished epoch in {args.out}/checkpoint", file=sys.stderr)
         return code
     return 0
 

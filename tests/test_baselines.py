@@ -67,7 +67,8 @@ def test_ngram_and_central_beat_unigram(slice_150) -> None:
 def test_cli_writes_results_and_models(tmp_path: Path) -> None:
     out = tmp_path / "baselines"
     cmd = [sys.executable, "-m", "models.baselines", "--preset", "tiny", "--clients", "40", "--heldout-clients", "8",
-           "--max-sentences", "600", "--max-eval-sentences", "300", "--order", "3", "--out", str(out), "--quiet"]
+           "--max-sentences", "600", "--max-eval-sentences", "300", "--order", "3", "--epochs", "3",
+           "--out", str(out), "--quiet"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -83,6 +84,11 @@ def test_cli_writes_results_and_models(tmp_path: Path) -> None:
     with open(out / "results.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+    central = results["server_trained"]
+    assert central["validation_sentences"] > 0 and 1 <= central["best_epoch"] <= central["epochs"] <= 3
+    assert len(central["val_loss"]) == central["epochs"] and central["stopped"]
+    assert all(r["epochs"] == central["best_epoch"] for r in rows if r["model"] == "server-trained")
+    assert (out / "checkpoint" / "state.json").exists()
     assert "junk_sender" in (out / "report.md").read_text()
 
     vocab = Vocabulary.load(out / "vocab.json")
@@ -92,3 +98,51 @@ def test_cli_writes_results_and_models(tmp_path: Path) -> None:
     assert isinstance(ngram, NgramModel) and ngram.vocab == vocab
     assert np.isclose(np.exp(ngram.next_word_logprobs([vocab.BOS_ID])).sum(), 1.0)
     assert isinstance(load_model(out / "unigram.npz"), UnigramModel)
+
+
+def test_early_stopping_rule() -> None:
+    from models.central import early_stopping
+
+    assert early_stopping([], 2) == early_stopping([], 2).__class__(0, False, "")
+    falling = early_stopping([3.0, 2.0, 1.5], patience=2)
+    assert (falling.best_epoch, falling.stop) == (3, False)
+    plateau = early_stopping([3.0, 2.0, 2.0005, 2.1], patience=2, min_delta=1e-3)
+    assert (plateau.best_epoch, plateau.stop) == (2, True) and "2 epoch" in plateau.reason
+    assert not early_stopping([3.0, 2.0, 2.1], patience=2).stop  # one bad epoch is not enough
+    assert not early_stopping([3.0, 2.0, 2.1, 2.2], patience=0).stop  # patience 0: never stops early
+    diverged = early_stopping([3.0, float("nan")], patience=5)
+    assert diverged.stop and diverged.best_epoch == 1
+
+
+def test_validation_split_is_seeded_disjoint_and_capped() -> None:
+    from models.central import split_validation
+
+    sentences = [[f"w{i}"] for i in range(1000)]
+    train, val = split_validation(sentences, 0.05, None, seed=0)
+    assert len(val) == 50 and len(train) == 950 and not {s[0] for s in train} & {s[0] for s in val}
+    assert split_validation(sentences, 0.05, None, seed=0) == (train, val)
+    assert split_validation(sentences, 0.05, None, seed=1)[1] != val
+    assert len(split_validation(sentences, 0.5, 20, seed=0)[1]) == 20
+    assert split_validation(sentences, 0.0, None, seed=0) == (sentences, [])
+
+
+def test_converged_training_keeps_the_best_epoch_and_resumes_exactly(slice_150, tmp_path: Path) -> None:
+    """Three epochs in one go equal two epochs, a stop, and a resumed third (model, optimizer and order)."""
+    from models.central import split_validation, train_central
+
+    ds, train, _, vocab = slice_150
+    fit, val = split_validation(train[:3000], 0.1, None, seed=0)
+    config = preset("tiny", vocab_size=len(vocab))
+    kw = dict(batch_size=64, lr=1e-2, seed=0, verbose=0, sentences=fit, validation=val, patience=5)
+    whole, h_whole = train_central(ds, vocab, config, epochs=3, checkpoint_dir=tmp_path / "whole", **kw)
+    assert len(h_whole["val_loss"]) == 3 and h_whole["stopped"] == "reached 3 epoch(s)"
+    assert h_whole["best_epoch"] == int(np.argmin(h_whole["val_loss"])) + 1
+
+    train_central(ds, vocab, config, epochs=2, checkpoint_dir=tmp_path / "parts", **kw)
+    resumed, h_parts = train_central(ds, vocab, config, epochs=3, checkpoint_dir=tmp_path / "parts", **kw)
+    assert h_parts["resumed_from_epoch"] == 2 and len(h_parts["loss"]) == 3
+    np.testing.assert_allclose(h_parts["val_loss"], h_whole["val_loss"], rtol=1e-5)
+    for a, b in zip(resumed, whole):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    with pytest.raises(SystemExit):  # another run's checkpoint is refused, not silently mixed in
+        train_central(ds, vocab, config, epochs=3, checkpoint_dir=tmp_path / "parts", **{**kw, "lr": 5e-3})
