@@ -1,0 +1,173 @@
+"""Personal suggestions on held-out users: global vs +cache vs +fine-tuning vs both.
+
+    .venv/bin/python benchmarks/bench_personal.py --bundle artifacts/baselines-small/server_trained
+    .venv/bin/python benchmarks/bench_personal.py --bundle B --users 30 --out artifacts/bench/personal.json
+
+Each held-out chitchat user (never trained on by the global model) is replayed as a device:
+their oldest `--past` share of messages is what the device holds (split as the device's store
+splits it: the latest 20% held back, the rest trained on), the messages after that are the
+future the user types, on which every variant is scored (top-1/top-3 recall, per user):
+
+* global: the global model alone.
+* +cache: the global model blended with the personal n-gram cache (models/personal_cache.py).
+  The blend weight is chosen on the held-back messages with a cache of the training messages;
+  then the cache holds all past messages and grows with each future sentence once it is typed.
+* +fine-tuning: the device's personal model (SGD on the training messages with the device's
+  PersonalizationSettings), served only if it beats the global model on the held-back messages
+  (otherwise the device keeps the global model, as a careful keyboard would).
+* both: the cache blended with whichever model the previous rule serves.
+
+Goals (the quality issue): median per-user top-1 gain of `both` over `global` >= +2 points and
+no user worse by more than 0.5 points. Prints the table and writes the per-user rows as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+VARIANTS = ("global", "cache", "finetune", "both")
+
+
+def global_logprobs(model: Any, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    """log_softmax of the Keras model's logits for windows x: [n, T, V] float32."""
+    import tensorflow as tf
+
+    out = [tf.nn.log_softmax(model(x[s : s + batch], training=False)).numpy() for s in range(0, len(x), batch)]
+    return np.concatenate(out) if out else np.zeros((0, x.shape[1], 0), np.float32)
+
+
+def replay_user(messages: list[str], past: float, bundle: Any, model: Any, trainer: Any, settings: Any,
+                seed: int) -> dict[str, Any] | None:
+    """One user's row: the four variants' metrics on their future messages."""
+    from device_app.local_training import examples_for
+    from device_app.store import TextStore
+    from models.keras_model import set_weights
+    from models.personal_cache import cache_from_windows, choose_weight, evaluate_blend
+
+    config, vocab = bundle.config, bundle.vocab
+    n_past = int(round(past * len(messages)))
+    with tempfile.TemporaryDirectory() as tmp:  # the device's own store decides what it holds back
+        store = TextStore(Path(tmp) / "text.db")
+        for m in messages[:n_past]:
+            store.add(m)
+        split = store.split()
+        store.close()
+    train_msgs, held_msgs, future = split.train, split.heldout, messages[n_past:]
+    x, y = examples_for(train_msgs, vocab, config.seq_len)
+    hx, hy = examples_for(held_msgs, vocab, config.seq_len)
+    fx, fy = examples_for(future, vocab, config.seq_len)
+    if len(x) == 0 or len(hx) == 0 or len(fx) == 0:
+        return None
+
+    set_weights(model, bundle.weights, config)
+    g_held, g_future = global_logprobs(model, hx), global_logprobs(model, fx)
+    tuned = trainer.train(bundle.weights, x, y, epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
+                          seed=seed)
+    set_weights(model, tuned.weights, config)
+    t_held, t_future = global_logprobs(model, hx), global_logprobs(model, fx)
+    vocab_size = len(vocab)
+
+    def top1(logprobs: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> float:
+        from models.personal_cache import NgramCache
+
+        return evaluate_blend(xs, ys, logprobs, NgramCache(vocab_size), (0.0,), update=False).metrics[0]["top1_recall"]
+
+    serve_tuned = top1(t_held, hx, hy) > top1(g_held, hx, hy)
+    served_held, served_future = (t_held, t_future) if serve_tuned else (g_held, g_future)
+    w_cache = choose_weight(hx, hy, g_held, cache_from_windows(x, y, vocab_size))
+    w_both = choose_weight(hx, hy, served_held, cache_from_windows(x, y, vocab_size))
+    past_x, past_y = np.concatenate([x, hx]), np.concatenate([y, hy])
+    row: dict[str, Any] = {"messages": len(messages), "train_messages": len(train_msgs), "heldout_messages": len(held_msgs),
+                           "future_messages": len(future), "serve_finetuned": bool(serve_tuned),
+                           "weight_cache": w_cache, "weight_both": w_both}
+    scored = {
+        "global": evaluate_blend(fx, fy, g_future, cache_from_windows(past_x, past_y, vocab_size), (0.0,)).metrics[0],
+        "cache": evaluate_blend(fx, fy, g_future, cache_from_windows(past_x, past_y, vocab_size), (w_cache,)).metrics[0],
+        "finetune": evaluate_blend(fx, fy, served_future, cache_from_windows(past_x, past_y, vocab_size), (0.0,)).metrics[0],
+        "both": evaluate_blend(fx, fy, served_future, cache_from_windows(past_x, past_y, vocab_size), (w_both,)).metrics[0],
+    }
+    for name, m in scored.items():
+        row[f"{name}_top1"], row[f"{name}_top3"] = m["top1_recall"], m["top3_recall"]
+    row["tokens"] = int(scored["global"]["tokens"])
+    return row
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"users": len(rows)}
+    tokens = sum(r["tokens"] for r in rows)
+    for v in VARIANTS:
+        gains = [100 * (r[f"{v}_top1"] - r["global_top1"]) for r in rows]
+        out[v] = {
+            "pooled_top1": sum(r[f"{v}_top1"] * r["tokens"] for r in rows) / tokens,
+            "pooled_top3": sum(r[f"{v}_top3"] * r["tokens"] for r in rows) / tokens,
+            "median_gain_points": statistics.median(gains),
+            "worst_gain_points": min(gains),
+            "users_worse_by_0_5": sum(g < -0.5 for g in gains),
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", default="artifacts/baselines-small/server_trained", help="the global model bundle")
+    ap.add_argument("--dataset", default="chitchat")
+    ap.add_argument("--users", type=int, default=0, help="at most this many held-out users (0: all)")
+    ap.add_argument("--min-messages", type=int, default=20, help="skip users with fewer messages")
+    ap.add_argument("--past", type=float, default=0.7, help="share of a user's messages already on the device")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="artifacts/bench/personal.json")
+    args = ap.parse_args(argv)
+
+    from device_app.local_training import trainer_for
+    from device_app.personalize import PersonalizationSettings
+    from models import interrupts
+    from models.bundle import load_bundle
+    from models.data import load_dataset
+    from models.keras_model import build_model
+
+    interrupts.install()
+    bundle = load_bundle(args.bundle)
+    ds = load_dataset(args.dataset, seed=0)
+    users = [c for c in ds.heldout_ids if len(ds.clients[c]) >= args.min_messages]
+    if args.users:
+        users = users[: args.users]
+    model, trainer, settings = build_model(bundle.config), trainer_for(bundle.config), PersonalizationSettings()
+    rows, started = [], time.time()
+    for i, cid in enumerate(users, 1):
+        c = ds.clients[cid]
+        row = replay_user([*c.train, *c.test], args.past, bundle, model, trainer, settings, args.seed + i)
+        if row is not None:
+            rows.append({"user": cid, **row})
+            print(f"[{i}/{len(users)}] {cid}: global {row['global_top1']:.1%} cache {row['cache_top1']:.1%} "
+                  f"finetune {row['finetune_top1']:.1%} both {row['both_top1']:.1%} (w {row['weight_both']})", flush=True)
+    summary = summarize(rows)
+    print(f"\n{'variant':<12} {'top-1':>7} {'top-3':>7} {'median gain':>12} {'worst':>7} {'users < -0.5':>13}")
+    for v in VARIANTS:
+        s = summary[v]
+        print(f"{v:<12} {s['pooled_top1']:>7.2%} {s['pooled_top3']:>7.2%} {s['median_gain_points']:>+11.2f}p "
+              f"{s['worst_gain_points']:>+6.2f}p {s['users_worse_by_0_5']:>13}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"bundle": str(args.bundle), "bundle_meta": {k: bundle.meta.get(k) for k in ("source", "dataset")},
+              "args": vars(args), "settings": settings.to_dict(), "summary": summary, "rows": rows,
+              "seconds": round(time.time() - started, 1)}
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\n{len(rows)} users in {report['seconds']:.0f} s; wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The personal n-gram cache: Witten-Bell probabilities, the blend, and the per-user weight choice."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.personal_cache import (
+    BlendedModel, NgramCache, blend, cache_from_sentences, cache_from_windows, choose_weight, evaluate_blend,
+)
+
+V = 12
+BOS, EOS = 1, 2
+
+
+def test_witten_bell_by_hand_and_normalized() -> None:
+    cache = NgramCache(V, order=2)
+    assert not cache.probs([BOS]).any() and len(cache) == 0
+    cache.add([BOS, 5, 6, EOS])
+    cache.add([BOS, 5, 7, EOS])
+    # unigram over targets: 5 x2, 6, 7, eos x2 -> 6 tokens
+    uni = np.zeros(V)
+    uni[[5, 6, 7, EOS]] = [2, 1, 1, 2]
+    uni /= 6
+    # after 5: followers {6: 1, 7: 1}, total 2, types 2 -> lambda = 2 / 4 of the unigram
+    want = 0.5 * uni
+    want[6] += 1 / 4
+    want[7] += 1 / 4
+    np.testing.assert_allclose(cache.probs([BOS, 5]), want)
+    np.testing.assert_allclose(cache.probs([BOS, 9]), uni)  # an unseen history backs off to the unigram
+    for ctx in ([BOS], [BOS, 5], [BOS, 5, 6], [3, 3]):
+        assert cache.probs(ctx).sum() == pytest.approx(1.0)
+    assert len(cache) == 6
+
+
+def test_blend_is_a_distribution_and_weight_zero_is_the_global_model() -> None:
+    rng = np.random.default_rng(0)
+    g = np.log(rng.dirichlet(np.ones(V)))
+    cache = cache_from_sentences([[5, 6], [5, 6]], V)
+    np.testing.assert_array_equal(blend(g, cache.probs([BOS, 5]), 0.0), g)
+    mixed = blend(g, cache.probs([BOS, 5]), 0.3)
+    assert np.exp(mixed).sum() == pytest.approx(1.0)
+    assert mixed[6] > g[6]
+    np.testing.assert_array_equal(blend(g, NgramCache(V).probs([BOS]), 0.5), g)  # empty cache: global
+    model = BlendedModel(lambda ctx: g, cache, 0.3)
+    np.testing.assert_allclose(model([BOS, 5]), mixed)
+
+
+def _windows(sentences: list[list[int]], T: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    x = np.zeros((len(sentences), T), np.int32)
+    y = np.zeros((len(sentences), T), np.int32)
+    for i, s in enumerate(sentences):
+        full = [BOS, *s, EOS]
+        x[i, : len(full) - 1] = full[:-1]
+        y[i, : len(full) - 1] = full[1:]
+    return x, y
+
+
+def test_a_user_who_repeats_themselves_gets_a_cache_and_better_top1() -> None:
+    # the global model prefers word 4 everywhere; the user always types 5 6 7
+    g_row = np.full(V, -5.0)
+    g_row[4] = -0.5
+    g_row -= np.log(np.exp(g_row).sum())
+    user = [[5, 6, 7]] * 6
+    x, y = _windows(user)
+    g = np.broadcast_to(g_row, (*x.shape, V)).copy()
+    history = cache_from_windows(x[:3], y[:3], V)
+    weight = choose_weight(x[3:], y[3:], g[3:], history)
+    assert weight > 0
+    scored = evaluate_blend(x[3:], y[3:], g[3:], history, weights=(0.0, weight))
+    assert scored.metrics_of(weight)["top1_recall"] > scored.metrics_of(0.0)["top1_recall"] + 0.5
+    assert scored.metrics_of(weight)["loss"] < scored.metrics_of(0.0)["loss"]
+
+
+def test_unhelpful_cache_is_switched_off_and_scoring_grows_the_cache_in_order() -> None:
+    rng = np.random.default_rng(1)
+    sentences = [list(rng.integers(4, V, size=4)) for _ in range(8)]
+    x, y = _windows(sentences)
+    # a global model that knows every target exactly: no cache can beat it
+    g = np.full((*x.shape, V), np.log(1e-6))
+    for i in range(len(x)):
+        for t in range(x.shape[1]):
+            g[i, t, y[i, t]] = np.log(1 - 1e-6 * (V - 1))
+    assert choose_weight(x, y, g, cache_from_windows(x, y, V)) == 0.0
+
+    cache = NgramCache(V)
+    first = evaluate_blend(x[:1], y[:1], g[:1], cache, weights=(0.0, 0.5))
+    assert first.metrics_of(0.0) == first.metrics_of(0.5)  # the first sentence meets an empty cache
+    assert len(cache) == 5  # ... and is then remembered (4 words + <eos>)
+    before = len(cache)
+    choose_weight(x, y, g, cache)
+    assert len(cache) == before  # choosing a weight does not learn the held-back text
