@@ -126,8 +126,10 @@ def test_checkpoint_roundtrip_keeps_types_and_values(tmp_path):
 def test_reports_from_a_history(tmp_path):
     history = [
         {"round": 0, "eval_top1_recall": 0.01, "eval_top3_recall": 0.02, "eval_loss": 6.0, "eval_tokens": 10},
-        {"round": 1, "clients": 3, "train_loss": 5.0, "round_seconds": 0.5, "epsilon_rdp": 1.0, "epsilon_pld": 0.8},
-        {"round": 2, "clients": 3, "train_loss": 4.0, "round_seconds": 0.5, "epsilon_rdp": 1.5, "epsilon_pld": 1.1,
+        {"round": 1, "clients": 3, "examples": 40, "train_loss": 5.0, "round_seconds": 0.5, "epsilon_rdp": 1.0,
+         "epsilon_pld": 0.8},
+        {"round": 2, "clients": 3, "examples": 25, "train_loss": 4.0, "round_seconds": 0.5, "epsilon_rdp": 1.5,
+         "epsilon_pld": 1.1,
          "eval_top1_recall": 0.1, "eval_top3_recall": 0.2, "eval_loss": 4.5, "eval_tokens": 10},
     ]
     report.write_metrics(tmp_path, history)
@@ -136,7 +138,8 @@ def test_reports_from_a_history(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())[2]["epsilon_pld"] == 1.1
     baselines = [{"model": "ngram", "split": "heldout", "top1_recall": 0.15, "top3_recall": 0.25}]
     plots = report.plot_all(tmp_path, history, baselines)
-    assert {p.name for p in plots} == {"recall.png", "loss.png", "epsilon.png"}
+    assert {p.name for p in plots} == {"recall.png", "recall_vs_examples.png", "loss.png", "epsilon.png"}
+    assert report.cumulative_examples(history) == {0: 0, 1: 40, 2: 65}
     assert all(p.stat().st_size > 1000 for p in plots)
     summary = {"config": SimConfig(preset="tiny", dp=True).public_dict(), "rounds_done": 2, "output": str(tmp_path),
                "data": {"train_clients": 5, "heldout_clients": 2, "vocab_size": 504}, "wall_seconds": 3.0,
@@ -146,6 +149,7 @@ def test_reports_from_a_history(tmp_path):
     text = report.write_report(tmp_path, summary, history, baselines, plots).read_text()
     assert "| federated (this run) | test | 10.00 | 20.00" in text and "ngram (baseline)" in text
     assert "RDP 1.500" in text and "PLD inf" in text and "![recall](recall.png)" in text
+    assert "| 2 | 65 | 10.00 | 20.00 |" in text  # the learning curve: round, client examples so far, recall
 
 
 def test_load_baselines_accepts_a_list_or_rows(tmp_path):

@@ -116,6 +116,15 @@ def baseline_lines(baselines: Iterable[dict[str, Any]], split: str) -> list[tupl
 # --------------------------------------------------------------------------- plots
 
 
+def cumulative_examples(history: Sequence[dict[str, Any]]) -> dict[int, int]:
+    """round -> training examples processed by all clients up to and including that round."""
+    total, out = 0, {0: 0}
+    for r in sorted((r for r in history if r.get("round") is not None), key=lambda r: r["round"]):
+        total += int(r.get("examples") or 0)
+        out[int(r["round"])] = total
+    return out
+
+
 def plot_all(out: Path, history: Sequence[dict[str, Any]], baselines: Sequence[dict[str, Any]]) -> list[Path]:
     """recall.png (with the baselines as horizontal lines), loss.png and, with DP, epsilon.png."""
     import matplotlib
@@ -125,8 +134,8 @@ def plot_all(out: Path, history: Sequence[dict[str, Any]], baselines: Sequence[d
 
     made: list[Path] = []
 
-    def save(fig, ax, name: str, ylabel: str, title: str, outside_legend: bool = False) -> None:
-        ax.set_xlabel("round")
+    def save(fig, ax, name: str, ylabel: str, title: str, outside_legend: bool = False, xlabel: str = "round") -> None:
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -153,6 +162,17 @@ def plot_all(out: Path, history: Sequence[dict[str, Any]], baselines: Sequence[d
             ax.axhline(100 * top3, color="C1", linestyle=styles[i % 3], alpha=0.7, label=f"{model} top-3")
     save(fig, ax, "recall.png", "recall on held-out users (%)", "Next-word recall vs round (lines: baselines)",
          outside_legend=True)
+
+    if evals:  # the same curve against the work the clients did: comparable across cohort sizes and caps
+        seen = cumulative_examples(history)
+        fig, ax = plt.subplots(figsize=(9, 4.4))
+        xs = [seen[r["round"]] for r in evals]
+        ax.plot(xs, [100 * r["eval_top1_recall"] for r in evals], "o-", color="C0", label="federated top-1")
+        for i, (model, top1, _) in enumerate(baseline_lines(baselines, "heldout")):
+            ax.axhline(100 * top1, color="C0", linestyle=styles[i % 3], alpha=0.7, label=f"{model} top-1")
+        save(fig, ax, "recall_vs_examples.png", "top-1 recall on held-out users (%)",
+             "Top-1 recall vs client examples processed (lines: baselines)", outside_legend=True,
+             xlabel="client examples processed")
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     trained = [r for r in history if r.get("train_loss") is not None]
@@ -240,12 +260,13 @@ def write_report(out: Path, summary: dict[str, Any], history: Sequence[dict[str,
         lines += ["", summary["baselines_note"]]
     evals = [r for r in history if r.get("eval_top1_recall") is not None]
     if evals:
-        lines += ["", "## Federated evaluation on held-out clients", "", "| round | top-1 | top-3 | loss | epsilon |",
-                  "|---|---|---|---|---|"]
+        seen = cumulative_examples(history)
+        lines += ["", "## Learning curve: federated evaluation on held-out clients", "",
+                  "| round | client examples processed | top-1 | top-3 | loss | epsilon |", "|---|---|---|---|---|---|"]
         for r in evals:
             eps = r.get("epsilon_rdp", r.get("epsilon_pld"))
-            lines.append(f"| {r['round']} | {_pct(r['eval_top1_recall'])} | {_pct(r['eval_top3_recall'])} | "
-                         f"{_num(r.get('eval_loss'))} | {_num(eps) if eps is not None else '-'} |")
+            lines.append(f"| {r['round']} | {seen.get(r['round'], 0):,} | {_pct(r['eval_top1_recall'])} | "
+                         f"{_pct(r['eval_top3_recall'])} | {_num(r.get('eval_loss'))} | {_num(eps) if eps is not None else '-'} |")
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", "## Configuration", "", "```json", json.dumps(_jsonable(cfg), indent=2, sort_keys=True), "```", ""]
