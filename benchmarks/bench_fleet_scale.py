@@ -25,7 +25,6 @@ Measured, and written to artifacts/bench/fleet_scale.json:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -44,14 +43,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import httpx  # noqa: E402
 import psutil  # noqa: E402
 
-
-def load_demo():
-    """scripts/demo.py (its Supervisor and secure-aggregation probe) as a module."""
-    spec = importlib.util.spec_from_file_location("fk_demo", ROOT / "scripts" / "demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["fk_demo"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+from models.interrupts import Interrupted  # noqa: E402
+from scripts.admin_client import server_supports_secagg  # noqa: E402
+from scripts.supervisor import Supervisor, become_subreaper  # noqa: E402
 
 
 class RssSampler:
@@ -170,19 +164,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench" / "fleet_scale.json")
     p.add_argument("--run-dir", type=Path, default=None, help="default runs/bench-fleet-<time>")
     args = p.parse_args(argv)
-    demo = load_demo()
     goal = args.goal or max(1, round(0.75 * args.devices))
     min_count = args.min_count or max(1, math.floor(0.8 * goal))
     run_dir = args.run_dir or ROOT / "runs" / f"bench-fleet-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
     token = "bench-" + os.urandom(12).hex()
     env = dict(os.environ, PYTHONUNBUFFERED="1", FK_ADMIN_TOKEN=token)
-    sup = demo.Supervisor(run_dir, env)
+    sup = Supervisor(run_dir, env)
     sampler = RssSampler()
-    demo.become_subreaper()
+    become_subreaper()
 
     def on_signal(signum, frame):  # noqa: ARG001
-        raise demo.Interrupted(signum)
+        raise Interrupted(signum)
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -193,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         secagg = False
         if not args.no_secagg:
-            secagg, note = demo.server_supports_secagg()
+            secagg, note = server_supports_secagg()
             print(note, flush=True)
         result["secure_aggregation"] = "secagg" if secagg else "none"
         vocab_file = run_dir / "vocab.json"
@@ -351,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out}")
         if result["rounds_completed"] < args.rounds or result["lost_total"]:
             code = 1
-    except demo.Interrupted as exc:
+    except Interrupted as exc:
         print(f"{exc}: stopping", flush=True)
         code = 128 + exc.signum
     finally:

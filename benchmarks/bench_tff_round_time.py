@@ -36,7 +36,8 @@ def bench_preset(name: str, rounds: int, clients_per_round: int, max_examples: i
 
     from tff_sim import client_data, process, sampling
     from tff_sim.config import SimConfig
-    from tff_sim.plain_fedavg import KerasClientTrainer, NumpyServerOptimizer, weighted_mean_delta
+    from models import fedavg
+    from tff_sim.plain_fedavg import KerasClientTrainer
 
     cfg = SimConfig(preset=name, rounds=rounds, clients_per_round=clients_per_round, max_examples_per_client=max_examples,
                     batch_size=batch_size, max_train_clients=max_train_clients, client_lr=0.5, server_optimizer="nesterov",
@@ -49,8 +50,8 @@ def bench_preset(name: str, rounds: int, clients_per_round: int, max_examples: i
     learning = process.build_learning_process(cfg, mc)
     state = process.initialize(learning, w0)
     trainer = KerasClientTrainer(mc, cfg.client_lr)
-    server = NumpyServerOptimizer("nesterov", cfg.server_lr, cfg.server_momentum)
-    plain_w = [w.copy() for w in w0]
+    server = fedavg.build_server_optimizer(cfg.fedavg)
+    plain = fedavg.server_init([w.copy() for w in w0], server)
 
     tff_times, plain_times, build_times, next_times, batches_per_round = [], [], [], [], []
     for r in range(1, rounds + 1):
@@ -70,18 +71,18 @@ def bench_preset(name: str, rounds: int, clients_per_round: int, max_examples: i
         for c in ids:
             batches = client_data.client_batches(data.train[c], r, seed, 1, batch_size, max_examples)
             nb += len(batches)
-            w, n, _ = trainer.train(plain_w, batches)
+            w, n, _ = trainer.train(plain.weights, batches)
             results.append(w)
             counts.append(n)
-        plain_w = server.apply(plain_w, weighted_mean_delta(plain_w, results, counts))
+        plain = fedavg.fedavg_round(plain, results, counts, server)
         plain_times.append(time.perf_counter() - t0)
         batches_per_round.append(nb)
         print(f"  [{name}/{loop}] round {r}: TFF {tff_times[-1]:.3f} s (datasets {build_times[-1]:.3f}, next "
               f"{next_times[-1]:.3f}), plain {plain_times[-1]:.3f} s, {nb} batches", flush=True)
 
     tff_w = process.get_weights_from_state(learning, state)
-    max_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(tff_w, plain_w))
-    max_rel = max_diff / max(float(np.max(np.abs(w))) for w in plain_w)
+    max_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(tff_w, plain.weights))
+    max_rel = max_diff / max(float(np.max(np.abs(w))) for w in plain.weights)
 
     # Fixed cost per round: the same process on empty datasets (no batches to train).
     empty = [tf.data.Dataset.from_tensor_slices((np.zeros((0, mc.seq_len), np.int32),) * 2).batch(batch_size)

@@ -28,6 +28,7 @@ import httpx
 
 from device_app import transport as transport_policy
 from models.config import ModelConfig
+from models.fedavg import hyperparams_from_task
 from models.vocab import Vocabulary
 
 API = "/v1"
@@ -104,6 +105,8 @@ class Task:
         def opt_int(key: str) -> int | None:
             return None if data.get(key) is None else int(data[key])
 
+        hp = hyperparams_from_task(data)  # the task's epochs / batch_size / learning_rate (models.fedavg.TASK_KEYS)
+
         return cls(
             type=str(data.get("type", "train")),
             round_id=int(data["round_id"]),
@@ -112,9 +115,9 @@ class Task:
             config_hash=data.get("config_hash"),
             base_version=opt_int("base_version"),
             model_url=data.get("model_url"),
-            epochs=int(data.get("epochs", 1)),
-            batch_size=int(data.get("batch_size", 16)),
-            learning_rate=float(data.get("learning_rate", data.get("lr", 0.5))),
+            epochs=hp.client_epochs,
+            batch_size=hp.batch_size,
+            learning_rate=hp.client_lr,
             clip_norm=float(data.get("clip_norm") or 0.0),
             noise_stddev=float(data.get("noise_stddev") or 0.0),
             dp_mode=str(data.get("dp_mode", "none")),

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from models import dp
+from models import dp, fedavg
 from models.config import ModelConfig
 from models.examples import make_examples
 from models.keras_model import PAD_ID, build_model, get_weights, masked_loss, set_weights
@@ -216,10 +216,9 @@ def trainer_for(config: ModelConfig) -> LocalTrainer:
 
 
 def compute_delta(trained: Sequence[np.ndarray], base: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """delta = trained - base, tensor by tensor (float32)."""
-    if len(trained) != len(base):
-        raise ValueError("trained and base weights differ in length")
-    return [np.asarray(t, np.float32) - np.asarray(b, np.float32) for t, b in zip(trained, base)]
+    """The update a device uploads: trained - base, tensor by tensor, float32 (models.fedavg.client_delta;
+    the server steps on the mean of these with pseudo-gradient -mean)."""
+    return fedavg.client_delta(trained, base)
 
 
 @dataclass

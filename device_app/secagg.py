@@ -6,14 +6,14 @@ SecureAggregation implementation instead of uploading it in the clear. A client 
 implementation that accepts the task's parameters declines the round (outcome
 "secagg_unsupported") rather than upload an unmasked delta the server did not ask for.
 
-The hook interface (a Protocol; the client uses whichever methods a hook has):
+The hook interface (the SecureAggregation Protocol; every hook implements all of it, and the
+client, through device_app/uploads.py, calls each step in order):
 
-    supports(params) -> bool
-    begin(api, task)                                   optional: before local training (SecAgg's key stages)
-    submit(api, task, tensors, metadata) -> answer     optional: protect AND upload (and finish the protocol)
-    abort(api, task)                                   optional: the device dropped out of the round
-    protect(api, task, tensors) -> (tensors, extra)    the simple form: masked tensors the client uploads as
-                                                       a normal wire delta (used when there is no submit)
+    name, should_stop                                  the protocol's name; polled between stages (None: never)
+    supports(params) -> bool                           whether it runs the protocol the task describes
+    begin(api, task)                                   before local training (SecAgg's key stages)
+    submit(api, task, tensors, metadata) -> answer     protect AND upload (and finish the protocol)
+    abort(api, task)                                   the device dropped out of the round before submit
 
 Implementations here:
 
@@ -51,19 +51,28 @@ log = logging.getLogger("device_app.secagg")
 
 @runtime_checkable
 class SecureAggregation(Protocol):
-    """Protects one device's update for a secure-aggregation round."""
+    """Protects one device's update for a secure-aggregation round, and uploads it."""
 
     name: str
+    # Polled between the protocol's stages: a stopping device leaves the round like a dropout. None:
+    # never; DeviceClient sets its cancel flag on hooks that have none.
+    should_stop: Callable[[], bool] | None
 
     def supports(self, params: dict[str, Any]) -> bool:
         """Whether this implementation can run the protocol the server described."""
         ...
 
-    def protect(
-        self, api: Any, task: Any, tensors: Sequence[np.ndarray]
-    ) -> tuple[list[np.ndarray], dict[str, Any]]:
-        """Run the protocol's device side (key exchange with the server through `api`, masking)
-        and return (the tensors to upload, extra metadata for the upload)."""
+    def begin(self, api: Any, task: Any) -> object:
+        """The stages before local training (SecAgg: key exchange and secret sharing through `api`)."""
+        ...
+
+    def submit(self, api: Any, task: Any, tensors: Sequence[np.ndarray], metadata: dict[str, Any]) -> dict[str, Any]:
+        """Protect the privatized delta, upload it and finish the protocol; the server's answer plus
+        "bytes" (and "timings"). SecAggError when the protocol cannot go on."""
+        ...
+
+    def abort(self, api: Any, task: Any) -> None:
+        """The device left the round after begin() (training stopped, dropped out): forget its secrets."""
         ...
 
 
@@ -460,7 +469,7 @@ class SecAggHook:
                 and int((params.get("quantization") or {}).get("bits", 0)) in sm.BITS)
 
     def register(self, api: Any) -> None:
-        key = (getattr(api, "base_url", ""), getattr(api, "device_id", "") or "")
+        key = (api.base_url, api.device_id or "")
         if key in self._registered:
             return
         from device_app.http_client import ServerError
@@ -500,9 +509,6 @@ class SecAggHook:
     def abort(self, api: Any, task: Any) -> None:
         self.sessions.pop(int(task.round_id), None)
 
-    def protect(self, api: Any, task: Any, tensors: Sequence[np.ndarray]) -> tuple[list[np.ndarray], dict[str, Any]]:
-        raise SecAggError("use_submit", "SecAgg uploads masked integers through submit(), not a wire delta")
-
 
 # =========================================================================== Paillier
 
@@ -521,6 +527,14 @@ class PaillierHook:
         self._pinned: dict[str, str] = {}  # key-holder URL -> verify key first seen
         self._encryptors: dict[tuple[str, str], pp.Encryptor] = {}
         self.last: dict[str, Any] = {}
+        # One stage (submit) and no state between stages: nothing to leave early; kept for the protocol.
+        self.should_stop: Callable[[], bool] | None = None
+
+    def begin(self, api: Any, task: Any) -> None:
+        """Nothing before training: the key holder's signed public key comes with the task (checked in submit)."""
+
+    def abort(self, api: Any, task: Any) -> None:
+        """Nothing to forget: no secret exists before submit."""
 
     def supports(self, params: dict[str, Any]) -> bool:
         return params.get("protocol") == pp.PROTOCOL and params.get("version") == pp.PROTOCOL_VERSION
@@ -574,11 +588,8 @@ class PaillierHook:
         return {**answer, "bytes": len(blob), "protocol": self.name,
                 "timings": {"encrypt_s": seconds, "ciphertexts": len(cts)}}
 
-    def protect(self, api: Any, task: Any, tensors: Sequence[np.ndarray]) -> tuple[list[np.ndarray], dict[str, Any]]:
-        raise SecAggError("use_submit", "Paillier uploads ciphertexts through submit(), not a wire delta")
 
-
-def default_hooks(data_dir: str | os.PathLike | None = None) -> list[Any]:
+def default_hooks(data_dir: str | os.PathLike | None = None) -> list[SecureAggregation]:
     """The hooks a DeviceClient uses unless told otherwise (identity key and pins in its data dir)."""
     d = Path(data_dir) if data_dir else None
     return [SecAggHook(identity_path=(d / "identity_ed25519.key") if d else None,

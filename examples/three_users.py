@@ -3,7 +3,8 @@
 Each round every user trains a copy of the global model on their own messages (three real
 chitchat users), the server averages the three models (weighted by how many examples each
 trained on: FedAvg), and the test recall of the average is printed. Part 1 is plain Keras
-and numpy; part 2 does the same with TensorFlow Federated, and at the end the two final
+and numpy (models/fedavg.py: deltas trained - global, their weighted mean, a server SGD step
+with lr 1, which is exactly the weighted average of the models); part 2 does the same with TensorFlow Federated, and at the end the two final
 models are compared: they are the same model up to float rounding.
 
     .venv/bin/python examples/three_users.py            # ~1 minute on 2 cores
@@ -56,11 +57,14 @@ def plain_keras(config, vocab, slices, test, rounds, lr, batch_size, seed):
     """Part 1: the loop by hand."""
     import tensorflow as tf
 
+    from models import fedavg
     from models.keras_model import build_model, get_weights, masked_loss, set_weights
 
     model = build_model(config)
     model.compile(optimizer=tf.keras.optimizers.SGD(learning_rate=lr), loss=masked_loss())
-    global_weights = get_weights(build_model(config, seed=seed))
+    server = fedavg.ServerOptimizer("sgd", lr=1.0)  # server SGD with lr 1: the new model is the weighted average
+    state = fedavg.server_init(get_weights(build_model(config, seed=seed)), server)
+    global_weights = state.weights
     print(f"round  0 (start)                 {recall(config, vocab, global_weights, test)}")
     for rnd in range(1, rounds + 1):
         local, sizes = {}, {}
@@ -69,8 +73,10 @@ def plain_keras(config, vocab, slices, test, rounds, lr, batch_size, seed):
             x, y = slices[name]
             model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
             local[name], sizes[name] = get_weights(model), len(x)
-        total = sum(sizes.values())  # the server averages the three models
-        global_weights = [sum(sizes[n] / total * local[n][i] for n in USERS) for i in range(len(global_weights))]
+        # the server averages the three updates (trained - global), weighted by examples, and takes the step
+        deltas = [fedavg.client_delta(local[n], global_weights) for n in USERS]
+        state = fedavg.server_update(state, fedavg.weighted_mean(deltas, [sizes[n] for n in USERS]), server)
+        global_weights = state.weights
         print(f"round {rnd:2d} (bob, alice, sue)      {recall(config, vocab, global_weights, test)}")
     return global_weights
 
@@ -80,12 +86,13 @@ def with_tff(config, vocab, slices, test, rounds, lr, batch_size, seed):
     import tensorflow as tf
     import tensorflow_federated as tff
 
+    from models.fedavg import FedAvgHyperparams
     from tff_sim import process
 
     learning = tff.learning.algorithms.build_weighted_fed_avg(
         process.make_model_fn(config),
         client_optimizer_fn=tff.learning.optimizers.build_sgdm(lr),
-        server_optimizer_fn=tff.learning.optimizers.build_sgdm(1.0),
+        server_optimizer_fn=process.tff_server_optimizer(FedAvgHyperparams(server_optimizer="sgd", server_lr=1.0)),
         loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR,
     )
     state = process.initialize(learning, process.initial_weights(config, seed))

@@ -15,9 +15,13 @@ DP modes (how the Gaussian noise of DP-FedAvg is produced; Kairouz et al. 2021, 
 In every noisy mode the accountant treats a round as one Poisson-subsampled Gaussian mechanism
 with noise multiplier z (noise stddev / L2 sensitivity C) and sampling probability
 q = cohort size / population.
+
+DP-FTRL (models/dp_ftrl.py; Kairouz et al. 2021) needs no sampling, only a participation rule;
+its accounting is in the "DP-FTRL accounting" section below (`ftrl_epsilon`).
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from typing import Iterable, Sequence
@@ -302,10 +306,207 @@ class PrivacyLedger:
         return eps if math.isfinite(eps) else math.inf
 
 
+# --------------------------------------------------------------------------- DP-FTRL accounting
+#
+# The tree of DP-FTRL releases every node once, each with Gaussian noise z*C (models/dp_ftrl.py).
+# Neighbouring datasets replace one client's data by a "special" zero contribution (Kairouz et al.
+# App. D: dp_accounting's NeighboringRelation.REPLACE_SPECIAL). A client that takes part once in
+# a tree changes the nodes on its leaf's root path, one per level, by at most C each: the release
+# is a Gaussian mechanism with L2 sensitivity sqrt(depth)*C, depth = ceil(log2(steps + 1)) for a
+# tree of `steps` leaves, even for adaptively chosen inputs (Kairouz et al. Thm. D.1/D.2).
+#
+# Two participation rules are supported, and the simulation enforces each exactly:
+#   restart per epoch  each client at most once per epoch of `rounds_per_epoch` rounds, the tree
+#                      restarted after every epoch (DP-FTRL-TreeRestart): the epochs compose,
+#                      sum of depths (dp_accounting.SingleEpochTreeAggregationDpEvent per epoch).
+#   min separation     one tree, no restarts, each client at most `max_participations` times and
+#                      at least `min_separation` rounds strictly between two of its rounds
+#                      (DP-FTRL-NoTreeRestart): the squared sensitivity is the worst case over
+#                      participation patterns, computed by the dynamic programme of Kairouz et al.
+#                      App. D.2 (as tensorflow_privacy's tree_aggregation_accountant, which imports
+#                      TensorFlow, so it is re-implemented here; tests compare the two).
+# Either way the mechanism is a Gaussian with noise multiplier z / sqrt(S), S = the sum of squared
+# sensitivities in units of C^2: "rdp" composes dp_accounting's tree events (same RDP), "pld"
+# accounts that Gaussian exactly (tighter than RDP's conversion).
+
+FTRL_DEFAULT_DELTA = 1e-6
+FTRL_RULES = ("restart", "min_separation")
+
+
+def tree_depth(steps: int) -> int:
+    """Levels a leaf's root path crosses in a tree of `steps` leaves: ceil(log2(steps + 1))."""
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    return 0 if steps == 0 else math.floor(math.log2(steps)) + 1
+
+
+def ftrl_epoch_steps(rounds: int, rounds_per_epoch: int) -> list[int]:
+    """The leaves of each tree when the tree restarts every `rounds_per_epoch` rounds."""
+    if rounds_per_epoch < 1 or rounds < 0:
+        raise ValueError(f"need rounds_per_epoch >= 1 and rounds >= 0, got {rounds_per_epoch}, {rounds}")
+    full, rest = divmod(rounds, rounds_per_epoch)
+    return [rounds_per_epoch] * full + ([rest] if rest else [])
+
+
+def _possible(participations: int, min_separation: int, start: int, end: int, steps: int) -> bool:
+    return start + (min_separation + 1) * participations <= steps + end
+
+
+@functools.lru_cache(maxsize=1_000_000)
+def _sensitivity_sq(participations: int, min_separation: int, start: int, end: int, size: int) -> float:
+    """Worst-case sum over the tree's nodes of (times a client feeds the node)^2 (Kairouz et al. App. D.2).
+
+    `start`: the client's first round is at least this many leaves in; `end`: the separation still
+    owed after the last leaf (carried over from the right sibling). Cached across calls, so the
+    epsilon after every round of a run reuses the subtrees of the rounds before.
+    """
+    if not _possible(participations, min_separation, start, end, size):
+        return -math.inf
+    if participations == 0:
+        return 0.0
+    if participations == 1 and size == 1:
+        return 1.0
+    top = math.floor(math.log2(size))
+    value = 0.0
+    if 2 ** top == size:  # a complete subtree: its root sums every participation below it
+        value = float(participations ** 2)
+        top -= 1
+    best = -math.inf
+    for right in range(participations + 1):
+        for gap in range(min_separation + 1):
+            left = _sensitivity_sq(participations - right, min_separation, start, gap, 2 ** top)
+            if left == -math.inf:
+                continue
+            best = max(best, left + _sensitivity_sq(right, min_separation, gap, end, size - 2 ** top))
+    return value + best
+
+
+def ftrl_single_tree_sensitivity_sq(steps: int, max_participations: int, min_separation: int) -> float:
+    """Worst-case squared L2 sensitivity (units of C^2) of one tree of `steps` leaves, a client taking
+    part at most `max_participations` times with >= `min_separation` rounds between two of its rounds."""
+    if steps < 0 or max_participations < 0 or min_separation < 0:
+        raise ValueError("steps, max_participations and min_separation must be >= 0")
+    if steps == 0 or max_participations == 0:
+        return 0.0
+    k = max_participations
+    while k > 0 and not _possible(k, min_separation, 0, min_separation, steps):
+        k -= 1
+    return max(_sensitivity_sq(j, min_separation, 0, min_separation, steps) for j in range(1, k + 1))
+
+
+def ftrl_sensitivity_sq(rounds: int, rule: str = "restart", *, rounds_per_epoch: int | None = None,
+                        min_separation: int | None = None, max_participations: int | None = None) -> float:
+    """S: the squared L2 sensitivity (units of C^2) of `rounds` rounds of DP-FTRL under `rule` (see above)."""
+    if rule == "restart":
+        if rounds_per_epoch is None:
+            raise ValueError("the restart rule needs rounds_per_epoch")
+        return float(sum(tree_depth(s) for s in ftrl_epoch_steps(rounds, rounds_per_epoch)))
+    if rule == "min_separation":
+        if min_separation is None:
+            raise ValueError("the min_separation rule needs min_separation")
+        k = max_participations if max_participations is not None else -(-rounds // (min_separation + 1))
+        return ftrl_single_tree_sensitivity_sq(rounds, k, min_separation)
+    raise ValueError(f"rule must be one of {FTRL_RULES}, got {rule!r}")
+
+
+def make_ftrl_accountant(accountant: str = "rdp"):
+    """RDP with REPLACE_SPECIAL (what SingleEpochTreeAggregationDpEvent needs), or PLD."""
+    if accountant == "rdp":
+        from dp_accounting import NeighboringRelation
+        from dp_accounting.rdp import RdpAccountant
+
+        return RdpAccountant(list(RDP_ORDERS), NeighboringRelation.REPLACE_SPECIAL)
+    return make_accountant(accountant)
+
+
+def ftrl_event(noise_multiplier: float, rounds: int, rule: str = "restart", accountant: str = "rdp", **rule_args):
+    """The DpEvent of `rounds` rounds of DP-FTRL: per-epoch tree events for RDP with restarts,
+    else the equivalent Gaussian GaussianDpEvent(z / sqrt(S)); None when nothing was released."""
+    import dp_accounting
+
+    if noise_multiplier < 0 or not math.isfinite(noise_multiplier):
+        raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier!r}")
+    if rounds <= 0:
+        return None
+    if rule == "restart" and accountant == "rdp":
+        counts = Counter(ftrl_epoch_steps(rounds, rule_args["rounds_per_epoch"]))
+        events = [dp_accounting.SelfComposedDpEvent(
+            dp_accounting.SingleEpochTreeAggregationDpEvent(noise_multiplier, steps), n)
+            for steps, n in sorted(counts.items())]
+        return events[0] if len(events) == 1 else dp_accounting.ComposedDpEvent(events)
+    s = ftrl_sensitivity_sq(rounds, rule, **rule_args)
+    return dp_accounting.GaussianDpEvent(noise_multiplier / math.sqrt(s)) if s > 0 else None
+
+
+def ftrl_epsilon(noise_multiplier: float, rounds: int, delta: float = FTRL_DEFAULT_DELTA, rule: str = "restart",
+                 accountant: str = "rdp", **rule_args) -> float:
+    """User-level epsilon at `delta` after `rounds` rounds of DP-FTRL under participation `rule`.
+
+    restart:        rounds_per_epoch=K (each client at most once per K rounds; restart every K).
+    min_separation: min_separation=b, max_participations=k (default ceil(rounds / (b + 1))); no restarts.
+    """
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+    if rounds <= 0:
+        return 0.0
+    if noise_multiplier == 0:
+        return math.inf
+    event = ftrl_event(noise_multiplier, rounds, rule, accountant, **rule_args)
+    if event is None:
+        return 0.0
+    acc = make_ftrl_accountant(accountant)
+    acc.compose(event)
+    eps = float(acc.get_epsilon(delta))
+    return eps if math.isfinite(eps) else math.inf
+
+
+def ftrl_calibrate_noise_multiplier(target_epsilon: float, rounds: int, delta: float = FTRL_DEFAULT_DELTA,
+                                    rule: str = "restart", accountant: str = "rdp", tol: float = 1e-4,
+                                    **rule_args) -> float:
+    """The smallest noise multiplier (within tol) whose DP-FTRL epsilon after `rounds` is <= target.
+
+    The mechanism is one Gaussian with multiplier z / sqrt(S), so this calibrates that Gaussian by
+    bisection and scales by sqrt(S) (S does not depend on z).
+    """
+    import dp_accounting
+
+    if not target_epsilon > 0:
+        raise ValueError(f"target_epsilon must be > 0, got {target_epsilon!r}")
+    if rounds <= 0:
+        return 0.0
+    s = ftrl_sensitivity_sq(rounds, rule, **rule_args)
+    if s == 0:
+        return 0.0
+
+    def eps(z_eff: float) -> float:
+        acc = make_ftrl_accountant(accountant)
+        # RDP of the tree events equals the Gaussian's; compose the Gaussian under the same accountant.
+        acc.compose(dp_accounting.GaussianDpEvent(z_eff))
+        return float(acc.get_epsilon(delta))
+
+    lo, hi = 1e-3, 1.0
+    while eps(hi) > target_epsilon:
+        lo, hi = hi, hi * 2.0
+        if hi > 1e6:
+            raise ValueError(f"no noise multiplier below 1e6 reaches epsilon {target_epsilon}")
+    if eps(lo) <= target_epsilon:
+        hi = lo
+    scale = math.sqrt(s)
+    while (hi - lo) * scale > tol:
+        mid = (lo + hi) / 2.0
+        if eps(mid) <= target_epsilon:
+            hi = mid
+        else:
+            lo = mid
+    return hi * scale
+
+
 __all__ = [
     "DP_MODES", "ACCOUNTANTS", "RDP_ORDERS",
     "l2_norm", "clip_by_global_norm", "add_gaussian_noise", "norm_tolerance",
     "device_noise_stddev", "central_noise_stddev", "default_delta",
     "make_accountant", "round_event", "epsilon", "epsilon_for_rounds", "calibrate_noise_multiplier",
     "PrivacyLedger",
+    "FTRL_DEFAULT_DELTA", "FTRL_RULES", "tree_depth", "ftrl_epoch_steps", "ftrl_single_tree_sensitivity_sq",
+    "ftrl_sensitivity_sq", "make_ftrl_accountant", "ftrl_event", "ftrl_epsilon", "ftrl_calibrate_noise_multiplier",
 ]

@@ -18,6 +18,9 @@ per history. A lookup is a binary search, and evaluation is vectorised over bloc
 positions: a block's probabilities are (product of backoff weights) * p_unigram plus a scatter
 of the follower rows of each order; the order-2 rows of the most frequent histories (thousands
 of followers each) are kept dense, so ~100k tokens at a 10k vocabulary take a few seconds.
+
+One module past 500 lines on purpose: the storage layout, the Kneser-Ney estimates and the vectorised
+lookup share private arrays and invariants; split, each part would reach into the others.
 """
 from __future__ import annotations
 

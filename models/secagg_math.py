@@ -1,7 +1,11 @@
 """The math of secure aggregation (Bonawitz et al. 2017, "Practical Secure Aggregation for
 Privacy-Preserving Machine Learning"; the neighbour graph of SecAgg+, Bell et al. 2020).
-Shared by the server (server/secagg.py) and the device (device_app/secagg.py); numpy + the
+Shared by the server (server/secagg/) and the device (device_app/secagg.py); numpy + the
 `cryptography` package, nothing else (no TensorFlow).
+
+One module past 500 lines on purpose: the server's and the device's halves of the protocol must use
+the very same encodings (share framing, quantization bounds, PRG expansion); keeping them in one file
+keeps one definition of each.
 
 Protocol sketch (one training round; the server relays, the devices compute):
 

@@ -29,25 +29,29 @@ Everything lands in the run folder: logs of every process, summary.json, the sta
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import json
 import math
 import os
-import queue
 import secrets
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from models import interrupts  # noqa: E402 - after the path set-up
+from scripts.admin_client import Admin, server_supports_secagg  # noqa: E402
+from scripts.console import T0, pct, ppl, say, stage  # noqa: E402
+from scripts.demo_settings import QUICK, Settings, build_parser  # noqa: E402
+from scripts.errors import DemoError  # noqa: E402
+from scripts.keyboard_stage import run_keyboard_stage  # noqa: E402
+from scripts.recall import RecallMeter  # noqa: E402
+from scripts.supervisor import Child, Supervisor, become_subreaper, check_alive  # noqa: E402
 
 CHILD_TF_LOG_LEVEL = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"  # this process: not even CUDA plugin registration errors
@@ -55,338 +59,12 @@ os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"  # this process: not even CUDA plugin r
 PY = sys.executable
 
 
-# =====================================================================================  settings
-
-
-@dataclasses.dataclass
-class Settings:
-    preset: str = "small"  # 440k parameters: a TFF round of 10 clients takes ~2 s here (gboard, 1.4M: ~6 s)
-    # TFF pre-training: short on purpose, so the federated rounds have something left to improve
-    pretrain_rounds: int = 10
-    pretrain_clients: int = 10
-    pretrain_examples: int = 64  # per client per round
-    pretrain_max_train_clients: int | None = None
-    pretrain_final_eval_sentences: int = 1000
-    # the fleet and its rounds
-    # 80 updates per round: DP noise on the mean is z * C * sqrt(goal / min_count) / goal = 0.013 per
-    # weight, which the model absorbs (at 50 per round, 0.021, the noise made it diverge after 5 rounds
-    # with server momentum); 200 registered devices keep q = 0.4 and epsilon ~5.6 after 8 rounds
-    devices: int = 200
-    rounds: int = 8  # secure DP training rounds after the promotion
-    round_goal: int = 80
-    min_count: int = 72
-    over_admit: float = 1.15
-    deadline_s: float = 300.0
-    epochs: int = 2
-    batch_size: int = 16
-    learning_rate: float = 0.5
-    max_examples_per_update: int = 256
-    clip_norm: float = 1.0
-    noise_multiplier: float = 1.0
-    server_optimizer: str = "momentum"  # DP-FedAvg with server momentum (Gboard: Nesterov 0.9)
-    server_momentum: float = 0.9
-    nesterov: bool = True
-    secagg_neighbors: int = 0  # 0: every device masks with every other (SecAgg); k: SecAgg+ graph
-    secagg_stage_s: float = 60.0
-    eval_goal: int = 10
-    eval_min_count: int = 5
-    workers: int = 4  # fleet threads (with SecAgg at least the round's admissions: devices wait in its stages)
-    p_eligible: float = 0.9
-    p_dropout: float = 0.05
-    step_s: float = 0.3
-    max_wait_s: float = 2.0
-    promote_timeout_s: float = 180.0
-    round_timeout_s: float = 600.0
-    # measuring recall (held-out chitchat users, never trained on)
-    eval_sentences: int = 2000
-    seed: int = 0
-
-    def public(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-QUICK = dict(
-    preset="tiny", pretrain_rounds=2, pretrain_clients=4, pretrain_examples=32, pretrain_max_train_clients=40,
-    pretrain_final_eval_sentences=200, devices=8, rounds=2, round_goal=4, min_count=3, deadline_s=60.0,
-    epochs=1, clip_norm=0.5, eval_goal=3, eval_min_count=2, workers=2, step_s=0.2, max_wait_s=1.0,
-    promote_timeout_s=60.0, round_timeout_s=180.0, eval_sentences=200, secagg_stage_s=20.0,
-    # 4 devices per round: z = 1 would be noise of ~0.15 per weight per round (z * C * 0.29) and wipe the
-    # tiny model out; the quick run checks the machinery, the default run shows DP at a workable scale
-    noise_multiplier=0.1, server_optimizer="sgd",
-)
-
-
-# =====================================================================================  output
-
-
-_print_lock = threading.Lock()
-_t0 = time.monotonic()
-
-
-def say(msg: str = "", *, prefix: str = "") -> None:
-    with _print_lock:
-        stamp = f"{time.monotonic() - _t0:6.1f}s"
-        for line in (msg.splitlines() or [""]):
-            print(f"{stamp} {prefix}{line}" if line else "", flush=True)
-
-
-def stage(n: int, total: int, title: str) -> None:
-    say()
-    say(f"== {n}/{total} {title} ==")
-
-
-class DemoError(RuntimeError):
-    pass
-
-
-# =====================================================================================  processes
-
-
-def become_subreaper() -> bool:
-    """Orphaned grandchildren (e.g. TFF's worker_binary after its parent died) are re-parented to us,
-    so the final sweep finds them among our descendants. Linux only; best effort."""
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
-    except (OSError, AttributeError):
-        return False
-
-
-@dataclasses.dataclass
-class Child:
-    name: str
-    proc: subprocess.Popen
-    log_path: Path
-    reader: threading.Thread | None = None
-    lines: list[str] = dataclasses.field(default_factory=list)  # the last lines, for error messages
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-
-class Supervisor:
-    """Starts children in their own process groups, streams their output, stops them all."""
-
-    def __init__(self, run_dir: Path, env: dict[str, str]) -> None:
-        self.run_dir = run_dir
-        self.env = env
-        self.children: list[Child] = []
-
-    def spawn(self, name: str, cmd: Sequence[str], *, echo: Callable[[str], str | None] | None = None,
-              env: dict[str, str] | None = None) -> Child:
-        log_path = self.run_dir / "logs" / f"{name}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.Popen(
-            list(cmd), cwd=ROOT, env={**self.env, **(env or {})}, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True, bufsize=1,
-            errors="replace",
-        )
-        child = Child(name, proc, log_path)
-        child.reader = threading.Thread(target=self._pump, args=(child, echo), name=f"pump-{name}", daemon=True)
-        child.reader.start()
-        self.children.append(child)
-        return child
-
-    @staticmethod
-    def _pump(child: Child, echo: Callable[[str], str | None] | None) -> None:
-        assert child.proc.stdout is not None
-        with open(child.log_path, "a", encoding="utf-8") as log:
-            for line in child.proc.stdout:
-                log.write(line)
-                log.flush()
-                line = line.rstrip("\n")
-                child.lines = (child.lines + [line])[-40:]
-                shown = echo(line) if echo else None
-                if shown:
-                    say(shown, prefix=f"[{child.name}] ")
-
-    def stop(self, child: Child, timeout: float = 15.0, sig: int = signal.SIGTERM) -> int | None:
-        """Signal the child's whole process group, wait, then SIGKILL the group."""
-        if child.alive:
-            try:
-                os.killpg(child.proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                child.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        try:  # whatever is left in the group (the leader may be gone already)
-            os.killpg(child.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            child.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
-        if child.reader is not None:
-            child.reader.join(2)
-        return child.proc.returncode
-
-    def stop_all(self) -> None:
-        for child in reversed(self.children):
-            self.stop(child)
-        self.sweep()
-
-    @staticmethod
-    def sweep() -> int:
-        """Kill every remaining descendant (TFF worker_binary first, politely), then reap them."""
-        import psutil
-
-        try:
-            from tff_sim.reaper import reap_worker_binaries
-
-            reap_worker_binaries(timeout=3.0)
-        except Exception:  # noqa: BLE001 - the sweep below gets them too
-            pass
-        me = psutil.Process()
-        left = me.children(recursive=True)
-        for p in left:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(left, timeout=5)
-        return len(left)
-
-
-# =====================================================================================  server API
-
-
-class Admin:
-    def __init__(self, url: str, token: str) -> None:
-        import httpx
-
-        self.url = url
-        self.http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60.0)
-
-    def get(self, path: str, **kw: Any) -> Any:
-        r = self.http.get(path, **kw)
-        r.raise_for_status()
-        return r.json()
-
-    def post(self, path: str, **kw: Any) -> Any:
-        r = self.http.post(path, **kw)
-        if r.status_code >= 400:
-            raise DemoError(f"POST {path}: HTTP {r.status_code} {r.text[:300]}")
-        return r.json()
-
-    def model_bytes(self, version: int) -> bytes:
-        r = self.http.get(f"/v1/models/{version}")
-        r.raise_for_status()
-        return r.content
-
-    def close(self) -> None:
-        self.http.close()
-
-
-def server_supports_secagg() -> tuple[bool, str]:
-    out = subprocess.run([PY, "-m", "server", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    text = out.stdout + out.stderr
-    if "--secure-aggregation" in text:
-        return True, "secure aggregation: on (server flag --secure-aggregation secagg)"
-    return False, ("secure aggregation: NOT AVAILABLE in this server build (no --secure-aggregation flag): "
-                   "falling back to distributed DP without SecAgg; the server sees each noised update")
-
-
-# =====================================================================================  recall
-
-
-class RecallMeter:
-    """Recall of model versions on held-out chitchat users, in a background thread (TensorFlow here)."""
-
-    def __init__(self, admin: Admin, n_sentences: int, seed: int) -> None:
-        self.admin = admin
-        self.n_sentences = n_sentences
-        self.seed = seed
-        self.results: dict[int, dict[str, float]] = {}
-        self.errors: list[str] = []
-        self._queue: queue.Queue[int | None] = queue.Queue()
-        self._done = threading.Condition()
-        self._identity: tuple[Any, Any] | None = None
-        self._sentences: list | None = None
-        self._same_as: dict[int, int] = {}
-        self._thread = threading.Thread(target=self._run, name="recall", daemon=True)
-        self._thread.start()
-
-    def request(self, version: int, same_as: int | None = None) -> None:
-        if same_as is not None:
-            self._same_as[version] = same_as
-        self._queue.put(version)
-
-    def get(self, version: int) -> dict[str, float] | None:
-        return self.results.get(version)
-
-    def wait(self, version: int, timeout: float) -> dict[str, float] | None:
-        deadline = time.monotonic() + timeout
-        with self._done:
-            while version not in self.results and time.monotonic() < deadline:
-                self._done.wait(min(0.5, max(0.0, deadline - time.monotonic())))
-        return self.results.get(version)
-
-    def _prepare(self) -> None:
-        from models.central import sample_sentences
-        from models.config import ModelConfig
-        from models.data import load_dataset
-        from models.tokenizer import tokenize_sentences
-        from models.vocab import Vocabulary
-
-        import logging
-
-        logging.getLogger("tensorflow").setLevel(logging.ERROR)  # evaluate_keras retraces per call: harmless
-        info = self.admin.get("/v1/model/info")
-        vocab = Vocabulary.from_dict(self.admin.get("/v1/model/vocab"))
-        self._identity = (ModelConfig.from_dict(info["config"]), vocab)
-        ds = load_dataset("chitchat", seed=self.seed)
-        tokens = [t for text in ds.heldout_sentences() for t in tokenize_sentences(text)]
-        self._sentences = sample_sentences(tokens, self.n_sentences, ds.seed + 1)
-
-    def _run(self) -> None:
-        from models import wire
-
-        while True:
-            version = self._queue.get()
-            if version is None:
-                return
-            if version in self.results:
-                continue
-            try:
-                if version in self._same_as and self._same_as[version] in self.results:
-                    res = dict(self.results[self._same_as[version]])
-                else:
-                    if self._identity is None:
-                        self._prepare()
-                    from models.central import evaluate_keras
-
-                    config, vocab = self._identity
-                    weights = wire.decode(self.admin.model_bytes(version), config, expected_kind="weights").tensors
-                    res = evaluate_keras(config, weights, self._sentences, vocab, batch_size=128)
-                with self._done:
-                    self.results[version] = {k: float(v) for k, v in res.items()}
-                    self._done.notify_all()
-            except Exception as exc:  # noqa: BLE001 - a failed measurement must not stop the demo
-                self.errors.append(f"version {version}: {exc.__class__.__name__}: {exc}")
-                with self._done:
-                    self.results[version] = {"error": 1.0}
-                    self._done.notify_all()
-
-    def close(self) -> None:
-        self._queue.put(None)
-
-
-def pct(x: float | None) -> str:
-    return "  n/a " if x is None else f"{100 * x:5.2f}%"
-
-
-def ppl(metrics: dict[str, float] | None) -> str:
-    p = (metrics or {}).get("perplexity")
-    return "   n/a" if p is None else f"{p:8.1f}"
-
-
 # =====================================================================================  the demo
 
 
 class Demo:
+    """The five stages, one method each, in order; every child process runs under self.sup."""
+
     STAGES = 5
 
     def __init__(self, args: argparse.Namespace, settings: Settings) -> None:
@@ -408,12 +86,6 @@ class Demo:
         self.secagg = False
 
     # ------------------------------------------------------------------ helpers
-    def _check_alive(self, *children: Child | None) -> None:
-        for child in children:
-            if child is not None and not child.alive:
-                tail = "\n".join(child.lines[-15:])
-                raise DemoError(f"{child.name} exited with code {child.proc.returncode} (log {child.log_path}):\n{tail}")
-
     def _timed(self, name: str, started: float) -> None:
         self.summary["stages"][name] = round(time.monotonic() - started, 1)
 
@@ -448,7 +120,7 @@ class Demo:
         import httpx
 
         while True:
-            self._check_alive(self.server)
+            check_alive(self.server)
             if port_file.exists() and port_file.read_text().strip():
                 self.url = f"http://127.0.0.1:{int(port_file.read_text())}"
                 try:
@@ -503,7 +175,7 @@ class Demo:
 
         tff = self.sup.spawn("tff", cmd, echo=echo)
         while tff.alive:
-            self._check_alive(self.server)
+            check_alive(self.server)
             time.sleep(0.3)
         tff.reader.join(5)
         if tff.proc.returncode != 0:
@@ -554,7 +226,7 @@ class Demo:
         shown: set[int] = set()
         promoted = None
         while promoted is None:
-            self._check_alive(self.server, self.fleet)
+            check_alive(self.server, self.fleet)
             st = self.admin.get("/v1/admin/status")
             for r in self.admin.get("/v1/admin/rounds", params={"kind": "eval", "limit": 10})["rounds"]:
                 if r["state"] == "closed" and r["id"] not in shown:
@@ -607,7 +279,7 @@ class Demo:
         last_progress = time.monotonic()
         last_closed_at = None
         while len(printed) < s.rounds:
-            self._check_alive(self.server)
+            check_alive(self.server)
             rounds = sorted(self.admin.get("/v1/admin/rounds", params={"kind": "train", "limit": 50})["rounds"],
                             key=lambda r: r["id"])
             for r in rounds:
@@ -642,7 +314,7 @@ class Demo:
             if len(printed) >= s.rounds:
                 break
             if self.fleet is not None and not self.fleet.alive and len(done) < s.rounds:
-                self._check_alive(self.fleet)
+                check_alive(self.fleet)
             if time.monotonic() - last_progress > s.round_timeout_s:
                 raise DemoError(f"no training round finished in {s.round_timeout_s:.0f} s")
             time.sleep(0.5)
@@ -675,99 +347,8 @@ class Demo:
     def keyboard(self) -> None:
         t = time.monotonic()
         stage(5, self.STAGES, "personalization and the keyboard")
-        from device_app.client import DeviceClient
-        from models.data import load_dataset
-
-        ds = load_dataset("chitchat", seed=self.s.seed)
-        # a held-out user (never trained on), the one with the most messages
-        uid = max(sorted(ds.heldout_ids), key=lambda c: len(ds.clients[c].train) + len(ds.clients[c].test))
-        user = ds.clients[uid]
-        messages = [*user.train, *user.test][:600]
-        device_dir = self.run_dir / "device"
-        client = DeviceClient(device_dir, self.url, initial_bundle=False, seed=self.s.seed)
-        try:
-            for m in messages:
-                client.commit(m, typed_now=False)
-            if not client.sync():
-                raise DemoError(f"the device could not download the global model: {client.last_error}")
-            say(f"a held-out user typed {len(messages)} messages; the device has global version "
-                f"{client.models.global_version}")
-            gain = client.personalize()
-            if gain is None:
-                raise DemoError(f"personalization failed: {client.last_error}")
-            say(f"personal model: top-1 {pct(gain['global_top1'])} -> {pct(gain['personal_top1'])}, top-3 "
-                f"{pct(gain['global_top3'])} -> {pct(gain['personal_top3'])} on the user's {gain['heldout_messages']} "
-                f"held-back messages ({gain['train_messages']} trained on, {gain['seconds']:.1f} s)")
-            text, want, personal, global_ = self._pick_text(client)
-            serving = client.models.serving
-            say(f"the keyboard serves the {serving} model"
-                + ("" if serving == "personal" else " (the personal model is used only when it beats the global "
-                                                    "model on the user's held-back text)"))
-            say(f"typing {text!r}: the keyboard suggests {personal} (the global model alone: {global_})"
-                + (f" (the user went on with {want!r})" if want else ""))
-            self.summary["personalization"] = {"user": uid, "messages": len(messages), "gain": gain, "text": text,
-                                               "next_word": want, "personal": personal, "global": global_}
-        finally:
-            client.close()
-        shot = self.run_dir / "keyboard.png"
-        cmd = [PY, "-m", "device_app", "--data-dir", str(device_dir), "--screenshot", str(shot), "--type", text]
-        env = {}
-        if not self.args.app:
-            env = {"DISPLAY": "", "WAYLAND_DISPLAY": ""}  # render offscreen
-        child = self.sup.spawn("keyboard", cmd, echo=lambda line: line if ("Error" in line or "Traceback" in line) else None,
-                               env=env)
-        while child.alive:
-            self._check_alive(self.server)
-            time.sleep(0.2)
-        child.reader.join(5)
-        if child.proc.returncode != 0 or not shot.exists():
-            raise DemoError(f"the keyboard screenshot failed (log {child.log_path}):\n" + "\n".join(child.lines[-10:]))
-        shown = None
-        for line in reversed(child.lines):
-            if line.startswith("{"):
-                try:
-                    shown = json.loads(line).get("suggestions")
-                except ValueError:
-                    pass
-                break
-        say(f"keyboard rendered offscreen with {text!r} typed, suggestions {shown}: {shot}")
-        self.summary["screenshot"] = str(shot)
-        if self.args.app and (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-            say("opening the keyboard (close its window to finish)")
-            app = self.sup.spawn("app", [PY, "-m", "device_app", "--data-dir", str(device_dir), "--server", self.url])
-            while app.alive:
-                time.sleep(0.3)
-        elif self.args.app:
-            say("no display: the keyboard window cannot open; see the screenshot above")
+        run_keyboard_stage(self.sup, self.server, self.url, self.run_dir, self.s.seed, self.args.app, self.summary)
         self._timed("keyboard", t)
-
-    @staticmethod
-    def _pick_text(client) -> tuple[str, str | None, list[str], list[str]]:
-        """A prefix of one of the user's held-back messages whose next word the personal model suggests."""
-        from models.tokenizer import tokenize
-
-        held = client.store.split().heldout
-        fallback = None
-        for msg in held[:200]:
-            words = msg.split()
-            for cut in range(2, min(len(words), 8)):
-                text = " ".join(words[:cut]) + " "
-                want = tokenize(words[cut])[:1]
-                if not want:
-                    continue
-                personal = client.suggest(text)
-                if fallback is None:
-                    fallback = (text, want[0], personal)
-                if want[0] in personal[:3] and len(want[0]) > 2:
-                    client.set_use_personal(False)
-                    global_ = client.suggest(text)
-                    client.set_use_personal(True)
-                    return text, want[0], personal, global_
-        text, want, personal = fallback or ("see you ", None, client.suggest("see you "))
-        client.set_use_personal(False)
-        global_ = client.suggest(text)
-        client.set_use_personal(True)
-        return text, want, personal, global_
 
     # ------------------------------------------------------------------ end
     def report(self) -> None:
@@ -803,32 +384,8 @@ class Demo:
             say(f"keyboard screenshot: {self.summary['screenshot']}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scripts/demo.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny model, 8 devices, 2 rounds per stage (a few minutes)")
-    p.add_argument("--out", help="run folder (default runs/demo-<time>)")
-    p.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
-    p.add_argument("--no-secagg", action="store_true", help="distributed DP without secure aggregation")
-    p.add_argument("--app", action="store_true", help="open the Kivy keyboard at the end (needs a display)")
-    p.add_argument("--serve", action="store_true", help="keep the server up at the end until Ctrl-C")
-    p.add_argument("--stop-after", choices=("server", "pretrain", "promotion", "rounds"),
-                   help="stop after this stage (for tests)")
-    tuning = p.add_argument_group("tuning (defaults in Settings; --quick changes several)")
-    for f in dataclasses.fields(Settings):
-        if f.name == "pretrain_max_train_clients":
-            typ: Any = lambda v: None if v in ("", "none", "0") else int(v)  # noqa: E731
-        elif isinstance(f.default, bool):
-            typ = lambda v: v.lower() in ("1", "true", "yes", "on")  # noqa: E731
-        else:
-            typ = type(f.default)
-        tuning.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, type=typ,
-                            metavar=type(f.default).__name__.upper() if f.default is not None else "N")
-    return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(__doc__).parse_args(argv)
     values = Settings().public()
     if args.quick:
         values.update(QUICK)
@@ -859,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.serve:
             say(f"serving {demo.url}/status until Ctrl-C")
             while True:
-                demo._check_alive(demo.server)
+                check_alive(demo.server)
                 time.sleep(1)
     except BaseException as exc:
         if interrupts.caused_by_stop(exc):
@@ -879,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
     finally:
         interrupts.acknowledge()  # a signal from here on must not cut the cleanup short
-        demo.summary["wall_seconds"] = round(time.monotonic() - _t0, 1)
+        demo.summary["wall_seconds"] = round(time.monotonic() - T0, 1)
         demo.summary["exit_code"] = code
         try:
             (demo.run_dir / "summary.json").write_text(json.dumps(demo.summary, indent=2, default=str) + "\n")
@@ -890,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if demo.admin is not None:
             demo.admin.close()
         demo.sup.stop_all()
-        say(f"{'done' if code == 0 else 'stopped'} in {time.monotonic() - _t0:.0f} s; everything is in {demo.run_dir}")
+        say(f"{'done' if code == 0 else 'stopped'} in {time.monotonic() - T0:.0f} s; everything is in {demo.run_dir}")
     return code
 
 

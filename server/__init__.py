@@ -9,7 +9,7 @@ Run
 
 Every ServerConfig field (server/config.py) is a flag: --round-goal, --min-count, --over-admit, --deadline-s,
 --epochs, --batch-size, --learning-rate, --dp-mode {none,central,distributed,local}, --clip-norm,
---noise-multiplier, --aggregator {mean,trimmed_mean,median}, --server-optimizer {sgd,momentum,adam},
+--noise-multiplier, --aggregator {mean,trimmed_mean,median}, --server-optimizer {sgd,momentum,nesterov,adam,yogi,adagrad},
 --server-lr, --candidate-eval-fraction, --promotion-tolerance, --secure-aggregation {none,secagg,paillier},
 --secagg-threshold, --secagg-neighbors, --secagg-stage-s, --paillier-keyholder-url, --rr-p-first,
 --public-status (/status and /metrics without the admin token), ...;
@@ -24,28 +24,36 @@ http:// to anything but loopback, so a server devices reach over the network nee
 
 Modules
 -------
-config.py       ServerConfig (defaults, validation, frozen per round)
+HTTP layer (translates requests into service calls; nothing below imports it):
+app.py          create_app(config, services): error handlers, auth, every area's routes
+http/           helpers.py (bodies, ETags), auth_deps.py, device_routes.py, admin_routes.py (+ /status, /metrics)
+contract.py     the OpenAPI contract: ErrorBody, each route's refusals and auth, bounded integers (ApiInt)
+__main__.py     argparse + uvicorn;  runtime_tuning.py  uvicorn body handling;  tls.py  HTTPS certificates
+Services (built and wired in one place: services.py build_services):
+rounds.py       RoundManager: locking, persistence and scheduling: admission + pace steering, uploads,
+                deadlines, abandonment; worker.py its background thread
+round_close.py  closing rounds into versions: aggregation through the server optimizer, evaluation decisions
+admin_ops.py    admin changes of the model line (training start/stop, push, discard, rollback)
+versions.py     the model identity and its stored versions;  reporting.py  summaries, status, /metrics text
+privacy_account.py  the DP ledger of the global model and the privacy report
+secagg/         secure aggregation: protocol.py (pure), store.py, service.py, ingest.py, finish.py, routes.py
+paillier/       Paillier rounds: protocol.py (pure), store.py, service.py, keyholder_client.py, routes.py;
+                keyholder_core.py + keyholder.py: python -m server.keyholder, the separate key holder
+telemetry/      randomized-response telemetry: store.py, service.py, routes.py (counts only)
+auth.py         registration, bearer tokens (stored as SHA-256), admin token
+host.py         what the privacy services may ask of the round manager (RoundHost)
+bootstrap.py    first model from a bundle or a preset
 db.py           SQLite schema + queries; WAL, synchronous=FULL, one writer lock
 store.py        model / update / optimizer-state files: temp + fsync + rename before the row commits
-aggregation.py  streaming (weighted) mean, coordinate-wise trimmed mean and median (pure numpy)
-strategy.py     Strategy interface: decode_upload / accept / finalize (StreamingMean, Robust); secure
-                aggregation plugs in here as another strategy
-optimizers.py   server SGD / momentum (Nesterov) / Adam with persisted state
-rounds.py       RoundManager: round state machine, admission + pace steering, deadlines, aggregation,
-                evaluation rounds, versions, rollback, privacy ledger, crash recovery
-auth.py         registration, bearer tokens (stored as SHA-256), admin token
-app.py          FastAPI routes, create_app(config)
-metrics.py      Prometheus text;  status_page.py  HTML + server-rendered SVG (no JavaScript)
-bootstrap.py    first model from a bundle or a preset;  __main__.py  argparse + uvicorn
-tls.py          HTTPS certificates: the self-signed pair in the data dir, SHA-256 fingerprints
+optimizers.py   models/fedavg.py's server optimizers (sgd ... adagrad) with persisted state;  metrics.py  Prometheus text
+status_page.py  HTML + server-rendered SVG (no JavaScript);  config.py  ServerConfig (frozen per round)
+Algorithm (pure, no I/O):
+round.py        Round, TrainParams, EvalParams: a round as a typed snapshot, built from its row in one place
+strategy/       base.py Strategy (task, upload check, aggregate, ledger event), mean.py StreamingMean / Robust
+                / SecureSum, dp.py CentralDP / DistributedDP / LocalDP wrappers, factory.py strategy_for
+evaluation.py   evaluation rounds' task, report checks, summary and promotion rule
+aggregation.py  streaming (weighted) mean, coordinate-wise trimmed mean and median (numpy)
 errors.py       rejection reasons -> HTTP status
-contract.py     the OpenAPI contract: ErrorBody, each route's refusals and auth, bounded integers (ApiInt)
-privacy.py      the privacy layer plugged into rounds and app: protocol dispatch + its HTTP routes
-secagg.py       secure aggregation (Bonawitz et al. 2017; SecAgg+ graph optional): stage state machine,
-                identity-key registry, running modular sum, reconstruction and unmasking
-paillier_agg.py Paillier rounds: running encrypted sum, decryption of the sum only by the key holder
-keyholder.py    python -m server.keyholder: the separate Paillier key holder (public key, decrypts sums)
-telemetry.py    randomized-response telemetry: counts only, de-biased rates with CIs and local epsilon
 
 HTTP API (all bodies JSON unless noted; auth = "Authorization: Bearer <token>")
 --------------------------------------------------------------------------------
@@ -75,7 +83,7 @@ POST /v1/admin/init            {"config", "vocab", "seed"?} (empty server only) 
 GET  /metrics (Prometheus)  /status (HTML)   admin, or none with --public-status (ServerConfig.public_status)
 GET  /healthz  /docs  /openapi.json            none; /openapi.json is the contract: each route's auth
                                                (deviceToken / adminToken / none) and refusals by status
-Privacy layer (server/privacy.py has the full table):
+Privacy layer (server/secagg/routes.py, server/paillier/routes.py, server/telemetry/routes.py):
 POST /v1/devices/identity      device  {"public_key": Ed25519 b64}   set once, never replaced
 GET  /v1/devices/{id}/identity device  the registry peers verify advertised keys against
 POST|GET /v1/rounds/{id}/secagg/{advertise_keys|share_keys|masked_input|consistency|unmasking}

@@ -29,7 +29,7 @@ import typing
 from pathlib import Path
 
 from server import runtime_tuning, tls
-from server.config import ServerConfig
+from server.config import KEY_ALIASES, ServerConfig
 
 log = logging.getLogger("server")
 
@@ -55,11 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     hints = typing.get_type_hints(ServerConfig)
     for field in dataclasses.fields(ServerConfig):
         flag = "--" + field.name.replace("_", "-")
+        # other spellings of the same setting (--adam-eps for --eps, --client-lr for --learning-rate)
+        aliases = ["--" + a.replace("_", "-") for a, name in KEY_ALIASES.items() if name == field.name]
         typ, nargs = _flag_type(hints[field.name])
         if typ is bool:
             parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None)
         else:
-            parser.add_argument(flag, dest=field.name, type=typ, nargs=nargs, default=None)
+            parser.add_argument(flag, *aliases, dest=field.name, type=typ, nargs=nargs, default=None)
     return parser
 
 
@@ -115,18 +117,20 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from server import bootstrap
-    from server.app import build_manager, create_app
+    from server.app import create_app
+    from server.services import build_services
 
-    manager = build_manager(config)
-    if not manager.initialized and (args.init_bundle or args.init_preset):
+    services = build_services(config)
+    models = services.models
+    if not models.initialized and (args.init_bundle or args.init_preset):
         if args.init_bundle:
             model_config, vocab, weights, info = bootstrap.from_bundle(args.init_bundle)
         else:
             model_config, vocab, weights, info = bootstrap.from_preset(args.init_preset, args.vocab_file, config.seed)
-        manager.initialize(model_config, vocab, weights, info)
-    elif manager.initialized and (args.init_bundle or args.init_preset):
-        log.info("data dir already holds a model (config %s); --init-* ignored", manager.model_config.config_hash())
-    elif not manager.initialized:
+        models.initialize(model_config, vocab, weights, info)
+    elif models.initialized and (args.init_bundle or args.init_preset):
+        log.info("data dir already holds a model (config %s); --init-* ignored", models.model_config.config_hash())
+    elif not models.initialized:
         log.warning("no model yet: devices are told to retry until an admin calls POST /v1/admin/init")
 
     try:
@@ -134,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, ssl.SSLError) as exc:
         print(f"python -m server: cannot serve HTTPS: {exc}", file=sys.stderr)
         return 2
-    app = create_app(config, manager)
+    app = create_app(config, services)
     if config.admin_token is None:
         log.info("admin token: see %s", Path(config.data_dir) / "admin_token")
     sock = _bind(config.host, config.port)

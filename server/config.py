@@ -13,14 +13,31 @@ from pathlib import Path
 from typing import Any
 
 from models.dp import ACCOUNTANTS, DP_MODES
+from models.fedavg import SERVER_OPTIMIZERS, FedAvgHyperparams, task_fields
 
 AGGREGATORS = ("mean", "trimmed_mean", "median")
 SECURE_AGGREGATION = ("none", "secagg", "paillier")
 KEYHOLDER_TOKEN_ENV = "FK_KEYHOLDER_TOKEN"
-SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
 WIRE_DTYPES = ("float32", "float16", "int8", "int16")
 ADMIN_TOKEN_ENV = "FK_ADMIN_TOKEN"
 REGISTRATION_KEY_ENV = "FK_REGISTRATION_KEY"
+
+# Other accepted spellings of config keys (files and flags) -> the field. adam_*: the names before
+# models/fedavg.py; client_lr / client_epochs: FedAvgHyperparams' names for the fields that keep the
+# task's (HTTP contract) names epochs / learning_rate here (models.fedavg.TASK_KEYS).
+KEY_ALIASES = {"adam_beta1": "beta1", "adam_beta2": "beta2", "adam_eps": "eps",
+               "client_lr": "learning_rate", "client_epochs": "epochs"}
+
+
+def canonical_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with KEY_ALIASES renamed to their fields; an alias and its field with two values is an error."""
+    out = {k: v for k, v in data.items() if k not in KEY_ALIASES}
+    for alias, name in KEY_ALIASES.items():
+        if alias in data:
+            if name in out and out[name] != data[alias]:
+                raise ValueError(f"server config gives both {name}={out[name]!r} and its alias {alias}={data[alias]!r}")
+            out[name] = data[alias]
+    return out
 
 
 @dataclasses.dataclass
@@ -54,7 +71,7 @@ class ServerConfig:
     accountant: str = "rdp"  # rdp | pld
     norm_sigmas: float = 6.0  # how far past E||noise|| an upload's norm may go before norm_exceeded
 
-    # --- secure aggregation (server/privacy.py): none | secagg (Bonawitz et al. masking) | paillier
+    # --- secure aggregation (server/secagg/, server/paillier/): none | secagg (Bonawitz et al. masking) | paillier
     secure_aggregation: str = "none"
     secagg_threshold: float = 2 / 3  # fraction of a device's share holders needed to unmask (always > 1/2)
     secagg_neighbors: int = 0  # 0: every device masks with every other (SecAgg); k: k-regular graph (SecAgg+)
@@ -66,7 +83,7 @@ class ServerConfig:
     paillier_keyholder_token: str | None = None  # bearer token for its /v1/decrypt ($FK_KEYHOLDER_TOKEN)
     paillier_value_bits: int = 24  # quantized value width; slots add ceil(log2(n_max + 1)) carry bits
 
-    # --- randomized-response telemetry (server/telemetry.py, models/rr.py)
+    # --- randomized-response telemetry (server/telemetry/, models/rr.py)
     rr_p_first: float = 0.5  # probability a device answers truthfully
     rr_p_second: float = 0.5  # probability the random answer is "yes"
     rr_questions: tuple[str, ...] = ("suggestion_accepted", "personal_model_used")
@@ -75,13 +92,14 @@ class ServerConfig:
     # --- aggregation and server optimizer
     aggregator: str = "mean"  # mean (uniform for DP rounds, example-weighted otherwise) | trimmed_mean | median
     trim_fraction: float = 0.1  # trimmed_mean drops this fraction at each end, per coordinate
-    server_optimizer: str = "sgd"  # sgd | momentum | adam
+    # server optimizer, as models/fedavg.py defines it: sgd | momentum | nesterov | adam | yogi | adagrad
+    server_optimizer: str = "sgd"
     server_lr: float = 1.0  # sgd with lr 1 is plain FedAvg
-    server_momentum: float = 0.9
-    nesterov: bool = False
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-3  # FedAdam's tau (Reddi et al. 2021)
+    server_momentum: float = 0.9  # momentum / nesterov
+    nesterov: bool = False  # deprecated: momentum + nesterov is server_optimizer "nesterov"
+    beta1: float = 0.9  # adam / yogi (FedAdam / FedYogi, Reddi et al. 2021)
+    beta2: float = 0.99  # adam / yogi
+    eps: float = 1e-3  # adam / yogi / adagrad: Reddi et al.'s tau
     seed: int = 0  # random init of a preset model (central-DP noise uses a secret random seed per round)
 
     # --- uploads
@@ -149,9 +167,12 @@ class ServerConfig:
         need(self.aggregator == "mean" or self.dp_mode in ("none", "local"),
              "robust aggregators (trimmed_mean, median) need dp_mode none or local")
         need(self.server_optimizer in SERVER_OPTIMIZERS, f"server_optimizer must be one of {SERVER_OPTIMIZERS}")
-        need(self.server_lr > 0, "server_lr must be > 0")
-        need(0 <= self.server_momentum < 1, "server_momentum must be in [0, 1)")
-        need(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1 and self.adam_eps > 0, "bad Adam parameters")
+        if self.nesterov and self.server_optimizer == "momentum":  # the deprecated spelling of nesterov
+            self.server_optimizer = "nesterov"
+        try:
+            self.fedavg  # noqa: B018 - builds (so validates) the FedAvg hyperparameters
+        except ValueError as exc:
+            need(False, str(exc))
         need(all(d in WIRE_DTYPES for d in self.upload_dtypes) and self.upload_dtypes, "bad upload_dtypes")
         need(self.max_upload_bytes is None or self.max_upload_bytes > 0, "max_upload_bytes must be > 0")
         need(self.upload_slots >= 1, "upload_slots must be >= 1")
@@ -182,6 +203,15 @@ class ServerConfig:
 
     # ------------------------------------------------------------------ derived
     @property
+    def fedavg(self) -> FedAvgHyperparams:
+        """The FedAvg hyperparameters (models/fedavg.py) under their shared names."""
+        return FedAvgHyperparams(
+            client_lr=self.learning_rate, client_epochs=self.epochs, batch_size=self.batch_size,
+            server_optimizer=self.server_optimizer, server_lr=self.server_lr, server_momentum=self.server_momentum,
+            beta1=self.beta1, beta2=self.beta2, eps=self.eps,
+        )
+
+    @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
 
@@ -204,9 +234,7 @@ class ServerConfig:
             "min_count": self.min_count,
             "max_admitted": self.max_admitted,
             "deadline_s": self.deadline_s,
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "learning_rate": self.learning_rate,
+            **task_fields(self.fedavg),  # epochs, batch_size, learning_rate: the task's names for them
             "dp_mode": self.dp_mode,
             "clip_norm": self.clip_norm,
             "noise_multiplier": self.noise_multiplier,
@@ -252,6 +280,7 @@ class ServerConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ServerConfig":
+        data = canonical_keys(data)
         unknown = set(data) - cls.field_names()
         if unknown:
             raise ValueError(f"unknown server config keys: {sorted(unknown)}")
@@ -262,6 +291,7 @@ class ServerConfig:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         if not isinstance(data, dict):
             raise ValueError(f"{path}: server config must be a JSON object")
+        data = canonical_keys(data)  # the flags below (field names) then override the file's aliases too
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(data)
 

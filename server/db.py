@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from server.round import Round
+
 SCHEMA_VERSION = 1
 
 SCHEMA = """
@@ -113,12 +115,12 @@ class RowCache:
     """
 
     def __init__(self) -> None:
-        self._rows: dict[Any, dict[str, Any]] = {}
+        self._rows: dict[Any, Any] = {}
         self._dirty: set[Any] = set()
         self._gen = 0
         self._lock = threading.Lock()
 
-    def get(self, key: Any, load: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None:
+    def get(self, key: Any, load: Callable[[], Any]) -> Any:
         row = self._rows.get(key)
         if row is not None:
             return row
@@ -227,6 +229,21 @@ class Db:
             raise RuntimeError("writes must run inside db.write()")
         return self._writer.execute(sql, args)
 
+    def execute(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+        """One statement of a service's own tables, inside the caller's `write()` transaction."""
+        return self._exec(sql, args)
+
+    def executemany(self, sql: str, rows: list[tuple]) -> None:
+        """One statement for many rows, inside the caller's `write()` transaction."""
+        if self._owner != threading.get_ident():
+            raise RuntimeError("writes must run inside db.write()")
+        self._writer.executemany(sql, rows)
+
+    def install_schema(self, schema: str) -> None:
+        """CREATE ... IF NOT EXISTS of a service's own tables (idempotent; outside any transaction)."""
+        with self._lock:
+            self._writer.executescript(schema)
+
     def one(self, sql: str, args: tuple = ()) -> dict[str, Any] | None:
         return _dict(self._reader().execute(sql, args).fetchone())
 
@@ -311,19 +328,18 @@ class Db:
         )
         return int(cur.lastrowid)
 
-    def get_round(self, round_id: int) -> dict[str, Any] | None:
-        """The round's row (a copy at the top level; params and outcome are shared: do not mutate)."""
-        row = self._rounds.get(round_id, lambda: _round(self.one("SELECT * FROM rounds WHERE id = ?", (round_id,))))
-        return dict(row) if row is not None else None
+    def get_round(self, round_id: int) -> Round | None:
+        """The round (cached; immutable, so it is shared)."""
+        return self._rounds.get(round_id, lambda: _round(self.one("SELECT * FROM rounds WHERE id = ?", (round_id,))))
 
-    def rounds_in_state(self, state: str, kind: str | None = None) -> list[dict[str, Any]]:
+    def rounds_in_state(self, state: str, kind: str | None = None) -> list[Round]:
         if kind is None:
             rows = self.all("SELECT * FROM rounds WHERE state = ? ORDER BY id", (state,))
         else:
             rows = self.all("SELECT * FROM rounds WHERE state = ? AND kind = ? ORDER BY id", (state, kind))
         return [_round(r) for r in rows]
 
-    def active_round(self, kind: str) -> dict[str, Any] | None:
+    def active_round(self, kind: str) -> Round | None:
         """The open or aggregating round of this kind (at most one exists)."""
         return _round(self.one(
             "SELECT * FROM rounds WHERE kind = ? AND state IN ('open', 'aggregating') ORDER BY id DESC LIMIT 1", (kind,)))
@@ -332,7 +348,7 @@ class Db:
         self._rounds.invalidate(round_id)
         self._update("rounds", "id", round_id, fields)
 
-    def list_rounds(self, limit: int = 100, kind: str | None = None, before: int | None = None) -> list[dict[str, Any]]:
+    def list_rounds(self, limit: int = 100, kind: str | None = None, before: int | None = None) -> list[Round]:
         where, args = [], []
         if kind:
             where.append("r.kind = ?")
@@ -427,9 +443,5 @@ def _model(row: dict[str, Any] | None) -> dict[str, Any] | None:
     return row
 
 
-def _round(row: dict[str, Any] | None) -> dict[str, Any] | None:
-    if row is None:
-        return None
-    row["params"] = json.loads(row["params"]) if row.get("params") else {}
-    row["outcome"] = json.loads(row["outcome"]) if row.get("outcome") else None
-    return row
+def _round(row: dict[str, Any] | None) -> Round | None:
+    return Round.from_row(row) if row is not None else None

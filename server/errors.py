@@ -45,7 +45,7 @@ REASONS: dict[str, int] = {
     "already_global": 409,        # rollback target is the current global model
     "not_a_global_version": 409,  # rollback target was never a global model
     "wire_error": 400,
-    # privacy layer (server/privacy.py)
+    # privacy layer (server/secagg/, server/paillier/, server/telemetry/)
     "wrong_protocol": 409,        # a plain upload to a secure-aggregation round (or the reverse)
     "bad_signature": 400,         # advertised keys / consistency signature not by the device's identity key
     "no_identity": 409,           # the device has no registered identity key
@@ -59,7 +59,7 @@ REASONS: dict[str, int] = {
 
 
 class Rejection(Exception):
-    """Raised anywhere below the HTTP layer; app.py turns it into the JSON 4xx answer."""
+    """Raised anywhere below the HTTP layer; the app (server/http/) turns it into the JSON 4xx answer."""
 
     def __init__(self, reason: str, detail: str = "", status: int | None = None) -> None:
         super().__init__(f"{reason}: {detail}")
@@ -69,3 +69,11 @@ class Rejection(Exception):
 
     def body(self) -> dict[str, str]:
         return {"error": self.reason, "detail": self.detail}
+
+
+class SecureAggregationFailed(Exception):
+    """Raised by a privacy protocol's result: the round must be abandoned, not retried."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail

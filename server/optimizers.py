@@ -1,51 +1,65 @@
-"""Server optimizers (pure numpy) applied to the aggregated delta, with persistable state.
+"""The server optimizer of the aggregation server: models/fedavg.py's optimizers on flat float64 vectors,
+with their state persisted between rounds (a dict of arrays, saved as .npz by the store).
 
-The aggregated device delta d (new local weights minus base, averaged) is treated as a negative
-pseudo-gradient g = -d (Reddi et al. 2021, "Adaptive Federated Optimization"):
+The aggregated delta d (trained minus base, averaged) is the negative pseudo-gradient g = -d, and
+sgd / momentum / nesterov / adam / yogi / adagrad step on it exactly as models/fedavg.py (and TFF)
+define them; sgd with lr 1 is plain FedAvg, w + d.
 
-    sgd        w <- w - lr * g                      (lr = 1: plain FedAvg, w + d)
-    momentum   v <- m v + g;  w <- w - lr * v       (nesterov: w <- w - lr * (g + m v))
-    adam       m <- b1 m + (1-b1) g;  v <- b2 v + (1-b2) g^2
-               w <- w - lr * m_hat / (sqrt(v_hat) + eps)   with bias correction
-
-All arithmetic is float64; state is a dict of arrays (saved as .npz by the store).
+State files written before models/fedavg.py (keys "velocity", "m", "v") still load: they hold the
+same quantities under the old names.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from server.config import SERVER_OPTIMIZERS
+from models import fedavg
+
+# Old state keys -> models/fedavg's: momentum's velocity and Adam's m are its accumulator, Adam's v its preconditioner.
+_LEGACY_KEYS = {"velocity": "accumulator", "m": "accumulator", "v": "preconditioner"}
+
+
+def canonical_name(name: str, nesterov: bool = False) -> str:
+    """The optimizer name, with the deprecated `momentum` + nesterov flag spelled `nesterov`."""
+    return "nesterov" if name == "momentum" and nesterov else name
 
 
 class ServerOptimizer:
+    """One server optimizer and its current state (flat arrays; empty before the first step)."""
+
     def __init__(self, name: str = "sgd", lr: float = 1.0, momentum: float = 0.9, nesterov: bool = False,
-                 beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-3) -> None:
-        if name not in SERVER_OPTIMIZERS:
-            raise ValueError(f"server optimizer must be one of {SERVER_OPTIMIZERS}, got {name!r}")
-        self.name, self.lr, self.momentum, self.nesterov = name, float(lr), float(momentum), bool(nesterov)
-        self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
+                 beta1: float = 0.9, beta2: float = 0.99, eps: float = 1e-3) -> None:
+        self.optimizer = fedavg.ServerOptimizer(canonical_name(name, nesterov), float(lr), float(momentum),
+                                                float(beta1), float(beta2), float(eps))
         self.state: dict[str, np.ndarray] = {}
+
+    @property
+    def name(self) -> str:
+        return self.optimizer.name
 
     @classmethod
     def from_config(cls, config) -> "ServerOptimizer":
         return cls(config.server_optimizer, config.server_lr, config.server_momentum, config.nesterov,
-                   config.adam_beta1, config.adam_beta2, config.adam_eps)
+                   config.beta1, config.beta2, config.eps)
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        out = {k: v for k, v in self.state.items()}
+        out = dict(self.state)
         out["optimizer"] = np.array(self.name)
         return out
 
     def load_state_dict(self, state: dict[str, np.ndarray], dim: int) -> bool:
         """Adopt saved state if it belongs to this optimizer kind and dimension; returns whether it did."""
-        if str(state.get("optimizer", "")) != self.name:
+        saved = str(state.get("optimizer", ""))
+        # before `nesterov` was a name of its own it was `momentum` + a flag; the velocity is the same
+        if saved != self.name and not (saved == "momentum" and self.name == "nesterov"):
             self.state = {}
             return False
-        arrays = {k: np.asarray(v, dtype=np.float64) for k, v in state.items() if k != "optimizer"}
-        if any(a.ndim == 1 and a.size != dim for a in arrays.values()):
+        arrays = {_LEGACY_KEYS.get(k, k): np.asarray(v) for k, v in state.items() if k != "optimizer"}
+        needed = set(self.optimizer.state_keys) | ({"step"} if self.name in ("adam", "yogi") else set())
+        vectors = [arrays.get(k) for k in self.optimizer.state_keys]
+        if set(arrays) != needed or any(v.ndim != 1 or v.size != dim for v in vectors):
             self.state = {}
             return False
-        self.state = arrays
+        self.state = {k: (v.astype(np.int64) if k == "step" else v.astype(np.float64)) for k, v in arrays.items()}
         return True
 
     def reset(self) -> None:
@@ -57,25 +71,11 @@ class ServerOptimizer:
         delta = np.asarray(delta, dtype=np.float64)
         if weights.shape != delta.shape:
             raise ValueError(f"weights {weights.shape} and delta {delta.shape} differ")
-        if self.name == "sgd":
-            return weights + self.lr * delta
-        g = -delta
-        if self.name == "momentum":
-            v = self.state.get("velocity")
-            v = g.copy() if v is None else self.momentum * v + g
-            self.state["velocity"] = v
-            direction = g + self.momentum * v if self.nesterov else v
-            return weights - self.lr * direction
-        # adam
-        t = int(self.state.get("step", np.array(0))) + 1
-        m = self.state.get("m", np.zeros_like(g))
-        v = self.state.get("v", np.zeros_like(g))
-        m = self.beta1 * m + (1.0 - self.beta1) * g
-        v = self.beta2 * v + (1.0 - self.beta2) * (g * g)
-        self.state.update(step=np.array(t), m=m, v=v)
-        m_hat = m / (1.0 - self.beta1 ** t)
-        v_hat = v / (1.0 - self.beta2 ** t)
-        return weights - self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
+        opt_state = (fedavg.unflat_state(self.state, self.optimizer.state_keys) if self.state
+                     else self.optimizer.init([weights]))
+        new = fedavg.server_update(fedavg.ServerState([weights], opt_state), [delta], self.optimizer)
+        self.state = fedavg.flat_state(new.opt_state)
+        return new.weights[0]
 
 
-__all__ = ["ServerOptimizer"]
+__all__ = ["ServerOptimizer", "canonical_name"]

@@ -103,13 +103,13 @@ def test_openapi_document_declares_errors_auth_and_bounds(server_factory):
 def _rejection_calls() -> list[tuple[str, int, str, int | None]]:
     """(file, line, reason, explicit status) of every Rejection("literal", ...) in server/."""
     calls = []
-    for path in sorted((ROOT / "server").glob("*.py")):
+    for path in sorted((ROOT / "server").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Rejection" and node.args \
                     and isinstance(node.args[0], ast.Constant):
                 status = next((kw.value.value for kw in node.keywords
                                if kw.arg == "status" and isinstance(kw.value, ast.Constant)), None)
-                calls.append((path.name, node.lineno, node.args[0].value, status))
+                calls.append((path.relative_to(ROOT / "server").as_posix(), node.lineno, node.args[0].value, status))
     return calls
 
 

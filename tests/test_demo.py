@@ -1,4 +1,4 @@
-"""The demo orchestrator (scripts/demo.py): its process handling, and the whole job end to end.
+"""The demo orchestrator (scripts/demo.py, scripts/supervisor.py): its process handling, and the whole job end to end.
 
 Fast: settings, process-group stop, the sweep of leftover descendants.
 Slow (CI, `scripts/test.sh --all`): `scripts/demo.py --quick` from start to the keyboard screenshot;
@@ -8,7 +8,6 @@ left running.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -20,16 +19,12 @@ from pathlib import Path
 import psutil
 import pytest
 
+from scripts.admin_client import server_supports_secagg
+from scripts.demo_settings import QUICK, Settings, build_parser
+from scripts.supervisor import Supervisor
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "scripts" / "demo.py"
-
-
-def load_demo():
-    spec = importlib.util.spec_from_file_location("fk_demo_under_test", DEMO)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def processes_mentioning(text: str) -> list[psutil.Process]:
@@ -61,21 +56,19 @@ def alive(pids: list[int]) -> list[int]:
 
 
 def test_quick_settings_and_flags():
-    demo = load_demo()
-    args = demo.build_parser().parse_args(["--quick", "--rounds", "5", "--nesterov", "false"])
+    args = build_parser().parse_args(["--quick", "--rounds", "5", "--nesterov", "false"])
     assert args.quick and args.rounds == 5 and args.nesterov is False
-    default = demo.Settings()
+    default = Settings()
     assert default.preset == "small" and default.rounds >= 3
-    quick = demo.Settings(**{**default.public(), **demo.QUICK})
+    quick = Settings(**{**default.public(), **QUICK})
     assert quick.preset == "tiny" and quick.devices <= 10 and quick.rounds <= 2
     # the fleet stops after the promotion (2 versions) plus the DP rounds; secagg detection answers
-    ok, note = demo.server_supports_secagg()
+    ok, note = server_supports_secagg()
     assert isinstance(ok, bool) and "secure aggregation" in note
 
 
 def test_supervisor_stops_the_whole_process_group(tmp_path):
-    demo = load_demo()
-    sup = demo.Supervisor(tmp_path, dict(os.environ))
+    sup = Supervisor(tmp_path, dict(os.environ))
     # a child that starts a grandchild and ignores SIGTERM: only the group SIGKILL ends both
     child = sup.spawn("stubborn", ["bash", "-c", "trap '' TERM; sleep 300 & echo started; wait"])
     deadline = time.monotonic() + 10
@@ -95,9 +88,8 @@ def test_sweep_kills_descendants_that_left_their_group(tmp_path):
     # sweep finds it among the descendants. Run in a subprocess: the sweep kills every descendant of
     # the process that calls it (TFF's worker_binary of this test session included).
     script = f"""
-import importlib.util, json, subprocess, sys, time, psutil
-spec = importlib.util.spec_from_file_location("d", {str(DEMO)!r}); d = importlib.util.module_from_spec(spec); sys.modules["d"] = d
-spec.loader.exec_module(d)
+import json, subprocess, sys, time, psutil
+from scripts import supervisor as d
 d.become_subreaper()
 mid = subprocess.Popen([sys.executable, "-c", "import subprocess,time; subprocess.Popen(['sleep','300'], start_new_session=True); time.sleep(300)"])
 while len(psutil.Process().children(recursive=True)) < 2: time.sleep(0.05)

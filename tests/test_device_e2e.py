@@ -220,7 +220,7 @@ def test_offline_the_keyboard_keeps_working(session: dict[str, Any]) -> None:
 
 def test_pending_upload_is_dropped_with_its_round(session: dict[str, Any]) -> None:
     client: DeviceClient = session["client"]
-    client._save_pending(999, b"not sent", {"type": "update", "round_id": 999, "deadline": time.time() - 1})
+    client.pending.save(999, b"not sent", {"type": "update", "round_id": 999, "deadline": time.time() - 1})
     assert 999 in client.pending_uploads()
     client.flush_pending()  # the server is down, but the round is over anyway: dropped, nothing sent
     assert 999 not in client.pending_uploads()

@@ -170,19 +170,32 @@ def test_settings_persist_in_the_data_dir(tmp_path: Path, bundle_dir: Path) -> N
 
 
 class _MaskingHook:
-    """A stand-in secure-aggregation protocol: adds a known mask, records the call."""
+    """A stand-in secure-aggregation protocol: adds a known mask, uploads a wire delta, records the call."""
 
     name = "test-masks"
 
-    def __init__(self) -> None:
+    def __init__(self, config) -> None:
+        self.config = config
         self.calls: list[tuple[int, list[tuple[int, ...]]]] = []
+        self.should_stop = None
 
     def supports(self, params: dict) -> bool:
         return params.get("protocol") == "test-masks"
 
-    def protect(self, api, task, tensors):
+    def begin(self, api, task) -> None:
+        pass  # no key exchange in this stand-in
+
+    def abort(self, api, task) -> None:
+        pass
+
+    def submit(self, api, task, tensors, metadata) -> dict:
+        from models import wire
+
         self.calls.append((task.round_id, [t.shape for t in tensors]))
-        return [t + 1000.0 for t in tensors], {"secagg": {"protocol": "test-masks", "mask_seed_commitment": "abc"}}
+        masked = [t + 1000.0 for t in tensors]
+        blob = wire.encode(masked, self.config, kind="delta", model_version=task.base_version,
+                           metadata={**metadata, "secagg": {"protocol": "test-masks", "mask_seed_commitment": "abc"}})
+        return {**api.upload_update(task.round_id, blob, url=task.upload_url), "bytes": len(blob)}
 
 
 def _fake_server(bundle_dir: Path, secagg: dict | None, uploads: list[bytes]):
@@ -222,7 +235,7 @@ def test_secure_aggregation_hook_masks_the_upload(tmp_path: Path, bundle_dir: Pa
     from models import wire
 
     uploads: list[bytes] = []
-    hook = _MaskingHook()
+    hook = _MaskingHook(load_bundle(bundle_dir).config)
     settings = ClientSettings()
     settings.eligibility.idle_after_s = 0
     settings.eligibility.use_battery_sensor = False

@@ -1,10 +1,12 @@
 """Parity: the TFF simulation and the real system (server + headless devices) train the same model.
 
 The same clients (chitchat users), the same text, the same initial weights and hyperparameters,
-no DP: once through `tff_sim.runner.run` (TFF weighted FedAvg, client SGD, server SGD lr 1.0)
+no DP: once through `tff_sim.runner.run` (TFF weighted FedAvg, client SGD, TFF's server optimizer)
 and once through a real `python -m server` subprocess with one `device_app.client.DeviceClient`
 per user (check-in, model download, local SGD in `device_app.local_training`, delta, float32 wire
-upload; the server's example-weighted streaming mean and its SGD server optimizer). Every round
+upload; the server's example-weighted streaming mean and its server optimizer, server/optimizers.py
+over models/fedavg.py). Both sides get their server optimizer from one models.fedavg.FedAvgHyperparams:
+the test runs sgd (lr 1, plain FedAvg), momentum (heavy ball 0.9) and adam (FedAdam, lr 0.01). Every round
 all clients take part on both sides (TFF: clients_per_round = population with uniform sampling;
 server: round goal = min_count = number of devices, over-admission 1.0).
 
@@ -26,6 +28,9 @@ Why it is not bit-identical, and the bound:
   loss. Same math, other float32 reduction orders (rows permuted, other matmul shapes).
 - The server averages in float64 in arrival order (threads: not deterministic) and casts once;
   TFF averages in float32 in client order.
+- The server steps its optimizer in float64 (state kept in float64), TFF in float32. Adam divides by
+  sqrt(p) + eps, which scales a rounding difference in the mean delta by at most ~lr / (4 eps) = 2.5
+  (lr 0.01, eps 1e-3), where |g| is near eps; elsewhere its step barely depends on g's size.
 Each of these is a float32 rounding difference (relative 2^-24 ~ 6e-8 per operation); through
 E local steps and R rounds they compound. Measured (artifacts/bench/parity*.json): tiny, 4 clients,
 3 rounds x 2 epochs: max |diff| 6.0e-8, ||diff|| / ||w_tff - w0|| 1.7e-7; small (440k parameters),
@@ -36,6 +41,7 @@ update (`control_*` in the figures): the check can tell a real difference from r
 
     .venv/bin/python tests/test_parity.py                      # the figures (tiny preset) as JSON
     .venv/bin/python tests/test_parity.py --preset small --rounds 3 --out artifacts/bench/parity.json
+    .venv/bin/python tests/test_parity.py --server-optimizer adam --server-lr 0.01
 """
 from __future__ import annotations
 
@@ -56,6 +62,15 @@ if str(ROOT) not in sys.path:
 
 MAX_ABS_BOUND = 1e-6
 REL_L2_BOUND = 1e-5
+# server optimizer -> its server learning rate in the test (Adam's step is ~lr per coordinate)
+SERVER_OPTIMIZERS = {"sgd": 1.0, "momentum": 1.0, "adam": 0.01}
+
+
+def server_flags(hp) -> list[str]:
+    """The server optimizer of `hp` (models.fedavg.FedAvgHyperparams) as `python -m server` flags."""
+    return ["--server-optimizer", hp.server_optimizer, "--server-lr", repr(hp.server_lr),
+            "--server-momentum", repr(hp.server_momentum), "--beta1", repr(hp.beta1), "--beta2", repr(hp.beta2),
+            "--eps", repr(hp.eps)]
 
 
 def pick_clients(ds, n_clients: int, seed: int, min_messages: int = 8, max_messages: int = 30) -> list[str]:
@@ -72,7 +87,8 @@ def pick_clients(ds, n_clients: int, seed: int, min_messages: int = 8, max_messa
 
 
 def run_parity(tmp: Path, *, preset_name: str = "tiny", n_clients: int = 4, rounds: int = 3, epochs: int = 2,
-               lr: float = 0.5, batch_size: int = 256, seed: int = 0) -> dict[str, Any]:
+               lr: float = 0.5, batch_size: int = 256, seed: int = 0, server_optimizer: str = "sgd",
+               server_lr: float = 1.0) -> dict[str, Any]:
     from device_app.client import ClientSettings, DeviceClient
     from device_app.eligibility import Eligibility
     from device_app.local_training import examples_for
@@ -81,6 +97,7 @@ def run_parity(tmp: Path, *, preset_name: str = "tiny", n_clients: int = 4, roun
     from models.config import preset
     from models.data import load_dataset
     from models.data.types import ClientData, FederatedDataset
+    from models.fedavg import FedAvgHyperparams
     from models.tokenizer import tokenize_sentences
     from models.vocab import Vocabulary
     from tests.server_fixtures import ServerProcess
@@ -88,6 +105,8 @@ def run_parity(tmp: Path, *, preset_name: str = "tiny", n_clients: int = 4, roun
     from tff_sim.config import SimConfig
 
     t0 = time.monotonic()
+    hp = FedAvgHyperparams(client_lr=lr, client_epochs=epochs, batch_size=batch_size,
+                           server_optimizer=server_optimizer, server_lr=server_lr)
     ds = load_dataset("chitchat", seed=0)
     ids = pick_clients(ds, n_clients, seed)
     assert len(ids) == n_clients, "not enough small chitchat clients"
@@ -102,7 +121,7 @@ def run_parity(tmp: Path, *, preset_name: str = "tiny", n_clients: int = 4, roun
         "--init-bundle", str(bundle), "--round-goal", str(n_clients), "--min-count", str(n_clients),
         "--over-admit", "1.0", "--deadline-s", "3600", "--epochs", str(epochs), "--batch-size", str(batch_size),
         "--learning-rate", str(lr), "--dp-mode", "none", "--clip-norm", "0", "--aggregator", "mean",
-        "--server-optimizer", "sgd", "--server-lr", "1.0", "--upload-dtypes", "float32", "--retry-min-s", "1",
+        *server_flags(hp), "--upload-dtypes", "float32", "--retry-min-s", "1",
         "--max-examples-per-update", "100000"], tmp / "server.log").start()
     eligible = Eligibility(charging=True, unmetered=True, idle=True)
     devices: dict[str, DeviceClient] = {}
@@ -149,7 +168,9 @@ def run_parity(tmp: Path, *, preset_name: str = "tiny", n_clients: int = 4, roun
     def sim(r: int, e: int, out: str) -> list[np.ndarray]:
         cfg = SimConfig(dataset="parity", preset=preset_name, rounds=r, clients_per_round=n_clients,
                         client_epochs=e, batch_size=batch_size, max_examples_per_client=batch_size, client_lr=lr,
-                        server_optimizer="sgd", server_lr=1.0, sampling="uniform", seed=seed, dp=False,
+                        server_optimizer=hp.server_optimizer, server_lr=hp.server_lr,
+                        server_momentum=hp.server_momentum, beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps,
+                        sampling="uniform", seed=seed, dp=False,
                         eval_every=0, output=str(tmp / out), checkpoint_every=0, fresh=True, tensorboard=False,
                         plots=False, progress=False, baselines=None)
         return [np.array(w, np.float64) for w in runner.run(cfg, data=data).weights]
@@ -165,7 +186,8 @@ def run_parity(tmp: Path, *, preset_name: str = "tiny", n_clients: int = 4, roun
     moved = float(np.linalg.norm(a - init))
     return {
         "preset": preset_name, "parameters": int(a.size), "clients": ids, "examples": examples, "rounds": rounds,
-        "epochs": epochs, "client_lr": lr, "batch_size": batch_size,
+        "epochs": epochs, "client_lr": lr, "batch_size": batch_size, "server_optimizer": server_optimizer,
+        "server_lr": server_lr,
         "max_abs_diff": float(np.max(np.abs(a - b))),
         "rel_l2_diff_vs_update": float(np.linalg.norm(a - b)) / moved if moved else math.inf,
         "rel_l2_diff_vs_weights": float(np.linalg.norm(a - b) / np.linalg.norm(a)),
@@ -180,8 +202,10 @@ def run_parity(tmp: Path, *, preset_name: str = "tiny", n_clients: int = 4, roun
 
 
 @pytest.mark.slow
-def test_tff_simulation_and_real_server_agree(tmp_path):
-    fig = run_parity(tmp_path, preset_name="tiny", n_clients=4, rounds=3, epochs=2)
+@pytest.mark.parametrize("server_optimizer", sorted(SERVER_OPTIMIZERS))
+def test_tff_simulation_and_real_server_agree(tmp_path, server_optimizer):
+    fig = run_parity(tmp_path, preset_name="tiny", n_clients=4, rounds=3, epochs=2,
+                     server_optimizer=server_optimizer, server_lr=SERVER_OPTIMIZERS[server_optimizer])
     print(json.dumps(fig, indent=2))
     assert fig["update_norm"] > 0.1, "training did not move the model: the comparison would say nothing"
     # the check can tell a real difference apart: one local epoch fewer is far outside the bounds
@@ -199,11 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=0.5)
+    p.add_argument("--server-optimizer", default="sgd", help="sgd, momentum, nesterov, adam, yogi, adagrad")
+    p.add_argument("--server-lr", type=float, default=1.0)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="fk-parity-") as tmp:
         fig = run_parity(Path(tmp), preset_name=args.preset, n_clients=args.clients, rounds=args.rounds,
-                         epochs=args.epochs, lr=args.lr)
+                         epochs=args.epochs, lr=args.lr, server_optimizer=args.server_optimizer,
+                         server_lr=args.server_lr)
     text = json.dumps(fig, indent=2)
     print(text)
     if args.out:

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from models import wire
-from server.app import build_manager
+from server.services import build_services
 from server.bootstrap import from_preset
 from server.config import ServerConfig
 from tests.server_fixtures import (  # noqa: F401  (server_factory is a fixture)
@@ -102,9 +102,9 @@ def test_kill9_mid_round_resumes_with_every_accepted_update(server_factory):
 def test_restart_during_aggregation_reaggregates_the_same_result(tmp_path):
     """A round that reached its goal but whose aggregation never committed is aggregated at the next start."""
     config = ServerConfig(data_dir=str(tmp_path / "d"), admin_token="x", round_goal=2, min_count=2, deadline_s=60)
-    manager = build_manager(config)
+    manager = build_services(config).manager
     model_config, vocab, weights, info = from_preset("tiny", None, 0)
-    manager.initialize(model_config, vocab, weights, info)
+    manager.models.initialize(model_config, vocab, weights, info)
     manager.recover()  # no worker thread: nothing aggregates in this "process"
     devices = []
     for _ in range(2):
@@ -117,15 +117,15 @@ def test_restart_during_aggregation_reaggregates_the_same_result(tmp_path):
         task = manager.checkin(device_id, ELIGIBLE)["task"]
         manager.submit_update(device_id, task["round_id"], encode_delta(delta, 1, num_examples=2))
     rid = task["round_id"]
-    assert manager.db.get_round(rid)["state"] == "aggregating"
+    assert manager.db.get_round(rid).state == "aggregating"
     # "crash": drop the manager without aggregating; a new process opens the same data dir
-    restarted = build_manager(ServerConfig(data_dir=str(tmp_path / "d"), admin_token="x", round_goal=2,
-                                           min_count=2, deadline_s=60))
+    restarted = build_services(ServerConfig(data_dir=str(tmp_path / "d"), admin_token="x", round_goal=2,
+                                            min_count=2, deadline_s=60)).manager
     restarted.recover()
     restarted.tick()
     rnd = restarted.db.get_round(rid)
-    assert rnd["state"] == "closed" and rnd["result_version"] == 2
-    blob, _ = restarted.model_blob(2)
+    assert rnd.state == "closed" and rnd.result_version == 2
+    blob, _ = restarted.models.model_blob(2)
     got = wire.decode(blob, TINY).tensors
     assert_weights_equal(got, expected_mean(weights, deltas, [2, 2]))
 

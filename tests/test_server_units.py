@@ -67,16 +67,21 @@ def test_optimizers_follow_their_formulas():
     w2 = mom.step(w1, d2)
     np.testing.assert_allclose(w2, w1 - 0.5 * (0.9 * -d1 + -d2))
 
-    nes = ServerOptimizer("momentum", lr=0.5, momentum=0.9, nesterov=True)
+    nes = ServerOptimizer("nesterov", lr=0.5, momentum=0.9)
     w1 = nes.step(w, d1)
     v = -d1
     np.testing.assert_allclose(w1, w - 0.5 * (-d1 + 0.9 * v))
+    legacy = ServerOptimizer("momentum", lr=0.5, momentum=0.9, nesterov=True)  # the deprecated spelling
+    assert legacy.name == "nesterov"
+    np.testing.assert_allclose(legacy.step(w, d1), w1)
 
+    # Adam as TFF computes it (models/fedavg.py): bias correction folded into the rate, eps outside the
+    # root; at t = 1 the rate is lr sqrt(1 - b2) / (1 - b1) = lr for b1 0.9, b2 0.99
     adam = ServerOptimizer("adam", lr=0.1, beta1=0.9, beta2=0.99, eps=1e-3)
     w1 = adam.step(w, d1)
     g = -d1
     m, vv = 0.1 * g, 0.01 * g * g
-    np.testing.assert_allclose(w1, w - 0.1 * (m / 0.1) / (np.sqrt(vv / 0.01) + 1e-3))
+    np.testing.assert_allclose(w1, w - 0.1 * m / (np.sqrt(vv) + 1e-3))
     # state round trip (as the store persists it), including a refusal of another optimizer's state
     saved = adam.state_dict()
     again = ServerOptimizer("adam", lr=0.1, beta1=0.9, beta2=0.99, eps=1e-3)
@@ -84,6 +89,70 @@ def test_optimizers_follow_their_formulas():
     np.testing.assert_allclose(again.step(w1, d2), adam.step(w1, d2))
     assert not ServerOptimizer("momentum").load_state_dict(saved, 3)
     assert not ServerOptimizer("adam").load_state_dict(saved, 4)
+
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adam", "yogi", "adagrad"])
+def test_server_optimizer_is_models_fedavg_through_a_restart(name):
+    """Steps with the state saved and reloaded in between (a server restart) = models.fedavg's steps."""
+    from models import fedavg
+
+    rng = np.random.default_rng(3)
+    w, deltas = rng.standard_normal(6), [rng.standard_normal(6) * s for s in (1.0, 0.1, 0.5)]
+    ref = fedavg.ServerOptimizer(name, lr=0.3, momentum=0.8)
+    state = fedavg.server_init([w], ref)
+    server_w, saved = w, None
+    for d in deltas:
+        state = fedavg.server_update(state, [d], ref)
+        opt = ServerOptimizer(name, lr=0.3, momentum=0.8)
+        if saved is not None:
+            assert opt.load_state_dict(saved, 6)
+        server_w = opt.step(server_w, d)
+        saved = opt.state_dict()
+        np.testing.assert_allclose(server_w, state.weights[0], rtol=1e-12)
+    assert bool(opt.state) == (name != "sgd")  # sgd keeps no state (the store writes none)
+
+
+def test_server_config_optimizer_names_and_their_old_spellings(tmp_path):
+    import json
+
+    from server.__main__ import build_parser, config_from_args
+
+    for name in ("sgd", "momentum", "nesterov", "adam", "yogi", "adagrad"):
+        assert ServerConfig(server_optimizer=name).fedavg.server_optimizer == name
+    with pytest.raises(ValueError):
+        ServerConfig(server_optimizer="rmsprop")
+    # momentum + the deprecated nesterov flag is nesterov; for other optimizers the flag changes nothing
+    assert ServerConfig(server_optimizer="momentum", nesterov=True).server_optimizer == "nesterov"
+    assert ServerConfig(server_optimizer="sgd", nesterov=True).server_optimizer == "sgd"
+    c = ServerConfig()
+    assert (c.beta1, c.beta2, c.eps) == (0.9, 0.99, 1e-3)  # Reddi et al.: the same defaults as tff_sim
+    args = build_parser().parse_args(["--server-optimizer", "momentum", "--nesterov", "--adam-beta2", "0.9",
+                                      "--adam-eps", "0.01", "--client-lr", "0.3", "--client-epochs", "2"])
+    c = config_from_args(args)
+    assert (c.server_optimizer, c.beta2, c.eps, c.learning_rate, c.epochs) == ("nesterov", 0.9, 0.01, 0.3, 2)
+    assert {k: c.round_params()[k] for k in ("epochs", "learning_rate")} == {"epochs": 2, "learning_rate": 0.3}
+    path = tmp_path / "server.json"
+    path.write_text(json.dumps({"adam_beta1": 0.8, "client_lr": 0.2}))
+    c = ServerConfig.from_file(path, learning_rate=0.4)  # a flag wins over the file's alias
+    assert (c.beta1, c.learning_rate) == (0.8, 0.4)
+    with pytest.raises(ValueError):
+        ServerConfig.from_dict({"adam_eps": 0.1, "eps": 0.2})
+
+
+def test_server_optimizer_loads_state_files_written_before_models_fedavg():
+    w, d = np.array([1.0, -2.0, 0.5]), np.array([0.1, 0.2, -0.3])
+    old_momentum = {"optimizer": np.array("momentum"), "velocity": np.array([0.5, -0.1, 0.2])}
+    for name, nesterov in (("momentum", False), ("nesterov", False), ("momentum", True)):
+        opt = ServerOptimizer(name, lr=0.5, momentum=0.9, nesterov=nesterov)
+        assert opt.load_state_dict(old_momentum, 3), name
+        v = 0.9 * old_momentum["velocity"] - d
+        want = w - 0.5 * (v if opt.name == "momentum" else -d + 0.9 * v)
+        np.testing.assert_allclose(opt.step(w, d), want)
+    old_adam = {"optimizer": np.array("adam"), "step": np.array(2), "m": np.zeros(3), "v": np.ones(3)}
+    adam = ServerOptimizer("adam")
+    assert adam.load_state_dict(old_adam, 3) and int(adam.state["step"]) == 2
+    assert not ServerOptimizer("adam").load_state_dict({"optimizer": np.array("adam"), "m": np.zeros(3)}, 3)
 
 
 def test_quantization_bound_covers_wire_rounding():
@@ -182,6 +251,7 @@ def test_norm_check_decides_close_calls_on_the_exact_norm(monkeypatch, side: int
     """An update within 3e-8 of the bound is decided on the exact float64 norm, not the fast one."""
     from models import blas
     from server.errors import Rejection
+    from server.round import Round, TrainParams
     from server.strategy import RoundContext, StreamingMean
 
     rng = np.random.default_rng(5)
@@ -192,9 +262,10 @@ def test_norm_check_decides_close_calls_on_the_exact_norm(monkeypatch, side: int
         real = blas._DSDOT
         monkeypatch.setattr(blas, "_DSDOT", lambda n, ptr: real(n, ptr) * (1 + side * 1e-7))  # norm off by 5e-8
     clip = exact * (1 + side * 3e-8) / (1 + 1e-5)  # dp.norm_tolerance adds a 1e-5 relative slack
-    rnd = {"id": 1, "base_version": 3, "params": {
-        "clip_norm": clip, "dp_mode": "none", "noise_multiplier": 0.0, "min_count": 1, "norm_sigmas": 6.0,
-        "upload_dtypes": ["float32"], "max_examples_per_update": 100}}
+    params = TrainParams(goal=1, min_count=1, max_admitted=1, deadline_s=60.0, clip_norm=clip, norm_sigmas=6.0,
+                         upload_dtypes=("float32",), max_examples_per_update=100)
+    rnd = Round(id=1, kind="train", state="open", base_version=3, candidate_version=None, created_at=0.0,
+                deadline=None, closed_at=None, params=params, params_dict={})
     ctx = RoundContext(TINY, TINY.num_parameters(), 1 << 30, open_update=lambda rel: None)
     body = wire.encode(tensors, TINY, kind="delta", model_version=3, metadata={"num_examples": 5})
     if accepted:
@@ -228,7 +299,7 @@ def test_running_sum_group_commit_is_exact_and_a_failed_commit_changes_nothing()
     import threading
 
     from server.errors import Rejection
-    from server.secagg_sum import Claim, RunningSum
+    from server.secagg.running_sum import Claim, RunningSum
 
     rng = np.random.default_rng(3)
     ys = [rng.integers(0, 2**32, 50, dtype=np.uint64).astype(np.uint32) for _ in range(12)]
@@ -299,18 +370,19 @@ def test_row_cache_never_serves_a_row_older_than_the_last_commit(tmp_path) -> No
 
     db = Db(tmp_path / "x.db")
     with db.write():
-        rid = db.create_round(kind="train", base_version=0, params={"a": 1}, seed=0)
-    assert db.get_round(rid)["state"] == "open"
+        rid = db.create_round(kind="train", base_version=0, seed=0,
+                              params={"goal": 1, "min_count": 1, "max_admitted": 1, "deadline_s": 60.0})
+    assert db.get_round(rid).state == "open"
     assert db._rounds.get(rid, lambda: None) is not None  # cached
     with db.write():
         db.update_round(rid, state="aggregating")
-        assert db.get_round(rid)["state"] == "aggregating"  # the writer sees its own change
-    assert db.get_round(rid)["state"] == "aggregating"
+        assert db.get_round(rid).state == "aggregating"  # the writer sees its own change
+    assert db.get_round(rid).state == "aggregating"
     with pytest.raises(RuntimeError):
         with db.write():
             db.update_round(rid, state="closed")
             raise RuntimeError("rolled back")
-    assert db.get_round(rid)["state"] == "aggregating"  # the rolled-back value is not cached
+    assert db.get_round(rid).state == "aggregating"  # the rolled-back value is not cached
     # a read that overlapped a write does not fill the cache
     cache = db.cache()
     stale = {"v": 1}

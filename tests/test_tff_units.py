@@ -52,6 +52,13 @@ def test_config_hash_ignores_output_and_rounds_but_not_training_settings():
     base = SimConfig(preset="tiny")
     assert base.config_hash() == base.replace(output="/x", rounds=99, push_path="/p").config_hash()
     assert base.config_hash() != base.replace(client_lr=0.1).config_hash()
+    # the optimizer hyperparameters added with models/fedavg.py keep old runs' hashes at their defaults
+    assert base.config_hash() != base.replace(beta2=0.999).config_hash()
+    assert "beta2" not in base.identity() and "beta2" in base.replace(beta2=0.999).identity()
+    assert base.fedavg.server_optimizer == "nesterov" and (base.fedavg.beta2, base.fedavg.eps) == (0.99, 1e-3)
+    assert parse_args(["--server-optimizer", "adagrad", "--eps", "0.01"]).fedavg.eps == 0.01
+    with pytest.raises(ValueError):
+        SimConfig(server_optimizer="adam", beta1=1.0)
     calibrated = SimConfig(dp=True, target_epsilon=5.0)
     assert calibrated.config_hash() != calibrated.replace(rounds=99).config_hash()  # the noise depends on rounds
 

@@ -36,6 +36,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from models import fedavg
+
 PREFIX = ("my", "pin", "number", "is")
 
 
@@ -112,6 +114,7 @@ def _sample_rounds(n: int, q: float, rounds: int, seed: int) -> list[np.ndarray]
 def _train(trainer, init: list[np.ndarray], clients: list[tuple[np.ndarray, np.ndarray]], samples: list[np.ndarray],
            cfg: CanaryConfig, dp: bool, progress) -> tuple[list[np.ndarray], dict[str, Any]]:
     weights = [w.copy() for w in init]
+    server_sgd = fedavg.ServerOptimizer("sgd", cfg.server_lr)
     rng = np.random.default_rng([cfg.seed, 99])
     expected = cfg.clients_per_round
     stats = {"clipped_fraction": [], "participants": []}
@@ -125,7 +128,7 @@ def _train(trainer, init: list[np.ndarray], clients: list[tuple[np.ndarray, np.n
             batches = [(x[order][i:i + cfg.batch_size], y[order][i:i + cfg.batch_size])
                        for i in range(0, len(order), cfg.batch_size)]
             new, n_ex, _ = trainer.train(weights, batches)
-            delta = [a.astype(np.float64) - b for a, b in zip(new, weights)]
+            delta = [d.astype(np.float64) for d in fedavg.client_delta(new, weights)]
             if not all(np.isfinite(d).all() for d in delta):  # a diverged client: its update is dropped
                 stats["non_finite_updates"] = stats.get("non_finite_updates", 0) + 1
                 continue
@@ -147,7 +150,8 @@ def _train(trainer, init: list[np.ndarray], clients: list[tuple[np.ndarray, np.n
         else:
             denom = weight_sum
         if denom > 0 and (dp or len(chosen)):
-            weights = [(w + cfg.server_lr * t / denom).astype(np.float32) for w, t in zip(weights, total)]
+            mean_delta = [t / denom for t in total]
+            weights = fedavg.server_update(fedavg.ServerState(weights, {}), mean_delta, server_sgd).weights
         stats["participants"].append(int(len(chosen)))
         stats["clipped_fraction"].append(clipped / max(1, len(chosen)))
         if progress:

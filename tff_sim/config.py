@@ -16,8 +16,11 @@ import tomllib
 from pathlib import Path
 from typing import Any, Sequence
 
-SERVER_OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "yogi")
-SAMPLING = ("auto", "uniform", "poisson")
+from models.fedavg import SERVER_OPTIMIZERS, FedAvgHyperparams
+
+SAMPLING = ("auto", "uniform", "poisson", "shuffled", "cyclic")
+DP_MECHANISMS = ("dp-fedavg", "dp-ftrl")
+FTRL_RESTARTS = ("epoch", "none")
 ACCOUNTANTS = ("rdp", "pld")
 DP_NOISE = ("seeded", "tff")
 TFF_LOOPS = ("iterator", "reduce")
@@ -28,6 +31,10 @@ _NON_IDENTITY = {
     "output", "fresh", "push", "admin_token", "push_path", "tensorboard", "progress", "checkpoint_every",
     "plots", "baselines", "final_eval_max_sentences", "accountants",
 }
+# Fields added after runs were made: left out of the identity while at these (their old, built-in)
+# values, so an existing run keeps its config hash and can still be resumed.
+_ADDED_LATER = {"beta1": 0.9, "beta2": 0.99, "eps": 1e-3, "dp_mechanism": "dp-fedavg", "ftrl_restart": "epoch",
+                "ftrl_efficient": True}
 
 
 @dataclasses.dataclass
@@ -47,9 +54,14 @@ class SimConfig:
     batch_size: int = 16
     client_lr: float = 0.5
     client_momentum: float = 0.0
-    server_optimizer: str = "nesterov"  # sgd | momentum | nesterov (Gboard: Nesterov 0.9) | adam (FedAdam) | yogi
+    # server optimizer (models/fedavg.py defines each): sgd | momentum | nesterov (Gboard: Nesterov 0.9) |
+    # adam (FedAdam) | yogi (FedYogi) | adagrad (FedAdagrad)
+    server_optimizer: str = "nesterov"
     server_lr: float = 1.0
-    server_momentum: float = 0.9
+    server_momentum: float = 0.9  # momentum / nesterov
+    beta1: float = 0.9  # adam / yogi
+    beta2: float = 0.99  # adam / yogi
+    eps: float = 1e-3  # adam / yogi / adagrad (Reddi et al.'s tau)
     sampling: str = "auto"  # uniform: m clients without replacement; poisson: each with prob m/N; auto: poisson iff DP
     seed: int = 0
     tff_loop: str = "iterator"  # iterator (fast) | reduce (TFF's default): how clients loop over batches
@@ -64,6 +76,10 @@ class SimConfig:
     clip_lr: float = 0.2
     accountants: tuple[str, ...] = ("rdp", "pld")
     dp_noise: str = "seeded"  # seeded: stateless noise seeded from the run seed (exact resume); tff: TFF's stock factory
+    # DP-FTRL (Kairouz et al. 2021): tree-aggregated noise, no sampling; clients in a seeded shuffled order
+    dp_mechanism: str = "dp-fedavg"  # dp-fedavg (Poisson-sampled Gaussian) | dp-ftrl (tree aggregation)
+    ftrl_restart: str = "epoch"  # epoch: reshuffle and restart the tree every epoch | none: one order cycled, one tree
+    ftrl_efficient: bool = True  # Honaker's efficient tree (TFF's default) or the plain binary tree
     # evaluation and output
     eval_every: int = 10  # federated evaluation on held-out clients every N rounds (0: only at the end)
     eval_clients: int = 20  # held-out clients in the periodic federated evaluation (0: all)
@@ -91,13 +107,9 @@ class SimConfig:
             if value is None or value <= 0:
                 raise ValueError(f"{name} must be positive, got {value!r}")
 
-        for name in ("rounds", "clients_per_round", "client_epochs", "batch_size", "max_examples_per_client",
-                     "eval_max_examples_per_client", "server_lr"):
+        for name in ("rounds", "clients_per_round", "max_examples_per_client", "eval_max_examples_per_client"):
             positive(name)
-        if self.client_lr < 0:
-            raise ValueError("client_lr must be >= 0")
-        if self.server_optimizer not in SERVER_OPTIMIZERS:
-            raise ValueError(f"server_optimizer must be one of {SERVER_OPTIMIZERS}, got {self.server_optimizer!r}")
+        self.fedavg  # noqa: B018 - builds (so validates) the FedAvg hyperparameters
         if self.sampling not in SAMPLING:
             raise ValueError(f"sampling must be one of {SAMPLING}, got {self.sampling!r}")
         if self.tff_loop not in TFF_LOOPS:
@@ -124,13 +136,41 @@ class SimConfig:
             raise ValueError("target_quantile must be in (0, 1)")
         if self.eval_every < 0 or self.eval_clients < 0 or self.checkpoint_every < 0:
             raise ValueError("eval_every, eval_clients and checkpoint_every must be >= 0")
+        if self.dp_mechanism not in DP_MECHANISMS:
+            raise ValueError(f"dp_mechanism must be one of {DP_MECHANISMS}, got {self.dp_mechanism!r}")
+        if self.ftrl_restart not in FTRL_RESTARTS:
+            raise ValueError(f"ftrl_restart must be one of {FTRL_RESTARTS}, got {self.ftrl_restart!r}")
+        if self.dp_mechanism == "dp-ftrl":
+            if not self.dp:
+                raise ValueError("--dp-mechanism dp-ftrl needs --dp")
+            if self.sampling not in ("auto", self.ftrl_sampling):
+                raise ValueError(f"DP-FTRL's accounting assumes its own participation rule: use --sampling auto "
+                                 f"(= {self.ftrl_sampling} for --ftrl-restart {self.ftrl_restart})")
+        elif self.sampling in ("shuffled", "cyclic"):
+            raise ValueError(f"--sampling {self.sampling} is DP-FTRL's participation rule (--dp --dp-mechanism dp-ftrl)")
         if self.push and not self.admin_token:
             raise ValueError("--push needs --admin-token")
+
+    @property
+    def fedavg(self) -> FedAvgHyperparams:
+        """The FedAvg hyperparameters of this run (models/fedavg.py, shared with the server and devices)."""
+        return FedAvgHyperparams(
+            client_lr=self.client_lr, client_epochs=self.client_epochs, batch_size=self.batch_size,
+            server_optimizer=self.server_optimizer, server_lr=self.server_lr, server_momentum=self.server_momentum,
+            beta1=self.beta1, beta2=self.beta2, eps=self.eps,
+        )
+
+    @property
+    def ftrl_sampling(self) -> str:
+        """DP-FTRL's participation rule: shuffled (once per epoch, tree restarted) or cyclic (min separation)."""
+        return "shuffled" if self.ftrl_restart == "epoch" else "cyclic"
 
     @property
     def sampling_mode(self) -> str:
         if self.sampling != "auto":
             return self.sampling
+        if self.dp and self.dp_mechanism == "dp-ftrl":
+            return self.ftrl_sampling
         return "poisson" if self.dp else "uniform"
 
     def to_dict(self) -> dict[str, Any]:
@@ -153,6 +193,7 @@ class SimConfig:
         a different --rounds.
         """
         skip = set(_NON_IDENTITY) | ({"rounds"} if self.target_epsilon is None else set())
+        skip |= {k for k, v in _ADDED_LATER.items() if getattr(self, k) == v}
         return {k: v for k, v in self.to_dict().items() if k not in skip}
 
     def config_hash(self) -> str:
@@ -230,11 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--client-lr", type=float, help=f"client SGD learning rate (default {default('client_lr')})")
     g.add_argument("--client-momentum", type=float, help=f"client SGD momentum (default {default('client_momentum')})")
     g.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS,
-                   help=f"nesterov = Gboard's SGD with Nesterov momentum; adam = FedAdam (default {default('server_optimizer')})")
+                   help="nesterov = Gboard's SGD with Nesterov momentum; adam/yogi/adagrad = FedAdam/FedYogi/FedAdagrad "
+                   f"(models/fedavg.py; default {default('server_optimizer')})")
     g.add_argument("--server-lr", type=float, help=f"default {default('server_lr')}")
     g.add_argument("--server-momentum", type=float, help=f"for momentum/nesterov (default {default('server_momentum')})")
+    g.add_argument("--beta1", type=float, help=f"adam/yogi first-moment decay (default {default('beta1')})")
+    g.add_argument("--beta2", type=float, help=f"adam/yogi second-moment decay (default {default('beta2')})")
+    g.add_argument("--eps", type=float, help=f"adam/yogi/adagrad epsilon, Reddi et al.'s tau (default {default('eps')})")
     g.add_argument("--sampling", choices=SAMPLING,
-                   help="client sampling per round; auto = poisson with DP (what the accountant assumes), else uniform")
+                   help="client sampling per round; auto = poisson with DP-FedAvg (what the accountant assumes), "
+                   "shuffled/cyclic with DP-FTRL, else uniform")
     g.add_argument("--seed", type=int, help=f"model init, client sampling, batch order, DP noise (default {default('seed')})")
     g.add_argument("--tff-loop", choices=TFF_LOOPS,
                    help="client loop over batches: iterator (DATASET_ITERATOR, fast) or reduce (TFF's default "
@@ -253,6 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dp-noise", choices=DP_NOISE,
                    help="seeded: the same Gaussian mechanism with noise from a stateless seeded generator kept "
                    "in the aggregator state (bit-exact resume); tff: TFF's stock gaussian_fixed/gaussian_adaptive")
+    g.add_argument("--dp-mechanism", choices=DP_MECHANISMS,
+                   help="dp-fedavg: Poisson-sampled Gaussian (accounting assumes sampling); dp-ftrl: tree-aggregated "
+                   "noise (Kairouz et al. 2021), each client at most once per epoch, no sampling needed "
+                   f"(default {default('dp_mechanism')})")
+    g.add_argument("--ftrl-restart", choices=FTRL_RESTARTS,
+                   help="dp-ftrl: epoch = a fresh shuffled client order and a new tree every epoch; none = one "
+                   f"shuffled order cycled, one tree, accounted by min separation (default {default('ftrl_restart')})")
+    _bool_flag(g, "ftrl-efficient", "dp-ftrl: Honaker's efficient tree estimator (TFF's default; --no-ftrl-efficient: plain tree)")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval-every", type=int, help=f"federated eval every N rounds (default {default('eval_every')})")
     g.add_argument("--eval-clients", type=int, help=f"held-out clients per periodic eval, 0 = all (default {default('eval_clients')})")

@@ -154,3 +154,106 @@ def _value_noise(noise_multiplier: float, clients_per_round: float, count_stddev
     from tensorflow_federated.python.aggregators.differential_privacy import adaptive_clip_noise_params
 
     return adaptive_clip_noise_params(noise_multiplier, clients_per_round, count_stddev)
+
+
+# --------------------------------------------------------------------------- DP-FTRL (tree aggregation)
+#
+# TFF's DP-FTRL aggregators are DifferentiallyPrivateFactory.tree_aggregation (fixed clip, one tree,
+# never restarted) and tree_adaptive (adaptive clip, restarts at rounds r with r % frequency ==
+# warmup, warmup >= 1). Restarting at every epoch boundary, which the per-epoch accounting needs
+# (a client at most once per tree), is neither, so ftrl_factory builds the very queries those two
+# constructors build (tensorflow_privacy's TreeResidualSumQuery / QAdaClipTreeResSumQuery inside a
+# NormalizedQuery) and wraps them in a RestartQuery with PeriodicRoundRestartIndicator(period=epoch).
+# Their Gaussian node noise is tf.random.stateless_normal from a seed kept in the aggregator state:
+# "seeded" fixes that seed from the run seed (reproducible, and a resumed run continues the same
+# noise); "tff" leaves it to TFF (seeded from the clock at initialize, as the stock factories do; it
+# is in the state too, so a resume from a checkpoint is still exact, but two fresh runs differ).
+
+_FTRL_SEED_SPACING = 2 ** 41  # node k of a tree uses seed (s + k*leaves): keep the two trees' seeds apart
+
+
+def ftrl_noise_seeds(seed: int) -> tuple[int, int]:
+    """(value tree seed, count tree seed) for a run seed in [0, 2^20)."""
+    if not 0 <= int(seed) < 2 ** 20:
+        raise ValueError(f"the DP-FTRL noise needs a seed in [0, 2^20), got {seed}")
+    value = int(seed) * 2 * _FTRL_SEED_SPACING + _VALUE_STREAM
+    return value, value + _FTRL_SEED_SPACING
+
+
+class SeededTreeQuantileEstimatorQuery(quantile_estimator_query.TreeQuantileEstimatorQuery):
+    """TreeQuantileEstimatorQuery whose count tree takes a noise seed (tensorflow_privacy leaves it to the clock)."""
+
+    def __init__(self, *args, noise_seed: int | None = None, **kwargs) -> None:
+        self._count_noise_seed = noise_seed  # read by _construct_below_estimate_query during super().__init__
+        super().__init__(*args, **kwargs)
+
+    def _construct_below_estimate_query(self, below_estimate_stddev, expected_num_records):
+        from tensorflow_privacy.privacy.dp_query import tree_aggregation_query
+
+        sum_query = tree_aggregation_query.TreeResidualSumQuery.build_l2_gaussian_query(
+            clip_norm=0.5, noise_multiplier=2 * below_estimate_stddev, record_specs=tf.TensorSpec([]),
+            noise_seed=self._count_noise_seed)
+        return tfp.NormalizedQuery(sum_query, denominator=expected_num_records)
+
+
+def _adaptive_tree_query(value_z: float, m: float, clip: float, record_specs, target_quantile: float,
+                         clip_lr: float, count_stddev: float, seeds: tuple[int, int] | None):
+    query = tfp.QAdaClipTreeResSumQuery(clip, value_z, record_specs, target_quantile, clip_lr, count_stddev, m,
+                                        geometric_update=True, noise_seed=seeds[0] if seeds else None)
+    if seeds is not None:
+        query._quantile_estimator_query = SeededTreeQuantileEstimatorQuery(  # noqa: SLF001 - same object, seeded
+            clip, target_quantile, clip_lr, count_stddev, m, True, noise_seed=seeds[1])
+    return query
+
+
+def ftrl_query(
+    noise_multiplier: float,
+    clients_per_round: float,
+    clip: float,
+    record_specs,
+    *,
+    restart_period: int | None,
+    adaptive: bool = False,
+    target_quantile: float = 0.5,
+    clip_lr: float = 0.2,
+    noise: str = "seeded",
+    seed: int = 0,
+    efficient: bool = True,
+):
+    """The DP-FTRL mean query: tree-noised residual sum of clipped updates / clients_per_round."""
+    from tensorflow_privacy.privacy.dp_query import restart_query, tree_aggregation_query
+
+    z, m, c = float(noise_multiplier), float(clients_per_round), float(clip)
+    if noise not in ("seeded", "tff"):
+        raise ValueError(f"noise must be 'seeded' or 'tff', got {noise!r}")
+    seeds = ftrl_noise_seeds(seed) if noise == "seeded" else None
+    if adaptive:
+        if not efficient:
+            raise ValueError("adaptive clipping uses tensorflow_privacy's efficient tree only")
+        count_stddev = adaptive_count_stddev(z, m)
+        value_z, count_stddev = _value_noise(z, m, count_stddev)
+        sum_query = _adaptive_tree_query(value_z, m, c, record_specs, float(target_quantile), float(clip_lr),
+                                         count_stddev, seeds)
+    else:
+        sum_query = tree_aggregation_query.TreeResidualSumQuery.build_l2_gaussian_query(
+            c, z, record_specs, noise_seed=seeds[0] if seeds else None, use_efficient=efficient)
+    if restart_period is not None:
+        sum_query = restart_query.RestartQuery(sum_query, restart_query.PeriodicRoundRestartIndicator(restart_period))
+    return tfp.NormalizedQuery(sum_query, denominator=m)
+
+
+def ftrl_factory(noise_multiplier: float, clients_per_round: float, clip: float, record_specs, *,
+                 restart_period: int | None, adaptive: bool = False, target_quantile: float = 0.5,
+                 clip_lr: float = 0.2, noise: str = "seeded", seed: int = 0,
+                 efficient: bool = True) -> tff.aggregators.UnweightedAggregationFactory:
+    """The DP-FTRL aggregator (use with server SGD, optionally momentum: see models/dp_ftrl.py).
+
+    With noise "tff", a fixed clip and no restarts this is literally TFF's
+    DifferentiallyPrivateFactory.tree_aggregation.
+    """
+    if noise == "tff" and not adaptive and restart_period is None:
+        return tff.aggregators.DifferentiallyPrivateFactory.tree_aggregation(
+            float(noise_multiplier), float(clients_per_round), float(clip), record_specs, use_efficient=efficient)
+    return tff.aggregators.DifferentiallyPrivateFactory(ftrl_query(
+        noise_multiplier, clients_per_round, clip, record_specs, restart_period=restart_period, adaptive=adaptive,
+        target_quantile=target_quantile, clip_lr=clip_lr, noise=noise, seed=seed, efficient=efficient))

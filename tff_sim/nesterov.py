@@ -1,7 +1,8 @@
 """SGD with Nesterov momentum as a tff.learning optimizer (Gboard's server optimizer, momentum 0.9).
 
 TFF 0.87 ships build_sgdm with heavy-ball momentum only. Nesterov, in the form Keras and
-PyTorch use:  v = m * v + g;  w = w - lr * (g + m * v).
+PyTorch use:  v = m * v + g;  w = w - lr * (g + m * v)  (models/fedavg.py's `nesterov`, its numpy
+reference; tests/test_fedavg.py checks the two agree).
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""FedAvg without TFF: plain Keras client training and numpy averaging.
+"""FedAvg without TFF: plain Keras client training; the averaging and server step are models/fedavg.py.
 
-The reference the benchmarks time TFF against, and the first half of
-examples/three_users.py. It does what tff.learning's weighted FedAvg does, step for step:
-every client starts from the global weights, runs SGD over its batches (the batches of
-tff_sim.client_data.client_batches), reports delta = start - end and its example count;
-the server takes the example-weighted mean delta as a pseudo-gradient for its optimizer.
+The reference the benchmarks time TFF against and tests/test_tff_sim.py checks TFF with. It does
+what tff.learning's weighted FedAvg does, step for step: every client starts from the global
+weights and runs SGD over its batches (the batches of tff_sim.client_data.client_batches); the
+server averages the deltas (trained - base) weighted by example count and applies its optimizer
+to the pseudo-gradient -mean_delta (models.fedavg.server_update).
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
+from models import fedavg
 from models.config import ModelConfig
 from models.keras_model import build_model, get_weights, masked_loss, set_weights
 
@@ -50,33 +51,10 @@ class KerasClientTrainer:
         return get_weights(self.model), examples, float(np.mean(losses)) if losses else float("nan")
 
 
-def weighted_mean_delta(global_weights: Sequence[np.ndarray], client_weights: Sequence[Sequence[np.ndarray]],
-                        counts: Sequence[int]) -> list[np.ndarray]:
-    """sum_k n_k (global - w_k) / sum_k n_k: the FedAvg pseudo-gradient."""
-    total = float(sum(counts))
-    out = [np.zeros_like(w, dtype=np.float32) for w in global_weights]
-    for weights, n in zip(client_weights, counts):
-        for acc, g, w in zip(out, global_weights, weights):
-            acc += (n / total) * (g - w)
-    return out
-
-
-class NumpyServerOptimizer:
-    """SGD, heavy-ball momentum or Nesterov momentum on the pseudo-gradient, as tff_sim's server uses."""
-
-    def __init__(self, kind: str = "sgd", lr: float = 1.0, momentum: float = 0.9) -> None:
-        if kind not in ("sgd", "momentum", "nesterov"):
-            raise ValueError(f"plain FedAvg supports sgd, momentum and nesterov, not {kind!r}")
-        self.kind, self.lr, self.momentum = kind, float(lr), float(momentum)
-        self.velocity: list[np.ndarray] | None = None
-
-    def apply(self, weights: Sequence[np.ndarray], grad: Sequence[np.ndarray]) -> list[np.ndarray]:
-        if self.kind == "sgd":
-            return [w - np.float32(self.lr) * g for w, g in zip(weights, grad)]
-        if self.velocity is None:
-            self.velocity = [np.zeros_like(g) for g in grad]
-        m = np.float32(self.momentum)
-        self.velocity = [m * v + g for v, g in zip(self.velocity, grad)]
-        if self.kind == "momentum":
-            return [w - np.float32(self.lr) * v for w, v in zip(weights, self.velocity)]
-        return [w - np.float32(self.lr) * (g + m * v) for w, g, v in zip(weights, grad, self.velocity)]
+def plain_round(trainer: KerasClientTrainer, state: fedavg.ServerState,
+                client_batches: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]],
+                optimizer: fedavg.ServerOptimizer) -> tuple[fedavg.ServerState, list[float]]:
+    """One FedAvg round: every client trains from state.weights; (new server state, client mean losses)."""
+    results = [trainer.train(state.weights, batches) for batches in client_batches]
+    new_state = fedavg.fedavg_round(state, [r[0] for r in results], [r[1] for r in results], optimizer)
+    return new_state, [r[2] for r in results]

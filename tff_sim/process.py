@@ -14,6 +14,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from models.config import ModelConfig
+from models.fedavg import ADAGRAD_INITIAL_PRECONDITIONER, YOGI_INITIAL_PRECONDITIONER, FedAvgHyperparams
 from models.keras_metrics import MaskedMeanCrossEntropy, MaskedTokenCount, MaskedTopKRecall
 from models.keras_model import build_model, get_weights, masked_loss
 from tff_sim.config import SimConfig
@@ -68,19 +69,28 @@ def client_optimizer(cfg: SimConfig) -> tff.learning.optimizers.Optimizer:
     return tff.learning.optimizers.build_sgdm(cfg.client_lr, momentum=cfg.client_momentum or None)
 
 
-def server_optimizer(cfg: SimConfig) -> tff.learning.optimizers.Optimizer:
-    name, lr = cfg.server_optimizer, cfg.server_lr
+def tff_server_optimizer(hp: FedAvgHyperparams) -> tff.learning.optimizers.Optimizer:
+    """TFF's optimizer for hp.server_optimizer, with the hyperparameters (and starting preconditioners)
+    of models/fedavg.py's numpy reference: tests/test_fedavg.py checks the two agree step for step."""
+    opts, name, lr = tff.learning.optimizers, hp.server_optimizer, hp.server_lr
     if name == "sgd":
-        return tff.learning.optimizers.build_sgdm(lr)
+        return opts.build_sgdm(lr)
     if name == "momentum":
-        return tff.learning.optimizers.build_sgdm(lr, momentum=cfg.server_momentum)
+        return opts.build_sgdm(lr, momentum=hp.server_momentum)
     if name == "nesterov":
-        return build_nesterov(lr, momentum=cfg.server_momentum)
-    if name == "adam":  # FedAdam (Reddi et al. 2021): adaptive epsilon 1e-3
-        return tff.learning.optimizers.build_adam(lr, beta_1=0.9, beta_2=0.99, epsilon=1e-3)
+        return build_nesterov(lr, momentum=hp.server_momentum)
+    if name == "adam":
+        return opts.build_adam(lr, beta_1=hp.beta1, beta_2=hp.beta2, epsilon=hp.eps)
     if name == "yogi":
-        return tff.learning.optimizers.build_yogi(lr, beta_1=0.9, beta_2=0.99, epsilon=1e-3)
+        return opts.build_yogi(lr, beta_1=hp.beta1, beta_2=hp.beta2, epsilon=hp.eps,
+                               initial_preconditioner_value=YOGI_INITIAL_PRECONDITIONER)
+    if name == "adagrad":
+        return opts.build_adagrad(lr, initial_preconditioner_value=ADAGRAD_INITIAL_PRECONDITIONER, epsilon=hp.eps)
     raise ValueError(f"unknown server optimizer {name!r}")
+
+
+def server_optimizer(cfg: SimConfig) -> tff.learning.optimizers.Optimizer:
+    return tff_server_optimizer(cfg.fedavg)
 
 
 def loop_implementation(name: str) -> tff.learning.LoopImplementation:

@@ -1,16 +1,8 @@
 """Randomized-response telemetry (models/rr.py): devices report yes/no facts about a session through
 the two-coin survey; the server keeps only counts and shows the de-biased rates.
 
-    GET  /v1/telemetry/config   device   {questions, coins: {p_first, p_second}, local_epsilon, period_s}
-    POST /v1/telemetry/rr       device   {coins: {p_first, p_second}, answers: {question: bool}}
-                                         -> {"status": "accepted", period, questions}
-    GET  /v1/admin/telemetry    admin    per question: reports, yes, yes_rate, rate (de-biased), stderr,
-                                         95% CI, local epsilon per answer, coins
-
 A device answers each question at most once per period (rr_period_s); a repeat in the same period is
 refused (409 already_reported), so one device contributes at most epsilon per question per period.
-The table holds (question, coins, yes count, report count) and which (device, question, period)
-already reported: never an individual answer.
 """
 from __future__ import annotations
 
@@ -19,28 +11,17 @@ import time
 from typing import Any
 
 from models import rr
+from server.config import ServerConfig
+from server.db import Db
 from server.errors import Rejection
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS rr_counts (
-    question TEXT NOT NULL, p_first REAL NOT NULL, p_second REAL NOT NULL,
-    yes INTEGER NOT NULL DEFAULT 0, n INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (question, p_first, p_second)
-);
-CREATE TABLE IF NOT EXISTS rr_reported (
-    device_id TEXT NOT NULL, question TEXT NOT NULL, period INTEGER NOT NULL,
-    PRIMARY KEY (device_id, question, period)
-);
-"""
+from server.telemetry.store import TelemetryStore
 
 
 class Telemetry:
-    def __init__(self, db, config) -> None:
+    def __init__(self, db: Db, config: ServerConfig) -> None:
         self.db = db
         self.config = config
-        from server.secagg import install_schema
-
-        install_schema(db, SCHEMA)
+        self.rows = TelemetryStore(db)
 
     @property
     def coins(self) -> rr.Coins:
@@ -50,7 +31,8 @@ class Telemetry:
         return {"questions": list(self.config.rr_questions), "coins": self.coins.to_dict(),
                 "local_epsilon": rr.local_epsilon(self.coins), "period_s": self.config.rr_period_s}
 
-    def report(self, device_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _answers(self, body: dict[str, Any]) -> dict[str, bool]:
+        """The report's answers, after checking its coins are the server's and its questions known."""
         coins = body.get("coins") or {}
         if not isinstance(coins, dict):
             raise Rejection("bad_request", "coins must be an object {p_first, p_second}", status=422)
@@ -69,24 +51,24 @@ class Telemetry:
                 raise Rejection("bad_request", f"unknown question {q!r}", status=422)
             if not isinstance(a, bool):
                 raise Rejection("bad_request", f"answer to {q!r} must be true or false", status=422)
+        return answers
+
+    def report(self, device_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        answers = self._answers(body)
+        want = self.coins
         period = int(time.time() // self.config.rr_period_s)
-        with self.db.write() as conn:
+        with self.db.write():
             for q in answers:
-                if self.db.one("SELECT 1 AS x FROM rr_reported WHERE device_id = ? AND question = ? AND period = ?",
-                               (device_id, q, period)) is not None:
+                if self.rows.reported(device_id, q, period):
                     raise Rejection("already_reported", f"{q!r} was already reported in this period")
             for q, a in answers.items():
-                conn.execute("INSERT INTO rr_reported(device_id, question, period) VALUES (?, ?, ?)",
-                             (device_id, q, period))
-                conn.execute("INSERT INTO rr_counts(question, p_first, p_second, yes, n) VALUES (?, ?, ?, ?, 1)"
-                             " ON CONFLICT(question, p_first, p_second) DO UPDATE SET yes = yes + excluded.yes,"
-                             " n = n + 1", (q, want.p_first, want.p_second, int(a)))
-            conn.execute("DELETE FROM rr_reported WHERE period < ?", (period - 1,))
+                self.rows.add(device_id, q, period, want.p_first, want.p_second, a)
+            self.rows.forget_before(period - 1)
         return {"status": "accepted", "period": period, "questions": sorted(answers)}
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for r in self.db.all("SELECT * FROM rr_counts ORDER BY question, n DESC"):
+        for r in self.rows.counts():
             est = rr.estimate(int(r["yes"]), int(r["n"]), rr.Coins(r["p_first"], r["p_second"]))
             if r["question"] in out:  # an earlier coin setting: keep it beside the current one
                 out[r["question"]].setdefault("other_coins", []).append(est)

@@ -1,0 +1,74 @@
+"""The client update of one federated training round, free of HTTP and files:
+
+    examples = local_examples(messages, vocab, config.seq_len, task.max_examples)
+    output = train_round(task, examples, base, config, rng=rng)   # train -> delta -> clip/noise
+
+`output.delta` is what leaves the device (in the clear, masked by SecAgg or encrypted by Paillier:
+device_app/uploads.py decides); `output.metadata()` travels with it. TensorFlow is imported with
+this module (device_app/local_training.py), so the client imports it only when it trains.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from device_app.local_training import TrainingCancelled, compute_delta, examples_for, privatize, trainer_for
+from models.config import ModelConfig
+from models.fedavg import FedAvgHyperparams
+from models.vocab import Vocabulary
+
+Progress = Callable[[float, str], None]
+Examples = tuple[np.ndarray, np.ndarray]  # (x, y) next-word windows
+
+
+def client_hyperparams(task: Any) -> FedAvgHyperparams:
+    """The task's client hyperparameters (http_client.Task read them with models.fedavg.hyperparams_from_task)."""
+    return FedAvgHyperparams(client_lr=task.learning_rate, client_epochs=task.epochs, batch_size=task.batch_size)
+
+
+@dataclass
+class ClientOutput:
+    """One device's contribution to a round."""
+
+    delta: list[np.ndarray]  # trained - base, clipped and noised
+    config: ModelConfig  # the model the delta is for (the wire format names it)
+    num_examples: int  # training windows (what FedAvg weights by)
+    metrics: dict[str, float]  # finite training-loss numbers and the training time
+    privacy: dict[str, Any]  # the privatization summary: norms before/after clipping, clip bound, noise
+    training: dict[str, Any] = field(default_factory=dict)  # steps, epochs, losses, seconds (the sent log's)
+
+    def metadata(self) -> dict[str, Any]:
+        """What travels with the delta (wire metadata, SecAgg/Paillier input metadata)."""
+        return {"num_examples": self.num_examples, "metrics": self.metrics}
+
+
+def local_examples(messages: Iterable[str], vocab: Vocabulary, seq_len: int, max_examples: int | None) -> Examples:
+    """The device's messages as training windows, the newest `max_examples` of them when capped."""
+    x, y = examples_for(messages, vocab, seq_len)
+    if max_examples and len(x) > max_examples:
+        x, y = x[-max_examples:], y[-max_examples:]
+    return x, y
+
+
+def train_round(task: Any, examples: Examples, base: Sequence[np.ndarray], config: ModelConfig, *,
+                rng: np.random.Generator, progress: Progress | None = None,
+                should_stop: Callable[[], bool] | None = None) -> ClientOutput:
+    """SGD from the round's base weights with the task's hyperparameters, then the delta, clipped to the
+    task's L2 bound and noised with its stddev. Raises TrainingCancelled when should_stop() turns true
+    between batches."""
+    hp = client_hyperparams(task)
+    x, y = examples
+    # Draw order (training seed, then noise) is part of a seeded device's reproducibility.
+    result = trainer_for(config).train(base, x, y, epochs=hp.client_epochs, batch_size=hp.batch_size, lr=hp.client_lr,
+                                       seed=int(rng.integers(2**31)), progress=progress, should_stop=should_stop)
+    private = privatize(compute_delta(result.weights, base), task.clip_norm, task.noise_stddev, rng)
+    metrics = {"loss_first_epoch": result.loss_first_epoch, "loss_last_epoch": result.loss_last_epoch,
+               "train_seconds": result.seconds}
+    return ClientOutput(delta=private.delta, config=config, num_examples=int(result.num_examples),
+                        metrics={k: float(v) for k, v in metrics.items() if np.isfinite(v)},
+                        privacy=private.summary(), training=result.summary())
+
+
+__all__ = ["ClientOutput", "Examples", "TrainingCancelled", "client_hyperparams", "local_examples", "train_round"]

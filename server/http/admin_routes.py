@@ -1,0 +1,140 @@
+"""Admin routes (/v1/admin/...) and the operator's pages: /healthz, /metrics, /status."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from models.config import ModelConfig
+from models.vocab import Vocabulary, VocabularyError
+from server import metrics as prom
+from server import status_page
+from server.bootstrap import random_weights
+from server.contract import BODY_READ_REASONS, WIRE_REASONS, ApiInt, refusals
+from server.errors import Rejection
+from server.http.auth_deps import AuthDeps
+from server.http.helpers import DRAIN_LIMIT, RAW_BODY, json_safe, read_body
+from server.services import Services
+
+
+class RollbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: ApiInt
+    note: str | None = Field(None, max_length=500)
+
+
+class InitRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    config: dict[str, Any]
+    vocab: dict[str, Any]
+    seed: int = Field(0, ge=0, le=2 ** 32 - 1)  # numpy's generators take no negative seed
+
+
+def add_ops_routes(app: FastAPI, services: Services, deps: AuthDeps) -> None:
+    manager, reporter, models = services.manager, services.reporter, services.models
+    # /status and /metrics: admin token unless the operator made them public (--public-status)
+    status_auth = [] if services.config.public_status else [Depends(deps.admin)]
+
+    @app.get("/healthz", tags=["ops"])
+    def healthz() -> dict[str, Any]:
+        return {"status": "ok", "initialized": models.initialized, "global_version": models.global_version(),
+                "warm": manager.warm.is_set()}
+
+    @app.get("/metrics", tags=["ops"], response_class=Response, dependencies=status_auth,
+             responses={200: {"description": "Prometheus text exposition format",
+                              "content": {prom.CONTENT_TYPE: {"schema": {"type": "string"}}}}})
+    def metrics_endpoint() -> Response:
+        """Prometheus metrics (counts only). Admin token unless the server runs with --public-status."""
+        return Response(reporter.metrics_text(), media_type=prom.CONTENT_TYPE)
+
+    @app.get("/", include_in_schema=False)
+    def root() -> RedirectResponse:
+        return RedirectResponse("/status")
+
+    @app.get("/status", tags=["ops"], response_class=HTMLResponse, dependencies=status_auth)
+    def status_html() -> HTMLResponse:
+        """The status page (HTML + inline SVG). Admin token unless the server runs with --public-status."""
+        return HTMLResponse(status_page.render(reporter.status(), reporter.list_rounds(200), reporter.list_versions()))
+
+
+def add_admin_routes(app: FastAPI, services: Services, deps: AuthDeps) -> None:
+    manager, reporter, models, ops = services.manager, services.reporter, services.models, services.admin
+    admin = [Depends(deps.admin)]
+
+    @app.get("/v1/admin/status", tags=["admin"], dependencies=admin)
+    def admin_status() -> dict[str, Any]:
+        return json_safe(reporter.status())
+
+    @app.get("/v1/admin/config", tags=["admin"], dependencies=admin)
+    def admin_config() -> dict[str, Any]:
+        return json_safe(services.config.public_dict())
+
+    @app.get("/v1/admin/rounds", tags=["admin"], dependencies=admin)
+    def admin_rounds(limit: int = Query(100, ge=1, le=10_000),
+                     kind: Literal["train", "eval"] | None = None) -> dict[str, Any]:
+        return json_safe({"rounds": reporter.list_rounds(limit, kind)})
+
+    @app.get("/v1/admin/rounds/{round_id}", tags=["admin"], dependencies=admin, responses=refusals("unknown_round"))
+    def admin_round(round_id: ApiInt) -> dict[str, Any]:
+        rnd = services.db.get_round(round_id)
+        if rnd is None:
+            raise Rejection("unknown_round", f"no round {round_id}")
+        return json_safe(reporter.round_summary(rnd))
+
+    @app.get("/v1/admin/versions", tags=["admin"], dependencies=admin)
+    def admin_versions() -> dict[str, Any]:
+        return json_safe({"global_version": models.global_version(),
+                          "candidate_version": models.candidate_version(), "versions": reporter.list_versions()})
+
+    @app.get("/v1/admin/privacy", tags=["admin"], dependencies=admin)
+    def admin_privacy(accountant: Literal["rdp", "pld"] | None = None) -> dict[str, Any]:
+        return json_safe(manager.account.report(accountant))
+
+    @app.post("/v1/admin/training/start", tags=["admin"], dependencies=admin, responses=refusals("not_initialized"))
+    def training_start() -> dict[str, Any]:
+        return json_safe(ops.set_training(True))
+
+    @app.post("/v1/admin/training/stop", tags=["admin"], dependencies=admin, responses=refusals("not_initialized"))
+    def training_stop() -> dict[str, Any]:
+        return json_safe(ops.set_training(False))
+
+    @app.post("/v1/admin/models", tags=["admin"], dependencies=admin, openapi_extra=RAW_BODY,
+              responses=refusals("not_initialized", *BODY_READ_REASONS, *WIRE_REASONS))
+    async def admin_push(request: Request, promote: bool = False, note: str | None = None) -> dict[str, Any]:
+        """Push wire weights (e.g. from tff_sim): staged as the candidate (evaluated on devices), or global with promote=true."""
+        limit = (models.max_upload_bytes or DRAIN_LIMIT) * 2
+        body = await read_body(request, limit)
+        return await run_in_threadpool(lambda: ops.push_model(body, promote=promote, note=note))
+
+    @app.post("/v1/admin/candidate/discard", tags=["admin"], dependencies=admin,
+              responses=refusals("not_initialized", "no_candidate"))
+    def admin_discard() -> dict[str, Any]:
+        return ops.discard_candidate()
+
+    @app.post("/v1/admin/rollback", tags=["admin"], dependencies=admin,
+              responses=refusals("not_initialized", "unknown_version", "not_a_global_version", "already_global"))
+    def admin_rollback(body: RollbackRequest) -> dict[str, Any]:
+        return ops.rollback(body.version, body.note)
+
+    @app.post("/v1/admin/init", tags=["admin"], dependencies=admin, status_code=201,
+              responses=refusals("already_initialized", "bad_request"))
+    def admin_init(body: InitRequest) -> dict[str, Any]:
+        """Initialise an empty server: model config + vocabulary JSON, numpy random weights (push real ones next)."""
+        try:
+            model_config = ModelConfig.from_dict(body.config)
+            vocab = Vocabulary.from_dict(body.vocab)
+        except (TypeError, ValueError, VocabularyError) as exc:
+            raise Rejection("bad_request", f"invalid config or vocabulary: {exc}", status=422) from None
+        if len(vocab) != model_config.vocab_size:
+            raise Rejection("bad_request", f"vocabulary has {len(vocab)} tokens, config says {model_config.vocab_size}",
+                            status=422)
+        version = models.initialize(model_config, vocab, random_weights(model_config, body.seed),
+                                    {"init": "admin", "seed": body.seed})
+        manager.tick()
+        return {"version": version, "config_hash": model_config.config_hash()}
+
+
+__all__ = ["add_admin_routes", "add_ops_routes"]

@@ -1,0 +1,131 @@
+"""A round as the code sees it: typed, immutable, built from its database row in one place.
+
+The rounds table stores the parameters frozen at creation as JSON (ServerConfig.round_params /
+eval_params). `Round.from_row` parses that row once; everything else reads attributes. Rounds are
+snapshots: a state change is a database write followed by a fresh `Db.get_round`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class CohortParams:
+    """What every round kind has: its cohort size and deadline."""
+
+    goal: int
+    min_count: int
+    max_admitted: int
+    deadline_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainParams(CohortParams):
+    """A training round's frozen configuration. Defaults cover rows written before a key existed."""
+
+    epochs: int = 1
+    batch_size: int = 16
+    learning_rate: float = 0.5
+    dp_mode: str = "none"
+    clip_norm: float = 0.0
+    noise_multiplier: float = 0.0
+    aggregator: str = "mean"
+    trim_fraction: float = 0.1
+    norm_sigmas: float = 6.0
+    max_examples_per_update: int = 100_000
+    upload_dtypes: tuple[str, ...] = ("float32",)
+    secure_aggregation: str = "none"
+    secagg_threshold: float = 2 / 3
+    secagg_neighbors: int = 0
+    secagg_bits: int = 32
+    secagg_headroom_bits: int = 8
+    secagg_stage_s: float = 60.0
+    secagg_min_participants: int = 3
+    paillier_value_bits: int = 24
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalParams(CohortParams):
+    promotion_tolerance: float = 0.0
+    promotion_loss_tolerance: float | None = None
+
+
+def _known(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
+    # Unknown keys are kept in Round.params_dict (reports show them) but have no typed field.
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = {k: v for k, v in data.items() if k in names}
+    if "upload_dtypes" in out:
+        out["upload_dtypes"] = tuple(out["upload_dtypes"])
+    if out.get("secure_aggregation") is None and "secure_aggregation" in out:
+        out["secure_aggregation"] = "none"
+    return out
+
+
+def parse_params(kind: str, data: Mapping[str, Any]) -> TrainParams | EvalParams:
+    cls = TrainParams if kind == "train" else EvalParams
+    return cls(**_known(cls, data))
+
+
+@dataclasses.dataclass(frozen=True)
+class Round:
+    id: int
+    kind: str  # train | eval
+    state: str  # open | aggregating | closed | abandoned
+    base_version: int
+    candidate_version: int | None
+    created_at: float
+    deadline: float | None  # set by the first admission
+    closed_at: float | None
+    params: TrainParams | EvalParams
+    params_dict: dict[str, Any] = dataclasses.field(repr=False, compare=False)  # as stored (shared: do not mutate)
+    seed: int = 0  # secret: seeds the round's central noise, never served
+    result_version: int | None = None
+    noise_multiplier: float | None = None
+    sampling_prob: float | None = None
+    population: int | None = None
+    epsilon: float | None = None
+    delta: float | None = None
+    outcome: dict[str, Any] | None = None
+    # counts some queries join in (Db.list_rounds); None: not fetched
+    n_admitted: int | None = None
+    n_updates: int | None = None
+    n_reports: int | None = None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> "Round":
+        """The one place a rounds-table row becomes a Round."""
+        params = json.loads(row["params"]) if row.get("params") else {}
+        outcome = json.loads(row["outcome"]) if row.get("outcome") else None
+        return cls(
+            id=int(row["id"]), kind=row["kind"], state=row["state"], base_version=row["base_version"],
+            candidate_version=row["candidate_version"], created_at=row["created_at"], deadline=row["deadline"],
+            closed_at=row["closed_at"], params=parse_params(row["kind"], params), params_dict=params,
+            seed=int(row["seed"]), result_version=row["result_version"], noise_multiplier=row["noise_multiplier"],
+            sampling_prob=row["sampling_prob"], population=row["population"], epsilon=row["epsilon"],
+            delta=row["delta"], outcome=outcome, n_admitted=row.get("n_admitted"), n_updates=row.get("n_updates"),
+            n_reports=row.get("n_reports"),
+        )
+
+    @property
+    def train(self) -> TrainParams:
+        """The parameters of a training round (a programming error on an evaluation round)."""
+        if not isinstance(self.params, TrainParams):
+            raise TypeError(f"round {self.id} is a {self.kind} round")
+        return self.params
+
+    @property
+    def protocol(self) -> str:
+        """The secure-aggregation protocol of a training round ("none" for plain and evaluation rounds)."""
+        return self.params.secure_aggregation if isinstance(self.params, TrainParams) else "none"
+
+    @property
+    def is_over(self) -> bool:
+        return self.state in ("closed", "abandoned")
+
+    def past_deadline(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+
+__all__ = ["CohortParams", "TrainParams", "EvalParams", "Round", "parse_params"]

@@ -1,0 +1,63 @@
+"""Secure aggregation, server side (Bonawitz et al. 2017, with the optional neighbour graph of SecAgg+,
+Bell et al. 2020). Math in models/secagg_math.py.
+
+    protocol.py   the protocol as pure functions: state, stage transitions, message checks, recover_sum
+    store.py      its tables and queries (install_schema, SecAggStore)
+    service.py    SecAggService: the protocol applied to requests, with locking and durable writes
+    identity.py   the device identity registry (Ed25519 keys, set once, never replaced)
+    ingest.py     stage 3: masked inputs into the durable running modular sum (group commit)
+    running_sum.py  that sum in memory: staging, group commit, one claim per device
+    finish.py     the unmasking thread
+    waiters.py    long-poll support
+    routes.py     the HTTP routes (identity registry and the five stages)
+
+A training round whose params say secure_aggregation = "secagg" runs these stages, each closed by its
+own rule or its own deadline (the stage deadline is secagg_stage_s, except masked_input which runs to
+the round deadline so devices can train):
+
+    advertise_keys  POST: {c_pk, s_pk, signature}, the signature by the device's registered Ed25519
+                    identity key over (session, round, device, keys). Closes when every admission slot
+                    advertised, or at its deadline with >= max(min_count, secagg_min_participants).
+                    U1 = advertisers (sorted); threshold t and the neighbour graph are fixed here.
+                    Admission to the round ends with this stage.
+    share_keys      POST: {shares: [{to, ct}], b_commitment}: one AES-GCM ciphertext per neighbour,
+                    relayed unread. Closes when all of U1 shared, or at its deadline with >= t. U2.
+    masked_input    POST (binary FKSA frame): y_u mod 2^bits. Added to the round's running modular sum
+                    on arrival; the sum (not the vector) is written durably (temp, fsync, rename), then
+                    the contributor row commits, then the 200. Closes when all of U2 uploaded or the
+                    round goal is reached, or at the round deadline with >= max(t, min_count). U3.
+    consistency     POST: {signature over U3}. Closes when all of U3 signed, or at its deadline with >= t.
+    unmasking       POST: {b_shares: {v: share}, s_shares: {v: share}}: for survivors v the share of b_v,
+                    for dropped v (U2 \\ U3) the share of s_sk_v. Closes when every signer answered, or at
+                    its deadline with enough shares. Then the server reconstructs, checks every secret
+                    (b_v against the device's commitment, s_sk_v against its advertised s_pk), removes
+                    the masks, checks that the lifted sum is in range (no mask left: an altered masked
+                    vector or share makes the sum uniform garbage), and stores the de-quantized sum.
+                    The round then aggregates like any other (server optimizer, DP ledger, new version).
+
+Every GET of a stage long-polls (?wait=seconds) until the stage is closed and then answers what
+the device needs next; a failed or abandoned round answers 409 round_closed.
+
+What the server stores for a SecAgg round: the public keys and signatures, the encrypted shares it
+relays (it cannot read them), the seed commitments, one running modular sum (never an individual
+masked vector: the previous sum file is replaced, not kept), the contributor list (device, payload
+SHA-256, example count, training metrics, no content), and after unmasking the shares revealed for
+reconstruction and the unmasked sum. Everything but the contributor list and a summary is deleted
+when the round closes or is abandoned.
+
+Failure is safe: below threshold at any stage, a secret that does not match its commitment or public
+key, or an unmasked sum out of range abandons the round (no model version, nothing released).
+
+Trust and identity: the device's identity key is registered once (POST /v1/devices/identity) and can
+never be replaced; devices verify every peer's advertised keys against the peer's identity key and pin
+identity keys they have seen (trust on first use), so a server cannot substitute its own keys for a
+peer's inside a round, nor swap a known device's identity later. A server that lies in the registry
+about a device never seen before is outside this model; it needs an external PKI (e.g. platform key
+attestation or a key-transparency log). A MAC under the device's bearer token would not help: peers
+cannot verify it, and the server (which stores only hashes of tokens) could not either.
+"""
+from server.secagg.protocol import GET_READY_AFTER, STAGES, SecAggFailure, neighbourhood_warning
+from server.secagg.service import SecAggService
+from server.secagg.store import install_schema
+
+__all__ = ["GET_READY_AFTER", "STAGES", "SecAggFailure", "SecAggService", "install_schema", "neighbourhood_warning"]

@@ -1,0 +1,351 @@
+"""The SecAgg protocol, server side, as pure functions: no database, no files, no clock, no threads.
+
+The round's protocol state (`SecAggState`, one row of secagg_rounds) moves through the stages
+
+    advertise -> share -> masked -> consistency -> unmask -> finishing -> done      (or failed)
+
+Each `close_*` function decides, from the state and what the stage collected, whether the round
+advances (an `Advance`: the next stage, its deadline and the columns to set) or fails (a `Fail`: the
+round is abandoned, nothing released). `recover_sum` reconstructs the secrets from the unmasking
+shares, checks each against its commitment or public key, removes the masks and checks the range and
+norm of the result. Message checks (`parse_*`) turn a device's JSON into validated values or raise
+Rejection. The service (server/secagg/service.py) does the I/O around these. Math: models/secagg_math.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import secrets
+import time
+from typing import Any, Mapping
+
+import numpy as np
+
+from models import secagg_math as sm
+from server.errors import Rejection
+from server.round import Round, TrainParams
+from server.strategy import UploadBound
+
+STAGES = ("advertise", "share", "masked", "consistency", "unmask", "finishing", "done")
+ACTIVE = ("advertise", "share", "masked", "consistency", "unmask", "finishing")
+GET_READY_AFTER = {"advertise_keys": "advertise", "share_keys": "share", "masked_input": "masked",
+                   "consistency": "consistency", "unmasking": "unmask"}
+MAX_SHARE_CT = 512
+MAX_WAIT_S = 25.0
+
+
+class SecAggFailure(Exception):
+    """Unmasking cannot produce a trustworthy sum; the round is abandoned with `reason`."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclasses.dataclass(frozen=True)
+class SecAggState:
+    """One round's protocol state (a secagg_rounds row, parsed). Shared between threads: never mutated."""
+
+    round_id: int
+    session: str  # random, binds every key, signature and ciphertext to this round
+    stage: str  # one of STAGES, or "failed"
+    stage_deadline: float | None
+    quantization: sm.Quantization
+    graph_k: int
+    graph_seed: str | None
+    threshold: int | None
+    u1: list[str] | None  # advertised keys (sorted)
+    u2: list[str] | None  # shared keys
+    u3: list[str] | None  # masked inputs
+    sum_file: str | None  # the running modular sum of the masked inputs
+    sum_count: int
+    result_file: str | None  # the unmasked, de-quantized sum (float64)
+    info: dict[str, Any]
+    cleaned: bool
+
+    def ready_after(self, stage: str) -> bool:
+        """Whether `stage` has closed (the views of what it collected can answer)."""
+        return self.stage in STAGES and STAGES.index(self.stage) > STAGES.index(stage)
+
+    @property
+    def dropped(self) -> set[str]:
+        """Devices that shared keys but sent no masked input (their masks must be removed)."""
+        return set(self.u2 or ()) - set(self.u3 or ())
+
+
+@dataclasses.dataclass(frozen=True)
+class Advance:
+    stage: str
+    deadline: float | None
+    fields: dict[str, Any]  # columns of the round's row to set with the stage
+    info: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Fail:
+    reason: str  # "<reason>: <detail>"; the round is abandoned with <reason>
+
+
+# ---------------------------------------------------------------------- parameters of a round
+def quantization_for(params: TrainParams, bound: UploadBound, dim: int) -> sm.Quantization:
+    return sm.choose_quantization(params.clip_norm, bound.noise_stddev, dim, params.max_admitted,
+                                  bits=int(params.secagg_bits), headroom_bits=int(params.secagg_headroom_bits),
+                                  sigmas=float(params.norm_sigmas))
+
+
+def min_participants(params: TrainParams) -> int:
+    return int(max(params.min_count, params.secagg_min_participants, 2))
+
+
+def task_params(rnd: Round, state: SecAggState) -> dict[str, Any]:
+    """The "secure_aggregation" part of a SecAgg round's train task."""
+    p = rnd.train
+    base = f"/v1/rounds/{rnd.id}/secagg"
+    return {
+        "protocol": sm.PROTOCOL, "version": sm.PROTOCOL_VERSION, "round_id": rnd.id, "session": state.session,
+        "bits": state.quantization.bits, "quantization": state.quantization.to_dict(),
+        "threshold_fraction": float(p.secagg_threshold), "neighbors": state.graph_k,
+        "min_participants": int(max(p.min_count, p.secagg_min_participants)),
+        "stage_timeout_s": float(p.secagg_stage_s),
+        "urls": {"state": base, "advertise_keys": f"{base}/advertise_keys", "share_keys": f"{base}/share_keys",
+                 "masked_input": f"{base}/masked_input", "consistency": f"{base}/consistency",
+                 "unmasking": f"{base}/unmasking", "identity": "/v1/devices/identity",
+                 "registry": "/v1/devices/{device_id}/identity"},
+    }
+
+
+def summary(state: SecAggState) -> dict[str, Any]:
+    return {"protocol": sm.PROTOCOL, "stage": state.stage, "threshold": state.threshold,
+            "neighbors": state.graph_k, "bits": state.quantization.bits, "scale": state.quantization.scale,
+            "n_u1": len(state.u1 or []), "n_u2": len(state.u2 or []), "n_u3": len(state.u3 or []), **state.info}
+
+
+def neighbourhood_warning(config) -> str | None:
+    """A warning when SecAgg+'s neighbourhoods are too small for the configured over-admission.
+
+    Devices admitted beyond the goal arrive after the masked-input stage closed and count as dropouts
+    in their neighbours' neighbourhoods, so a neighbour is still there with probability about
+    1 / over_admit; a round fails if any survivor keeps fewer than the threshold of its share holders
+    (docs/scaling.md measured k = 16 with 30% over-admission: every round abandoned)."""
+    k = int(config.secagg_neighbors)
+    if config.secure_aggregation != "secagg" or k <= 0 or k + 1 >= config.max_admitted:
+        return None  # complete graph (or k covers the cohort): the threshold is over the whole cohort
+    keep = 1.0 / float(config.over_admit)
+
+    def chance(kk: int) -> float:
+        return sm.unmask_probability(kk, keep, sm.threshold_for(kk + 1, config.secagg_threshold), config.round_goal)
+
+    p = chance(k)
+    if p >= 0.9:
+        return None
+    better = next((kk for kk in range(k + 1, config.max_admitted) if chance(kk) >= 0.99), None)
+    advice = (f"use --secagg-neighbors {better} or more" if better else "use the complete graph "
+              "(--secagg-neighbors 0)") + " or less over-admission"
+    return (f"SecAgg+ with k = {k} neighbours and over-admission {config.over_admit:g}: a round can unmask with "
+            f"probability {p:.2g} (each neighbour still there with probability ~{keep:.2f}, threshold "
+            f"{sm.threshold_for(k + 1, config.secagg_threshold)} of {k + 1}); {advice}")
+
+
+# ---------------------------------------------------------------------- stage transitions
+def close_advertise(state: SecAggState, params: TrainParams, advertisers: list[str], now: float,
+                    graph_seed: str | None = None) -> Advance | Fail:
+    """U1 = the advertisers; fixes the neighbour graph and the threshold t."""
+    u1 = sorted(advertisers)
+    need = min_participants(params)
+    if len(u1) < need:
+        return Fail(f"secagg_too_few_keys: {len(u1)} devices advertised keys, {need} needed")
+    seed = graph_seed or secrets.token_hex(16)
+    graph = sm.neighbours(u1, state.graph_k, seed)
+    holders = min(len(v) for v in graph.values()) + 1
+    t = sm.threshold_for(holders, float(params.secagg_threshold))
+    return Advance("share", now + params.secagg_stage_s, {"u1": u1, "graph_seed": seed, "threshold": t},
+                   {"n_u1": len(u1), "threshold": t, "holders_per_secret": holders})
+
+
+def close_share(state: SecAggState, params: TrainParams, sharers: list[str], now: float,
+                round_deadline: float | None) -> Advance | Fail:
+    """U2 = the devices that shared keys; masked inputs run to the round deadline (devices train)."""
+    u2 = sorted(sharers)
+    need = max(state.threshold or 0, min_participants(params))
+    if len(u2) < need:
+        return Fail(f"secagg_below_threshold: {len(u2)} devices shared keys, {need} needed")
+    deadline = max(round_deadline or 0.0, now + params.secagg_stage_s)
+    return Advance("masked", deadline, {"u2": u2}, {"n_u2": len(u2)})
+
+
+def close_masked(state: SecAggState, params: TrainParams, contributors: list[str], now: float) -> Advance | Fail:
+    """U3 = the devices whose masked input is in the sum."""
+    u3 = sorted(contributors)
+    need = max(state.threshold or 0, min_participants(params))
+    if len(u3) < need:
+        return Fail(f"secagg_below_threshold: {len(u3)} masked inputs, {need} needed")
+    return Advance("consistency", now + params.secagg_stage_s, {"u3": u3},
+                   {"n_u3": len(u3), "dropped_after_sharing": len(state.u2 or []) - len(u3)})
+
+
+def close_consistency(state: SecAggState, params: TrainParams, n_signed: int, now: float) -> Advance | Fail:
+    if n_signed < (state.threshold or 0):
+        return Fail(f"secagg_below_threshold: {n_signed} consistency signatures, {state.threshold} needed")
+    return Advance("unmask", now + params.secagg_stage_s, {}, {"n_signed": n_signed})
+
+
+def close_unmask(state: SecAggState, n_unmask: int) -> Advance | Fail:
+    if n_unmask < (state.threshold or 0):
+        return Fail(f"secagg_below_threshold: {n_unmask} devices sent unmasking shares, {state.threshold} needed")
+    return Advance("finishing", None, {}, {"n_unmask": n_unmask})
+
+
+# ---------------------------------------------------------------------- device messages
+def parse_advertise(body: Mapping[str, Any]) -> tuple[bytes, bytes, bytes]:
+    """(c_pk, s_pk, signature) of an advertise_keys message."""
+    try:
+        c_pk = sm.unb64(str(body.get("c_pk", "")), 32)
+        s_pk = sm.unb64(str(body.get("s_pk", "")), 32)
+        sig = sm.unb64(str(body.get("signature", "")), 64)
+    except sm.SecAggMathError as exc:
+        raise Rejection("bad_request", f"advertise_keys: {exc}", status=422) from None
+    if c_pk == s_pk:
+        raise Rejection("bad_request", "c_pk and s_pk must differ", status=422)
+    return c_pk, s_pk, sig
+
+
+def parse_shares(body: Mapping[str, Any], want: set[str]) -> tuple[list[tuple[str, bytes]], str]:
+    """([(recipient, ciphertext)], b_commitment) of a share_keys message: one share per neighbour in `want`."""
+    shares = body.get("shares")
+    commit = body.get("b_commitment")
+    if not isinstance(shares, list) or not isinstance(commit, str) or len(commit) != 64:
+        raise Rejection("bad_request", "share_keys needs {shares: [{to, ct}], b_commitment: sha256 hex}", status=422)
+    out: list[tuple[str, bytes]] = []
+    seen: set[str] = set()
+    for s in shares:
+        to, ct = (s.get("to"), s.get("ct")) if isinstance(s, dict) else (None, None)
+        if not isinstance(to, str) or to not in want or to in seen or not isinstance(ct, str):
+            raise Rejection("bad_request", f"share addressed to {to!r}: not a neighbour, or repeated", status=422)
+        try:
+            blob = sm.unb64(ct)
+        except sm.SecAggMathError as exc:
+            raise Rejection("bad_request", f"share to {to}: {exc}", status=422) from None
+        if len(blob) > MAX_SHARE_CT:
+            raise Rejection("bad_request", f"share to {to} is too large", status=422)
+        seen.add(to)
+        out.append((to, blob))
+    if seen != want:
+        raise Rejection("bad_request", f"shares must go to every neighbour ({len(want)}), got {len(seen)}", status=422)
+    return out, commit
+
+
+def parse_signature(body: Mapping[str, Any]) -> bytes:
+    try:
+        return sm.unb64(str(body.get("signature", "")), 64)
+    except sm.SecAggMathError as exc:
+        raise Rejection("bad_request", f"consistency: {exc}", status=422) from None
+
+
+def unmask_wants(state: SecAggState, graph: Mapping[str, list[str]], device_id: str) -> tuple[set[str], set[str]]:
+    """Whose shares a survivor must reveal: of b_v for every survivor v it holds a share of (itself
+    included), of s_sk_v for every dropped v it holds a share of."""
+    u3 = set(state.u3 or ())
+    want_b = {v for v in u3 if v == device_id or device_id in graph[v]}
+    want_s = {v for v in state.dropped if device_id in graph[v]}
+    return want_b, want_s
+
+
+def parse_unmask(body: Mapping[str, Any], want_b: set[str], want_s: set[str]) -> tuple[dict, dict]:
+    b_sh, s_sh = body.get("b_shares"), body.get("s_shares")
+    if not isinstance(b_sh, dict) or not isinstance(s_sh, dict) or set(b_sh) != want_b or set(s_sh) != want_s:
+        raise Rejection("bad_request", f"unmasking needs b_shares for {sorted(want_b)} and s_shares for "
+                                       f"{sorted(want_s)}", status=422)
+    try:
+        for share in list(b_sh.values()) + list(s_sh.values()):
+            sm.share_from_bytes(sm.unb64(str(share), sm.SHARE_BYTES))
+    except sm.SecAggMathError as exc:
+        raise Rejection("bad_request", f"unmasking share: {exc}", status=422) from None
+    return b_sh, s_sh
+
+
+# ---------------------------------------------------------------------- reconstruction and unmasking
+@dataclasses.dataclass
+class Recovered:
+    total: np.ndarray  # the de-quantized sum of U3's updates (float64)
+    sum_sha256: str
+    norm: float
+    max_abs_int: int
+    dropped_recovered: list[str]
+    reconstruct_seconds: float = 0.0
+    unmask_seconds: float = 0.0
+
+
+def _secret(value: int, device: str) -> bytes:
+    try:
+        return sm.int_to_secret(value)
+    except sm.SecAggMathError:
+        raise SecAggFailure("secagg_bad_share", f"shares of device {device}'s secret do not reconstruct a key "
+                                                "(a share was altered)") from None
+
+
+def recover_sum(state: SecAggState, s_pks: Mapping[str, bytes], commitments: Mapping[str, str],
+                unmask_bodies: Mapping[str, Mapping[str, Mapping[str, str]]], masked_sum: np.ndarray,
+                graph: Mapping[str, list[str]], dim: int, bound: UploadBound) -> Recovered:
+    """The unmasked, checked sum of the survivors' updates, or SecAggFailure.
+
+    unmask_bodies: device -> {"b": {v: share}, "s": {v: share}} as the devices sent them. Every
+    reconstructed self-mask seed must match its commitment and every dropped device's mask key its
+    advertised public key; the lifted sum must be within the range and norm honest inputs can reach
+    (a mask left in, from an altered masked vector or share, makes it uniform garbage)."""
+    t0 = time.perf_counter()
+    rid, q, t = state.round_id, state.quantization, int(state.threshold or 0)
+    index = {u: i + 1 for i, u in enumerate(state.u1 or [])}
+    u3 = list(state.u3 or [])
+    b_points: dict[str, dict[int, int]] = {v: {} for v in u3}
+    s_points: dict[str, dict[int, int]] = {v: {} for v in state.dropped}
+    for device, body in unmask_bodies.items():
+        x = index[device]
+        for v, share in body["b"].items():
+            b_points[v][x] = sm.share_from_bytes(sm.unb64(share))
+        for v, share in body["s"].items():
+            s_points[v][x] = sm.share_from_bytes(sm.unb64(share))
+    self_seeds: dict[str, bytes] = {}
+    for v, pts in b_points.items():
+        if len(pts) < t:
+            raise SecAggFailure("secagg_below_threshold", f"only {len(pts)} shares of device {v}'s self-mask "
+                                                          f"seed, {t} needed")
+        seed = _secret(sm.shamir_reconstruct(pts, t), v)
+        if not secrets.compare_digest(sm.commitment(state.session, rid, v, seed), commitments[v]):
+            raise SecAggFailure("secagg_bad_share", f"self-mask seed of device {v} does not match its "
+                                                    "commitment (a share was altered)")
+        self_seeds[v] = seed
+    dropped_sks: dict[str, bytes] = {}
+    for v, pts in s_points.items():
+        if len(pts) < t:
+            raise SecAggFailure("secagg_below_threshold", f"only {len(pts)} shares of dropped device {v}'s "
+                                                          f"mask key, {t} needed")
+        sk = _secret(sm.shamir_reconstruct(pts, t), v)
+        if sm.x25519_public(sk) != s_pks[v]:
+            raise SecAggFailure("secagg_bad_share", f"mask key of dropped device {v} does not match its "
+                                                    "public key (a share was altered)")
+        dropped_sks[v] = sk
+    t_rec = time.perf_counter()
+    total = np.array(masked_sum, copy=True)
+    ctx = sm.round_context(state.session, rid)
+    sm.unmask(total, q.bits, u3, self_seeds, dropped_sks, s_pks, graph, ctx, sm.PRG(dim, q.bits))
+    lifted = sm.lift(total, q.bits)
+    ok, peak = sm.check_range(lifted, len(u3), q)
+    t_unmask = time.perf_counter()
+    if not ok:
+        raise SecAggFailure("secagg_integrity", f"unmasked sum has a coordinate of {peak}, beyond the "
+                            f"{len(u3)} x {q.qmax} any honest sum can reach (a masked vector was altered)")
+    sum_sha = hashlib.sha256(memoryview(np.ascontiguousarray(lifted, dtype="<i8"))).hexdigest()  # no copy
+    total_f = sm.dequantize(lifted, q)
+    norm = float(np.linalg.norm(total_f))
+    limit = len(u3) * bound.tolerance(dim) + math.sqrt(dim) * len(u3) / q.scale
+    if norm > limit:
+        raise SecAggFailure("secagg_integrity", f"unmasked sum norm {norm:.4g} exceeds {limit:.4g}")
+    return Recovered(total_f, sum_sha, norm, peak, sorted(dropped_sks), t_rec - t0, t_unmask - t_rec)
+
+
+__all__ = ["ACTIVE", "GET_READY_AFTER", "MAX_SHARE_CT", "MAX_WAIT_S", "STAGES", "Advance", "Fail", "Recovered",
+           "SecAggFailure", "SecAggState", "close_advertise", "close_consistency", "close_masked", "close_share",
+           "close_unmask", "min_participants", "neighbourhood_warning", "parse_advertise", "parse_shares",
+           "parse_signature", "parse_unmask", "quantization_for", "recover_sum", "summary", "task_params",
+           "unmask_wants"]
