@@ -11,8 +11,9 @@ The variant, exactly as TFF 0.87 / tensorflow_privacy build it
   over the rounds since the last restart. By default the *efficient* tree of Honaker (2015),
   which is what TFF's factory uses (`use_efficient=True`, tensorflow_privacy's
   `EfficientTreeAggregator`): a completed node stores 0.5*(left + right) + fresh noise, and
-  the cumulative noise is sum_levels node / (2 - 2^-level) (per-round variance about half the
-  plain tree's). `efficient=False` gives the plain tree (`TreeAggregator`). Both release
+  the cumulative noise is sum_levels node / (2 - 2^-level) (never more variance than the plain
+  tree's; about half of it for a complete subtree). `efficient=False` gives the plain tree
+  (`TreeAggregator`). Both release
   functions of the same noisy nodes, so the privacy accounting is identical.
 * The released per-round value is the *residual* of the noised cumulative sum
   (`TreeResidualSumQuery`): sum of clipped updates + tree_cumsum_t - tree_cumsum_{t-1},
@@ -84,6 +85,8 @@ def gaussian_node(seed: int, stream: int) -> NodeFn:
 
 
 def _draw(state: TreeNoiseState, node: NodeFn | None, k: int) -> np.ndarray:
+    if state.stddev == 0 and node is None:  # no noise: skip generating a model's worth of normals per node
+        return np.zeros(state.dim, np.float32)
     fn = node or gaussian_node(state.seed, state.stream)
     value = np.asarray(fn(k, state.dim), dtype=np.float32)
     return value * np.float32(state.stddev)

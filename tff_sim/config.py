@@ -143,6 +143,9 @@ class SimConfig:
         if self.dp_mechanism == "dp-ftrl":
             if not self.dp:
                 raise ValueError("--dp-mechanism dp-ftrl needs --dp")
+            if self.server_optimizer not in ("sgd", "momentum"):
+                raise ValueError("DP-FTRL's server step is SGD over the tree residuals (FTRL) or heavy-ball momentum "
+                                 "(DP-FTRLM): use --server-optimizer sgd or momentum")
             if self.sampling not in ("auto", self.ftrl_sampling):
                 raise ValueError(f"DP-FTRL's accounting assumes its own participation rule: use --sampling auto "
                                  f"(= {self.ftrl_sampling} for --ftrl-restart {self.ftrl_restart})")

@@ -196,8 +196,10 @@ class SeededTreeQuantileEstimatorQuery(quantile_estimator_query.TreeQuantileEsti
         return tfp.NormalizedQuery(sum_query, denominator=expected_num_records)
 
 
-def _adaptive_tree_query(value_z: float, m: float, clip: float, record_specs, target_quantile: float,
-                         clip_lr: float, count_stddev: float, seeds: tuple[int, int] | None):
+def adaptive_tree_query(value_z: float, m: float, clip: float, record_specs, target_quantile: float,
+                        clip_lr: float, count_stddev: float, seeds: tuple[int, int] | None):
+    """tree_adaptive's QAdaClipTreeResSumQuery (value noise multiplier value_z, count noise stddev
+    count_stddev), with both trees seeded when `seeds` is given."""
     query = tfp.QAdaClipTreeResSumQuery(clip, value_z, record_specs, target_quantile, clip_lr, count_stddev, m,
                                         geometric_update=True, noise_seed=seeds[0] if seeds else None)
     if seeds is not None:
@@ -232,7 +234,7 @@ def ftrl_query(
             raise ValueError("adaptive clipping uses tensorflow_privacy's efficient tree only")
         count_stddev = adaptive_count_stddev(z, m)
         value_z, count_stddev = _value_noise(z, m, count_stddev)
-        sum_query = _adaptive_tree_query(value_z, m, c, record_specs, float(target_quantile), float(clip_lr),
+        sum_query = adaptive_tree_query(value_z, m, c, record_specs, float(target_quantile), float(clip_lr),
                                          count_stddev, seeds)
     else:
         sum_query = tree_aggregation_query.TreeResidualSumQuery.build_l2_gaussian_query(

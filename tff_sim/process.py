@@ -2,6 +2,8 @@
 
     FedAvg (no DP):  tff.learning.algorithms.build_weighted_fed_avg   (clients weighted by examples)
     DP-FedAvg:       tff.learning.algorithms.build_unweighted_fed_avg (DP mean of clipped updates)
+    DP-FTRL:         the same, with the tree-aggregation DP mean (dp_aggregators.ftrl_factory) and
+                     server SGD (momentum = DP-FTRLM; see models/dp_ftrl.py)
     evaluation:      tff.learning.algorithms.build_fed_eval           (sums of models/ keras metrics)
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ from models.fedavg import ADAGRAD_INITIAL_PRECONDITIONER, YOGI_INITIAL_PRECONDIT
 from models.keras_metrics import MaskedMeanCrossEntropy, MaskedTokenCount, MaskedTopKRecall
 from models.keras_model import build_model, get_weights, masked_loss
 from tff_sim.config import SimConfig
-from tff_sim.dp_aggregators import dp_factory
+from tff_sim.dp_aggregators import dp_factory, ftrl_factory
 from tff_sim.nesterov import build_nesterov
 
 
@@ -109,10 +111,30 @@ def loop_implementation(name: str) -> tff.learning.LoopImplementation:
     return loops[name]
 
 
+def trainable_specs(model_config: ModelConfig) -> list[tf.TensorSpec]:
+    """Specs of the model update (the trainable weights), which TFF's tree noise needs up front."""
+    model = make_model_fn(model_config)()
+    return [tf.TensorSpec(v.shape, v.dtype) for v in model.trainable_variables]
+
+
+FTRL_SERVER_OPTIMIZERS = ("sgd", "momentum")
+
+
+def ftrl_server_optimizer(cfg: SimConfig) -> tff.learning.optimizers.Optimizer:
+    """DP-FTRL's server step: SGD over the tree residuals is FTRL; heavy-ball momentum makes it DP-FTRLM
+    (Kairouz et al. 2021 Sec. 4). Adaptive optimizers and Nesterov are not FTRL, so they are refused."""
+    if cfg.server_optimizer not in FTRL_SERVER_OPTIMIZERS:
+        raise ValueError(f"DP-FTRL needs --server-optimizer sgd or momentum (FTRL / FTRL with momentum), "
+                         f"got {cfg.server_optimizer!r}")
+    return tff_server_optimizer(cfg.fedavg)
+
+
 def build_learning_process(
-    cfg: SimConfig, model_config: ModelConfig, noise_multiplier: float | None = None
+    cfg: SimConfig, model_config: ModelConfig, noise_multiplier: float | None = None,
+    restart_period: int | None = None,
 ) -> tff.learning.templates.LearningProcess:
-    """FedAvg without DP; DP-FedAvg (unweighted, clipped, noised) with cfg.dp."""
+    """FedAvg without DP; DP-FedAvg (unweighted, clipped, noised) with cfg.dp; DP-FTRL with
+    cfg.dp_mechanism "dp-ftrl" (tree restarted after every `restart_period` rounds, None: never)."""
     model_fn = make_model_fn(model_config)
     loop = loop_implementation(cfg.tff_loop)
     if not cfg.dp:
@@ -125,6 +147,21 @@ def build_learning_process(
         )
     if noise_multiplier is None:
         raise ValueError("a DP process needs its noise multiplier")
+    if cfg.dp_mechanism == "dp-ftrl":
+        if (cfg.ftrl_restart == "epoch") != (restart_period is not None):
+            raise ValueError("DP-FTRL restarts its tree every epoch (restart_period = rounds per epoch) exactly "
+                             "when --ftrl-restart epoch: the accountant assumes that")
+        return tff.learning.algorithms.build_unweighted_fed_avg(
+            model_fn,
+            client_optimizer_fn=client_optimizer(cfg),
+            server_optimizer_fn=ftrl_server_optimizer(cfg),
+            model_aggregator=ftrl_factory(
+                noise_multiplier, cfg.clients_per_round, cfg.clip, trainable_specs(model_config),
+                restart_period=restart_period, adaptive=cfg.adaptive_clip, target_quantile=cfg.target_quantile,
+                clip_lr=cfg.clip_lr, noise=cfg.dp_noise, seed=cfg.seed, efficient=cfg.ftrl_efficient,
+            ),
+            loop_implementation=loop,
+        )
     aggregator = dp_factory(
         noise_multiplier, cfg.clients_per_round, cfg.clip, adaptive=cfg.adaptive_clip,
         target_quantile=cfg.target_quantile, clip_lr=cfg.clip_lr, noise=cfg.dp_noise, seed=cfg.seed,

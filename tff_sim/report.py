@@ -239,7 +239,12 @@ def write_report(out: Path, summary: dict[str, Any], history: Sequence[dict[str,
             "## Privacy",
             "",
             f"- Noise multiplier z = {privacy['noise_multiplier']:.4g}{calibrated}; sampling probability "
-            f"q = {privacy['sampling_prob']:.4g}; delta = {privacy['delta']:.3g}",
+            f"q = {privacy['sampling_prob']:.4g}; delta = {privacy['delta']:.3g}"
+            if privacy.get("mechanism", "dp-fedavg") != "dp-ftrl" else
+            f"- DP-FTRL (tree aggregation, no sampling): noise multiplier z = {privacy['noise_multiplier']:.4g}"
+            f"{calibrated}; each client at most once per epoch of {privacy['rounds_per_epoch']} rounds "
+            f"({'tree restarted every epoch' if privacy['ftrl_rule'] == 'restart' else 'one tree, min separation'}); "
+            f"delta = {privacy['delta']:.3g}",
             f"- Clipping: {'adaptive (target quantile ' + str(cfg['target_quantile']) + ')' if cfg['adaptive_clip'] else 'fixed'}, "
             f"clip {cfg['clip']}; noise source: {cfg['dp_noise']}",
             f"- User-level epsilon after {summary['rounds_done']} rounds: {eps_text}",

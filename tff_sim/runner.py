@@ -63,8 +63,9 @@ def train_row(round_num: int, clients: int, output: Any, seconds: float) -> dict
         "train_loss": m.get("client_work/train/loss"),  # mean over the cohort's batches of the masked token loss
         "round_seconds": round(seconds, 4),
     }
-    if "aggregator/dp_query_metrics/clip" in m:
-        row["clip"] = m["aggregator/dp_query_metrics/clip"]
+    for key in ("clip", "tree_agg_dpftrl_clip", "current_clip"):  # DP-FedAvg, DP-FTRL fixed, DP-FTRL adaptive
+        if f"aggregator/dp_query_metrics/{key}" in m:
+            row["clip"] = m[f"aggregator/dp_query_metrics/{key}"]
     if m.get("finalizer/update_non_finite"):
         row["update_non_finite"] = m["finalizer/update_non_finite"]
     return row
@@ -92,7 +93,10 @@ def run(cfg: SimConfig, data: client_data.SimData | None = None,
     z = plan.noise_multiplier if plan else None
     sampling_mode = cfg.sampling_mode
     log.info("data: %s", data.summary())
-    if plan:
+    if plan and plan.mechanism == "dp-ftrl":
+        log.info("DP-FTRL: noise multiplier %.4g, %d rounds per epoch (%s), delta %.3g", plan.noise_multiplier,
+                 plan.rounds_per_epoch, plan.ftrl_rule, plan.delta)
+    elif plan:
         log.info("DP: noise multiplier %.4g, q %.4g, delta %.3g", plan.noise_multiplier, plan.sampling_prob, plan.delta)
 
     if cfg.fresh:  # forget an earlier run in this folder, so an interrupted fresh run cannot resume it
@@ -107,7 +111,8 @@ def run(cfg: SimConfig, data: client_data.SimData | None = None,
                 f"{cfg.config_hash()}): pass --fresh to start over, or another --output"
             )
     log.info("phase: building the federated process (TensorFlow tracing)")
-    learning = process.build_learning_process(cfg, model_config, noise_multiplier=z)
+    learning = process.build_learning_process(cfg, model_config, noise_multiplier=z,
+                                              restart_period=plan.restart_period if plan else None)
     w0 = process.initial_weights(model_config, cfg.seed)
     log.info("phase: starting TFF's worker and initialising the server state")
     state = process.initialize(learning, w0)
