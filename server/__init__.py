@@ -8,10 +8,11 @@ Run
     python -m server --data-dir /tmp/d --port 0 --port-file /tmp/d.port --init-preset tiny --admin-token s3cret
 
 Every ServerConfig field (server/config.py) is a flag: --round-goal, --min-count, --over-admit, --deadline-s,
---epochs, --batch-size, --learning-rate, --dp-mode {none,central,distributed,local}, --clip-norm,
+--epochs, --batch-size, --learning-rate, --dp-mode {none,central,distributed,local,ftrl}, --clip-norm,
 --noise-multiplier, --aggregator {mean,trimmed_mean,median}, --server-optimizer {sgd,momentum,nesterov,adam,yogi,adagrad},
 --server-lr, --candidate-eval-fraction, --promotion-tolerance, --secure-aggregation {none,secagg,paillier},
 --secagg-threshold, --secagg-neighbors, --secagg-stage-s, --paillier-keyholder-url, --rr-p-first,
+--ftrl-rule {restart,min_separation}, --ftrl-restart-rounds, --ftrl-min-separation, --ftrl-max-participations,
 --public-status (/status and /metrics without the admin token), ...;
 --config FILE.json sets many at once. Paillier's key holder is its own process: python -m server.keyholder.
 Admin token: --admin-token, else $FK_ADMIN_TOKEN, else generated into <data-dir>/admin_token.
@@ -36,6 +37,7 @@ round_close.py  closing rounds into versions: aggregation through the server opt
 admin_ops.py    admin changes of the model line (training start/stop, push, discard, rollback)
 versions.py     the model identity and its stored versions;  reporting.py  summaries, status, /metrics text
 privacy_account.py  the DP ledger of the global model and the privacy report
+ftrl.py         DP-FTRL's durable noise tree and participation record; the participation rule at admission
 secagg/         secure aggregation: protocol.py (pure), store.py, service.py, ingest.py, finish.py, routes.py
 paillier/       Paillier rounds: protocol.py (pure), store.py, service.py, keyholder_client.py, routes.py;
                 keyholder_core.py + keyholder.py: python -m server.keyholder, the separate key holder
@@ -50,7 +52,7 @@ status_page.py  HTML + server-rendered SVG (no JavaScript);  config.py  ServerCo
 Algorithm (pure, no I/O):
 round.py        Round, TrainParams, EvalParams: a round as a typed snapshot, built from its row in one place
 strategy/       base.py Strategy (task, upload check, aggregate, ledger event), mean.py StreamingMean / Robust
-                / SecureSum, dp.py CentralDP / DistributedDP / LocalDP wrappers, factory.py strategy_for
+                / SecureSum, dp.py CentralDP / DistributedDP / LocalDP / FtrlDP wrappers, factory.py strategy_for
 evaluation.py   evaluation rounds' task, report checks, summary and promotion rule
 aggregation.py  streaming (weighted) mean, coordinate-wise trimmed mean and median (numpy)
 errors.py       rejection reasons -> HTTP status
@@ -98,7 +100,9 @@ else the protocol's parameters: secagg {protocol, version, session, quantization
 n_max}, threshold_fraction, neighbors, min_participants, stage_timeout_s, urls}; paillier {protocol,
 public_key (signed by the key holder), keyholder_url, packing, upload_url}.
 Evaluate task: {type: "evaluate", round_id, candidate_version, baseline_version, model_urls, report_url, deadline}.
-Retry reasons: ineligible, not_initialized, training_stopped, no_round, aggregating, round_full, already_participated.
+Retry reasons: ineligible, not_initialized, training_stopped, no_round, aggregating, round_full, already_participated,
+participation_limit (dp_mode ftrl: the device took part too recently for the participation rule; retry_after
+estimates when it may: the rounds still to be released times a recent round's length, at most retry_max_s).
 
 Update upload
 -------------
@@ -141,6 +145,21 @@ is the private default: each device adds N(0, (z C)^2 / min_count), the unmasked
 carries the central noise and the ledger reports epsilon for it; /v1/admin/privacy also reports the
 local epsilon of one upload alone (the guarantee of dp_mode local). A round whose protocol fails
 (below threshold, a tampered share or masked vector, a refused decryption) is abandoned: nothing released.
+
+DP-FTRL (dp_mode ftrl; server/ftrl.py, strategy/dp.py FtrlDP; Kairouz et al. 2021): devices clip only;
+the server adds models/dp_ftrl.py's tree residual noise (nodes N(0, (z C)^2), Honaker's efficient tree by
+default) to the round's sum, so the released models are FTRL (sgd) or DP-FTRLM (momentum; other server
+optimizers are refused). Released rounds are the tree's leaves. The participation rule is enforced at
+admission from SQLite (ftrl_participation, written with the round's close, so it survives restarts):
+ftrl_rule restart (default): each device in at most one round per ftrl_restart_rounds-round period, the
+tree restarted after every period; ftrl_rule min_separation: one tree, at most ftrl_max_participations
+rounds per device, at least ftrl_min_separation rounds strictly between two. /v1/admin/privacy reports
+mechanism "DP-FTRL", models.dp.ftrl_epsilon for exactly that rule at delta 1e-6 (unless dp_delta), and a
+`guarantee` sentence. The tree state file is durable before the closing transaction points at it; its
+noise is a function of the secret seed (the first DP-FTRL round's) and the draw index, so a round
+aggregated again after a crash releases the same sum. The tree's z, clip and rule are fixed for a data dir.
+The rule costs liveness: with restart, a period needs ftrl_restart_rounds * round_goal distinct devices
+(choose ftrl_restart_rounds <= eligible devices / round_goal), or rounds run short and are abandoned.
 
 Crash safety: an accepted update's file is fsynced and renamed, then its row commits (fsync), then the
 200 goes out. After kill -9 the open round resumes with every accepted update (the running sum is

@@ -12,10 +12,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from models.dp import ACCOUNTANTS, DP_MODES
+from models.dp import ACCOUNTANTS, DP_MODES, FTRL_DEFAULT_DELTA, FTRL_RULES
 from models.fedavg import SERVER_OPTIMIZERS, FedAvgHyperparams, task_fields
 
 AGGREGATORS = ("mean", "trimmed_mean", "median")
+SERVER_DP_MODES = (*DP_MODES, "ftrl")  # ftrl: central DP-FTRL, tree-aggregated noise (server/strategy/dp.py FtrlDP)
+FTRL_OPTIMIZERS = ("sgd", "momentum")
 SECURE_AGGREGATION = ("none", "secagg", "paillier")
 KEYHOLDER_TOKEN_ENV = "FK_KEYHOLDER_TOKEN"
 WIRE_DTYPES = ("float32", "float16", "int8", "int16")
@@ -64,10 +66,16 @@ class ServerConfig:
     max_examples_per_update: int = 100_000  # an update claiming more is refused (bad_metadata)
 
     # --- differential privacy
-    dp_mode: str = "none"  # none | central | distributed | local (see models/dp.py)
+    dp_mode: str = "none"  # none | central | distributed | local (see models/dp.py) | ftrl (DP-FTRL, below)
     clip_norm: float = 1.0  # L2 bound on each device delta; 0 disables clipping (dp_mode none only)
     noise_multiplier: float = 0.0  # z: total noise stddev on the sum = z * clip_norm
-    dp_delta: float | None = None  # default: 1 / population^1.1
+    dp_delta: float | None = None  # default: 1 / population^1.1 (DP-FTRL: 1e-6)
+    # DP-FTRL (dp_mode ftrl): the participation rule admission enforces and the accountant assumes
+    ftrl_rule: str = "restart"  # restart: each device in <= 1 round per period, tree restarted | min_separation
+    ftrl_restart_rounds: int = 10  # restart: the period (rounds released per tree)
+    ftrl_min_separation: int = 0  # min_separation: rounds strictly between two rounds of a device (one tree)
+    ftrl_max_participations: int = 1  # min_separation: rounds a device may ever take part in
+    ftrl_efficient: bool = True  # Honaker's efficient tree (TFF's default) or the plain binary tree
     accountant: str = "rdp"  # rdp | pld
     norm_sigmas: float = 6.0  # how far past E||noise|| an upload's norm may go before norm_exceeded
 
@@ -152,7 +160,7 @@ class ServerConfig:
         need(self.deadline_s > 0 and self.eval_deadline_s > 0, "deadlines must be > 0")
         need(self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be >= 1")
         need(self.learning_rate > 0, "learning_rate must be > 0")
-        need(self.dp_mode in DP_MODES, f"dp_mode must be one of {DP_MODES}")
+        need(self.dp_mode in SERVER_DP_MODES, f"dp_mode must be one of {SERVER_DP_MODES}")
         need(self.accountant in ACCOUNTANTS, f"accountant must be one of {ACCOUNTANTS}")
         need(self.clip_norm >= 0 and math.isfinite(self.clip_norm), "clip_norm must be >= 0")
         need(self.noise_multiplier >= 0, "noise_multiplier must be >= 0")
@@ -169,6 +177,14 @@ class ServerConfig:
         need(self.server_optimizer in SERVER_OPTIMIZERS, f"server_optimizer must be one of {SERVER_OPTIMIZERS}")
         if self.nesterov and self.server_optimizer == "momentum":  # the deprecated spelling of nesterov
             self.server_optimizer = "nesterov"
+        need(self.ftrl_rule in FTRL_RULES, f"ftrl_rule must be one of {FTRL_RULES}")
+        need(self.ftrl_restart_rounds >= 1, "ftrl_restart_rounds must be >= 1")
+        need(self.ftrl_min_separation >= 0 and self.ftrl_max_participations >= 1,
+             "ftrl_min_separation must be >= 0 and ftrl_max_participations >= 1")
+        if self.dp_mode == "ftrl":
+            need(self.server_optimizer in FTRL_OPTIMIZERS,
+                 "DP-FTRL's server step is SGD over the tree residuals (FTRL) or heavy-ball momentum (DP-FTRLM): "
+                 f"use --server-optimizer sgd or momentum, not {self.server_optimizer}")
         try:
             self.fedavg  # noqa: B018 - builds (so validates) the FedAvg hyperparameters
         except ValueError as exc:
@@ -251,7 +267,15 @@ class ServerConfig:
             "secagg_stage_s": self.secagg_stage_s,
             "secagg_min_participants": self.secagg_min_participants,
             "paillier_value_bits": self.paillier_value_bits,
+            **({"ftrl_rule": self.ftrl_rule, "ftrl_restart_rounds": self.ftrl_restart_rounds,
+                "ftrl_min_separation": self.ftrl_min_separation, "ftrl_max_participations": self.ftrl_max_participations,
+                "ftrl_efficient": self.ftrl_efficient} if self.dp_mode == "ftrl" else {}),
         }
+
+    @property
+    def delta_default(self) -> float | None:
+        """The configured delta, else DP-FTRL's fixed default (None: 1 / population^1.1 at report time)."""
+        return self.dp_delta if self.dp_delta is not None else FTRL_DEFAULT_DELTA if self.dp_mode == "ftrl" else None
 
     def eval_params(self) -> dict[str, Any]:
         return {

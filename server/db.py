@@ -369,10 +369,12 @@ class Db:
         return {(r["kind"], r["state"]): r["n"] for r in
                 self.all("SELECT kind, state, COUNT(*) AS n FROM rounds GROUP BY kind, state")}
 
-    def dp_rounds(self) -> list[tuple[float, float]]:
-        """(noise_multiplier, sampling_prob) of every closed round that released a noisy aggregate."""
+    def dp_rounds(self, ftrl: bool = False) -> list[tuple[float, float]]:
+        """(noise_multiplier, sampling_prob) of every closed round that released a noisy aggregate: the
+        Gaussian-mechanism rounds, or (ftrl=True) the DP-FTRL rounds, the leaves of its noise tree."""
         rows = self.all("SELECT noise_multiplier, sampling_prob FROM rounds WHERE state = 'closed' AND kind = 'train'"
-                        " AND noise_multiplier IS NOT NULL ORDER BY id")
+                        " AND noise_multiplier IS NOT NULL AND (COALESCE(json_extract(params, '$.dp_mode'), '') = 'ftrl')"
+                        " = ? ORDER BY id", (int(ftrl),))
         return [(float(r["noise_multiplier"]), float(r["sampling_prob"])) for r in rows]
 
     # ------------------------------------------------------------------ admissions

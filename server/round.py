@@ -22,6 +22,38 @@ class CohortParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class FtrlRule:
+    """DP-FTRL's participation rule: what admission enforces (server/ftrl.py) and the accountant assumes
+    (models.dp.ftrl_epsilon). Rounds are counted in released rounds (leaves of the noise tree)."""
+
+    rule: str  # restart | min_separation (models.dp.FTRL_RULES)
+    restart_rounds: int  # restart: K, each device in at most one round per K-round period; tree restarted
+    min_separation: int  # min_separation: rounds strictly between two rounds of a device (one tree)
+    max_participations: int  # min_separation: rounds a device may ever take part in
+
+    @property
+    def restart_period(self) -> int | None:
+        return self.restart_rounds if self.rule == "restart" else None
+
+    def epsilon_args(self) -> dict[str, int]:
+        """models.dp.ftrl_epsilon's rule arguments."""
+        if self.rule == "restart":
+            return {"rounds_per_epoch": self.restart_rounds}
+        return {"min_separation": self.min_separation, "max_participations": self.max_participations}
+
+    def describe(self) -> str:
+        """One sentence: what the guarantee covers and assumes."""
+        if self.rule == "restart":
+            who = (f"each device in at most one round per {self.restart_rounds}-round period (admission enforces it; "
+                   "the noise tree restarts after every period)")
+        else:
+            who = (f"each device in at most {self.max_participations} round(s), at least {self.min_separation} "
+                   "released rounds strictly between two of them (admission enforces it; one tree, no restarts)")
+        return (f"Device-level DP of every model the server releases, assuming {who}, a trusted server that "
+                "sees each clipped update and adds the tree noise with a secret seed, and no sampling amplification.")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainParams(CohortParams):
     """A training round's frozen configuration. Defaults cover rows written before a key existed."""
 
@@ -44,6 +76,16 @@ class TrainParams(CohortParams):
     secagg_stage_s: float = 60.0
     secagg_min_participants: int = 3
     paillier_value_bits: int = 24
+    ftrl_rule: str = "restart"  # dp_mode ftrl: the participation rule (server/ftrl.py)
+    ftrl_restart_rounds: int = 10
+    ftrl_min_separation: int = 0
+    ftrl_max_participations: int = 1
+    ftrl_efficient: bool = True
+
+    @property
+    def ftrl(self) -> FtrlRule:
+        return FtrlRule(self.ftrl_rule, self.ftrl_restart_rounds, self.ftrl_min_separation,
+                        self.ftrl_max_participations)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,4 +170,4 @@ class Round:
         return self.deadline is not None and now >= self.deadline
 
 
-__all__ = ["CohortParams", "TrainParams", "EvalParams", "Round", "parse_params"]
+__all__ = ["CohortParams", "FtrlRule", "TrainParams", "EvalParams", "Round", "parse_params"]

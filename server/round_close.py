@@ -106,6 +106,7 @@ class RoundCloser:
             try:
                 dp_fields = m.account.record(strategy.ledger_event(rnd.train, n, population), population)
                 with db.write():
+                    released = strategy.commit_release(round_id, [r["device_id"] for r in rows])  # DP-FTRL's tree
                     db.add_model(version, source="round", file=rel, sha256=sha, size=size,
                                  parent_version=base_version, round_id=round_id, opt_state_file=opt_rel,
                                  info={"round_id": round_id, "aggregated": n}, was_global=True)
@@ -120,6 +121,8 @@ class RoundCloser:
                 raise
             m.models.cache_weights(version, new32)
             m.drop_state(round_id)
+            if released is not None:
+                released()
             if base_row.get("opt_state_file"):
                 m.store.delete(base_row["opt_state_file"])
             m.delete_round_files([(round_id, files)])

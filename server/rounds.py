@@ -37,6 +37,7 @@ from server import evaluation
 from server.config import ServerConfig
 from server.db import Db
 from server.errors import Rejection
+from server.ftrl import FtrlTreeStore
 from server.metrics import Metrics
 from server.privacy_account import PrivacyAccount
 from server.round import Round, TrainParams, parse_params
@@ -79,7 +80,8 @@ class RoundManager:
         self._wake = threading.Event()
         self._worker = RoundWorker(self.tick, config.tick_s, self._wake)
         self._protocols: dict[str, SecureProtocol] = {}
-        self._background: list[Background] = []
+        self.ftrl = FtrlTreeStore(config, db, store)  # DP-FTRL's noise tree and participations (dp_mode ftrl)
+        self._background: list[Background] = [self.ftrl]
         self.account = PrivacyAccount(config, db, self.lock, self._strategy_for_params)
         self.closer = RoundCloser(self)
 
@@ -97,10 +99,10 @@ class RoundManager:
 
     def strategy(self, rnd: Round) -> Strategy:
         """The training round's wrapped strategy (server/strategy/factory.py)."""
-        return strategy_for(rnd.train, self._protocols)
+        return strategy_for(rnd.train, self._protocols, self.ftrl)
 
     def _strategy_for_params(self, params: TrainParams) -> Strategy:
-        return strategy_for(params, self._protocols)
+        return strategy_for(params, self._protocols, self.ftrl)
 
     def upload_bound(self, rnd: Round) -> UploadBound | None:
         return self.strategy(rnd).upload_bound(rnd.train)
@@ -186,6 +188,9 @@ class RoundManager:
                 return self._retry(self.config.retry_min_s, "aggregating", device_id)
             if self.db.is_admitted(train.id, device_id):
                 return self._retry_for_round(train, now, "already_participated", device_id)
+            refusal = self.strategy(train).admission_refusal(train, device_id)  # e.g. DP-FTRL's participation rule
+            if refusal is not None:
+                return self._retry(refusal[1], refusal[0], device_id)
             if self.db.count_admitted(train.id) >= train.params.max_admitted \
                     or not self.strategy(train).admission_open(train):
                 return self._retry_for_round(train, now, "round_full", device_id)

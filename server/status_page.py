@@ -227,7 +227,8 @@ def render(status: dict[str, Any], rounds: list[dict[str, Any]], versions: list[
         ("Active devices (24 h)", devices.get("active_24h")),
         ("Current round", f"#{cur.get('id')} {cur.get('state')}: {cur.get('accepted')}/{cur.get('goal')} updates, "
                           f"{cur.get('admitted')} admitted" if cur else "none"),
-        ("DP mode", privacy.get("dp_mode")),
+        ("DP mode", privacy.get("dp_mode") + (f" ({privacy['mechanism']})" if privacy.get("mechanism") else "")
+         if privacy.get("dp_mode") else None),
         ("Epsilon", f"{privacy.get('epsilon'):.4g} at delta {privacy.get('delta'):.3g} ({privacy.get('accountant')})"
          if privacy.get("epsilon") is not None else "n/a"),
         ("Secure aggregation", privacy.get("secure_aggregation") or "none"),
@@ -235,6 +236,8 @@ def render(status: dict[str, Any], rounds: list[dict[str, Any]], versions: list[
     if privacy.get("local_epsilon_per_upload") is not None:
         summary_rows.append(("Local epsilon per upload", f"{privacy['local_epsilon_per_upload']:.4g} "
                                                          f"({privacy.get('dp_mode')} noise, one device's upload alone)"))
+    if privacy.get("guarantee"):
+        summary_rows.append(("Guarantee", privacy["guarantee"]))
     summary = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in summary_rows)
 
     def fmt_time(t: float | None) -> str:

@@ -27,7 +27,7 @@ import numpy as np
 from models import blas, dp, wire
 from models.config import ModelConfig
 from server.errors import Rejection
-from server.round import Round, TrainParams
+from server.round import FtrlRule, Round, TrainParams
 
 MAX_METRICS = 32
 
@@ -79,6 +79,7 @@ class LedgerEvent:
 
     noise_multiplier: float
     sampling_prob: float
+    ftrl: FtrlRule | None = None  # DP-FTRL: a leaf of the noise tree, accounted under this participation rule
 
 
 class SecureProtocol(Protocol):
@@ -172,6 +173,10 @@ class Strategy(abc.ABC):
     def admission_open(self, rnd: Round) -> bool:
         return True
 
+    def admission_refusal(self, rnd: Round, device_id: str) -> tuple[str, float] | None:
+        """(retry reason, seconds until the device may come back) when this device may not join the round."""
+        return None
+
     def may_reanswer(self, rnd: Round, device_id: str) -> bool:
         """Whether an admitted device checking in again gets its task again."""
         return True
@@ -234,6 +239,11 @@ class Strategy(abc.ABC):
 
     def ledger_event(self, params: TrainParams, n_aggregated: int, population: int) -> LedgerEvent | None:
         """What releasing this round's aggregate costs in privacy (None: not a DP release)."""
+        return None
+
+    def commit_release(self, round_id: int, device_ids: list[str]) -> Callable[[], None] | None:
+        """Inside the round's closing transaction, after `finalize`: persist what releasing the aggregate
+        changed (DP-FTRL's noise tree, participations). Returns a cleanup to run once committed."""
         return None
 
 

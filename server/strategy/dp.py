@@ -12,19 +12,33 @@ cohort of min_count devices, a noise multiplier z and clip C:
     distributed   each device adds N(0, (zC)^2 / min_count)       the sum of >= min_count carries (zC)^2
     local         each device adds N(0, (zC)^2)                    every upload is private on its own
 
-A new mechanism (e.g. DP-FTRL's tree aggregation) is one more subclass here and one entry in
-server/strategy/factory.py.
+    ftrl          server adds the residual of DP-FTRL's tree noise  devices clip only; each node of the
+                  (models/dp_ftrl.py, nodes N(0, (zC)^2)) to the sum   tree is released once (FtrlDP below)
+
+A new mechanism is one more subclass here and one entry in server/strategy/factory.py.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
 from models import dp
 from server.round import Round, TrainParams
 from server.strategy.base import Aggregate, DecodedUpdate, LedgerEvent, RoundContext, Strategy, UploadBound
+
+
+class FtrlTree(Protocol):
+    """DP-FTRL's durable noise tree and participation record (server/ftrl.py), as FtrlDP sees it."""
+
+    def noise(self, rnd: Round, dim: int) -> tuple[np.ndarray, Any]:
+        """(the residual noise of the round's leaf, float32; the pending next tree state), writing nothing
+        the database points at: a re-run after a crash draws the same noise."""
+        ...
+
+    def commit(self, pending: Any, round_id: int, device_ids: list[str]) -> Callable[[], None]: ...
+    def refusal(self, rnd: Round, device_id: str) -> tuple[str, float] | None: ...
 
 
 class DPStrategy(Strategy):
@@ -73,6 +87,12 @@ class DPStrategy(Strategy):
     def admission_open(self, rnd: Round) -> bool:
         return self.inner.admission_open(rnd)
 
+    def admission_refusal(self, rnd: Round, device_id: str) -> tuple[str, float] | None:
+        return self.inner.admission_refusal(rnd, device_id)
+
+    def commit_release(self, round_id: int, device_ids: list[str]) -> Callable[[], None] | None:
+        return self.inner.commit_release(round_id, device_ids)
+
     def may_reanswer(self, rnd: Round, device_id: str) -> bool:
         return self.inner.may_reanswer(rnd, device_id)
 
@@ -107,6 +127,42 @@ class CentralDP(DPStrategy):
 
     def server_noise_stddev(self, params: TrainParams) -> float:
         return float(params.noise_multiplier * params.clip_norm)
+
+
+class FtrlDP(DPStrategy):
+    """Central DP-FTRL (Kairouz et al. 2021): devices clip; the server adds the residual of the tree noise
+    (models/dp_ftrl.py: tree_cumsum_t - tree_cumsum_{t-1}, nodes N(0, (zC)^2)) to the round's sum, so the
+    released models are FTRL over the noised cumulative sums. The noise goes on sum(base - trained), TFF's
+    sign, so the server's pseudo-gradient equals models.dp_ftrl.aggregate's noised sum. The tree lives in
+    `tree` (server/ftrl.py), persisted with the round's close; admission enforces the participation rule
+    the accountant assumes (TrainParams.ftrl)."""
+
+    mechanism = "ftrl"
+
+    def __init__(self, inner: Strategy, tree: FtrlTree | None) -> None:
+        if not inner.releases_sum:
+            raise ValueError(f"DP-FTRL noise is calibrated to a sum: it cannot wrap {inner.name!r}")
+        if tree is None:
+            raise RuntimeError("dp_mode ftrl needs the server's DP-FTRL tree store")
+        super().__init__(inner)
+        self.tree = tree
+        self._pending: Any = None
+
+    def aggregate(self, state: Any, rows: list[dict[str, Any]], rnd: Round, ctx: RoundContext) -> Aggregate:
+        agg = self.inner.aggregate(state, rows, rnd, ctx)
+        residual, self._pending = self.tree.noise(rnd, ctx.dim)
+        return Aggregate(agg.total - residual.astype(np.float64), agg.divisor)
+
+    def admission_refusal(self, rnd: Round, device_id: str) -> tuple[str, float] | None:
+        return self.tree.refusal(rnd, device_id) or self.inner.admission_refusal(rnd, device_id)
+
+    def commit_release(self, round_id: int, device_ids: list[str]) -> Callable[[], None] | None:
+        if self._pending is None:
+            raise RuntimeError("commit_release before aggregate")
+        return self.tree.commit(self._pending, round_id, device_ids)
+
+    def ledger_event(self, params: TrainParams, n_aggregated: int, population: int) -> LedgerEvent:
+        return LedgerEvent(float(params.noise_multiplier), min(1.0, n_aggregated / max(population, 1)), params.ftrl)
 
 
 class DistributedDP(DPStrategy):
@@ -153,4 +209,4 @@ def device_view_epsilon(strategy: Strategy, params: TrainParams, delta: float) -
                                   + strategy.device_view_note}
 
 
-__all__ = ["DPStrategy", "CentralDP", "DistributedDP", "LocalDP", "device_view_epsilon"]
+__all__ = ["DPStrategy", "CentralDP", "FtrlDP", "FtrlTree", "DistributedDP", "LocalDP", "device_view_epsilon"]

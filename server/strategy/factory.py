@@ -5,14 +5,16 @@ from typing import Mapping
 
 from server.round import TrainParams
 from server.strategy.base import SecureProtocol, Strategy
-from server.strategy.dp import CentralDP, DistributedDP, LocalDP
+from server.strategy.dp import CentralDP, DistributedDP, FtrlDP, FtrlTree, LocalDP
 from server.strategy.mean import Robust, SecureSum, StreamingMean
 
 DP_WRAPPERS = {"central": CentralDP, "distributed": DistributedDP, "local": LocalDP}
 
 
-def strategy_for(params: TrainParams, protocols: Mapping[str, SecureProtocol] | None = None) -> Strategy:
-    """The wrapped strategy of a training round. `protocols`: the secure-aggregation services by name."""
+def strategy_for(params: TrainParams, protocols: Mapping[str, SecureProtocol] | None = None,
+                 ftrl_tree: FtrlTree | None = None) -> Strategy:
+    """The wrapped strategy of a training round. `protocols`: the secure-aggregation services by name;
+    `ftrl_tree`: DP-FTRL's durable noise tree (server/ftrl.py), needed by dp_mode ftrl."""
     if params.secure_aggregation != "none":
         if not protocols or params.secure_aggregation not in protocols:
             raise RuntimeError(f"no {params.secure_aggregation} service")
@@ -23,6 +25,8 @@ def strategy_for(params: TrainParams, protocols: Mapping[str, SecureProtocol] | 
         inner = Robust(params.aggregator)
     if params.dp_mode == "none":
         return inner
+    if params.dp_mode == "ftrl":
+        return FtrlDP(inner, ftrl_tree)
     return DP_WRAPPERS[params.dp_mode](inner)
 
 
