@@ -13,9 +13,13 @@ future the user types, on which every variant is scored (top-1/top-3 recall, per
   The blend weight is chosen on the held-back messages with a cache of the training messages;
   then the cache holds all past messages and grows with each future sentence once it is typed.
 * +fine-tuning: the device's personal model (SGD on the training messages with the device's
-  PersonalizationSettings), served only if it beats the global model on the held-back messages
-  (otherwise the device keeps the global model, as a careful keyboard would).
-* both: the cache blended with whichever model the previous rule serves.
+  PersonalizationSettings) where the device would serve it, else the global model.
+* both: the cache blended with whichever model is served.
+* cache@w: the global model + cache at a fixed weight w (--fixed-weights): what a device serves
+  before a weight was chosen for its user (the evidence for models.personal_cache.DEFAULT_WEIGHT).
+Which model is served and each cache weight come from the device's own selection rule,
+models.personal_cache.select_personal (the fine-tuned model only when it beats the global model
+on >= MIN_GAIN_TOKENS held-back words; weights chosen on the held-back text).
 
 Goals (the quality issue): median per-user top-1 gain of `both` over `global` >= +2 points and
 no user worse by more than 0.5 points. Prints the table and writes the per-user rows as JSON.
@@ -49,13 +53,17 @@ def global_logprobs(model: Any, x: np.ndarray, batch: int = 256) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, x.shape[1], 0), np.float32)
 
 
+def fixed_name(weight: float) -> str:
+    return f"cache@{weight:g}"
+
+
 def replay_user(messages: list[str], past: float, bundle: Any, model: Any, trainer: Any, settings: Any,
-                seed: int) -> dict[str, Any] | None:
+                seed: int, fixed_weights: tuple[float, ...] = ()) -> dict[str, Any] | None:
     """One user's row: the four variants' metrics on their future messages."""
     from device_app.local_training import examples_for
     from device_app.store import TextStore
     from models.keras_model import set_weights
-    from models.personal_cache import cache_from_windows, choose_weight, evaluate_blend
+    from models.personal_cache import cache_from_windows, evaluate_blend, select_personal
 
     config, vocab = bundle.config, bundle.vocab
     n_past = int(round(past * len(messages)))
@@ -80,18 +88,16 @@ def replay_user(messages: list[str], past: float, bundle: Any, model: Any, train
     t_held, t_future = global_logprobs(model, hx), global_logprobs(model, fx)
     vocab_size = len(vocab)
 
-    def top1(logprobs: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> float:
-        from models.personal_cache import NgramCache
-
-        return evaluate_blend(xs, ys, logprobs, NgramCache(vocab_size), (0.0,), update=False).metrics[0]["top1_recall"]
-
-    serve_tuned = top1(t_held, hx, hy) > top1(g_held, hx, hy)
-    served_held, served_future = (t_held, t_future) if serve_tuned else (g_held, g_future)
-    w_cache = choose_weight(hx, hy, g_held, cache_from_windows(x, y, vocab_size))
-    w_both = choose_weight(hx, hy, served_held, cache_from_windows(x, y, vocab_size))
+    # The device's selection rule (models/personal_cache.py), on the held-back messages with a cache
+    # of the training messages: which model is served, and each model's cache weight.
+    sel = select_personal(hx, hy, g_held, t_held, cache_from_windows(x, y, vocab_size),
+                          min_tokens=settings.min_heldout_tokens, min_weight_tokens=settings.min_weight_tokens)
+    served_future = t_future if sel.served == "personal" else g_future
+    w_cache, w_both = sel.weight_global, sel.weight
     past_x, past_y = np.concatenate([x, hx]), np.concatenate([y, hy])
     row: dict[str, Any] = {"messages": len(messages), "train_messages": len(train_msgs), "heldout_messages": len(held_msgs),
-                           "future_messages": len(future), "serve_finetuned": bool(serve_tuned),
+                           "future_messages": len(future), "heldout_tokens": sel.heldout_tokens,
+                           "enough_text": sel.enough_text, "serve_finetuned": sel.served == "personal",
                            "weight_cache": w_cache, "weight_both": w_both}
     scored = {
         "global": evaluate_blend(fx, fy, g_future, cache_from_windows(past_x, past_y, vocab_size), (0.0,)).metrics[0],
@@ -99,16 +105,22 @@ def replay_user(messages: list[str], past: float, bundle: Any, model: Any, train
         "finetune": evaluate_blend(fx, fy, served_future, cache_from_windows(past_x, past_y, vocab_size), (0.0,)).metrics[0],
         "both": evaluate_blend(fx, fy, served_future, cache_from_windows(past_x, past_y, vocab_size), (w_both,)).metrics[0],
     }
+    # Fixed weights on the global model (what a device serves before any weight was chosen for it).
+    fixed = evaluate_blend(fx, fy, g_future, cache_from_windows(past_x, past_y, vocab_size), fixed_weights)
+    for w in fixed_weights:
+        scored[fixed_name(w)] = fixed.metrics_of(w)
     for name, m in scored.items():
         row[f"{name}_top1"], row[f"{name}_top3"] = m["top1_recall"], m["top3_recall"]
     row["tokens"] = int(scored["global"]["tokens"])
     return row
 
 
-def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"users": len(rows)}
+def summarize(rows: list[dict[str, Any]], variants: tuple[str, ...] = VARIANTS) -> dict[str, Any]:
+    out: dict[str, Any] = {"users": len(rows), "users_serving_finetuned": sum(r["serve_finetuned"] for r in rows),
+                           "users_with_enough_heldout_text": sum(r["enough_text"] for r in rows),
+                           "median_heldout_tokens": statistics.median(r["heldout_tokens"] for r in rows)}
     tokens = sum(r["tokens"] for r in rows)
-    for v in VARIANTS:
+    for v in variants:
         gains = [100 * (r[f"{v}_top1"] - r["global_top1"]) for r in rows]
         out[v] = {
             "pooled_top1": sum(r[f"{v}_top1"] * r["tokens"] for r in rows) / tokens,
@@ -128,8 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-messages", type=int, default=20, help="skip users with fewer messages")
     ap.add_argument("--past", type=float, default=0.7, help="share of a user's messages already on the device")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fixed-weights", default="0.05,0.1,0.2,0.3",
+                    help="also score the global model + cache at these fixed weights (the default weight's evidence)")
     ap.add_argument("--out", default="artifacts/bench/personal.json")
     args = ap.parse_args(argv)
+    fixed_weights = tuple(float(w) for w in args.fixed_weights.split(",") if w.strip())
+    variants = (*VARIANTS, *(fixed_name(w) for w in fixed_weights))
 
     from device_app.local_training import trainer_for
     from device_app.personalize import PersonalizationSettings
@@ -137,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     from models.bundle import load_bundle
     from models.data import load_dataset
     from models.keras_model import build_model
+    from models.personal_cache import MIN_GAIN_TOKENS
 
     interrupts.install()
     bundle = load_bundle(args.bundle)
@@ -148,17 +165,21 @@ def main(argv: list[str] | None = None) -> int:
     rows, started = [], time.time()
     for i, cid in enumerate(users, 1):
         c = ds.clients[cid]
-        row = replay_user([*c.train, *c.test], args.past, bundle, model, trainer, settings, args.seed + i)
+        row = replay_user([*c.train, *c.test], args.past, bundle, model, trainer, settings, args.seed + i,
+                          fixed_weights)
         if row is not None:
             rows.append({"user": cid, **row})
             print(f"[{i}/{len(users)}] {cid}: global {row['global_top1']:.1%} cache {row['cache_top1']:.1%} "
                   f"finetune {row['finetune_top1']:.1%} both {row['both_top1']:.1%} (w {row['weight_both']})", flush=True)
-    summary = summarize(rows)
+    summary = summarize(rows, variants)
     print(f"\n{'variant':<12} {'top-1':>7} {'top-3':>7} {'median gain':>12} {'worst':>7} {'users < -0.5':>13}")
-    for v in VARIANTS:
+    for v in variants:
         s = summary[v]
         print(f"{v:<12} {s['pooled_top1']:>7.2%} {s['pooled_top3']:>7.2%} {s['median_gain_points']:>+11.2f}p "
               f"{s['worst_gain_points']:>+6.2f}p {s['users_worse_by_0_5']:>13}")
+    print(f"fine-tuned model served to {summary['users_serving_finetuned']} of {len(rows)} users "
+          f"({summary['users_with_enough_heldout_text']} had >= {MIN_GAIN_TOKENS} held-back words; "
+          f"median {summary['median_heldout_tokens']:.0f})")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"bundle": str(args.bundle), "bundle_meta": {k: bundle.meta.get(k) for k in ("source", "dataset")},

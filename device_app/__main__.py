@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.add_argument("--p-dropout", type=float, default=0.1, help="chance a device drops out of a task")
     fleet.add_argument("--workers", type=int, default=4,
                        help="threads driving the devices (one per device when the server runs SecAgg)")
+    fleet.add_argument("--progress-every", type=float, default=5.0, metavar="S",
+                       help="print where the current round stands every S seconds (0: never)")
     fleet.add_argument("--step", type=float, default=0.5, help="seconds between a device's steps")
     fleet.add_argument("--max-wait", type=float, default=5.0, help="cap on the server's retry-after (seconds)")
     fleet.add_argument("--seed", type=int, default=0)
@@ -121,7 +123,7 @@ def run_fleet_cli(args: argparse.Namespace) -> int:
         duration_s=args.duration, p_eligible=args.p_eligible, p_dropout=args.p_dropout, workers=args.workers,
         step_s=args.step, max_wait_s=args.max_wait, seed=args.seed, personalize=args.personalize,
         data_dir=str(args.data_dir) if args.data_dir else None, keep_data=args.data_dir is not None,
-        ca_file=args.ca_file, pin_sha256=args.pin_sha256,
+        ca_file=args.ca_file, pin_sha256=args.pin_sha256, progress_s=args.progress_every,
     )
     report = run_fleet(config, on_event=lambda msg: print(f"[fleet] {msg}", flush=True))
     text = format_report(report)

@@ -18,7 +18,7 @@ What leaves the device: check-ins (three eligibility booleans and a model versio
 downloads, wire-format deltas (trained - global, clipped to the round's L2 bound, Gaussian noise
 of the round's stddev added, optionally masked by secure aggregation) carrying an example count
 and training-loss numbers, and evaluation reports (recall/loss numbers). Never text, token ids,
-or the personal model.
+the personal typing cache (its n-gram counts) or the personal model.
 
 Transport security (device_app/transport.py): plain http:// only to this machine; an https server
 is verified with the system CAs, a CA file (`ca_file`) or a pinned certificate fingerprint
@@ -108,7 +108,8 @@ class DeviceClient:
         self._net_lock = threading.Lock()
         self._state = DeviceState(self.data_dir / "state.json", self.settings.server_url, self._lock)
         self.store = TextStore(self.data_dir / "text.db", max_chars=self.settings.max_chars)
-        self.models = ModelState(self.data_dir / "model", initial_bundle=initial_bundle)
+        # the typing cache is built from the stored messages when suggestions first need it
+        self.models = ModelState(self.data_dir / "model", initial_bundle=initial_bundle, messages=self.store.messages)
         self.models.personal_enabled = self.settings.use_personal
         self.eligibility = EligibilityMonitor(self.settings.eligibility, battery_probe=battery_probe)
         self.personalizer = Personalizer(self.settings.personalization)
@@ -130,6 +131,7 @@ class DeviceClient:
             if hook.should_stop is None:
                 hook.should_stop = self._cancel.is_set
         self.last_outcome: Outcome | None = None
+        self.current_task: Any = None  # the http_client.Task being worked on (the fleet's progress lines read it)
         self.reports = Reports(self.link, self._state, self.sent, self._net_lock)
         self.session_facts, self.telemetry = self.reports.session_facts, self.reports.telemetry
         self.save_settings()
@@ -230,7 +232,10 @@ class DeviceClient:
         typed_now=False for text imported or replayed, which does not make the device busy."""
         if typed_now:
             self.eligibility.note_activity()
-        return self.store.add(text)
+        stored = self.store.add(text)
+        if stored:
+            self.models.note_message(text)  # the personal typing cache (memory only, never uploaded)
+        return stored
 
     # ================================================================== progress and cancel
 
@@ -300,7 +305,7 @@ class DeviceClient:
                         self.model_sync.sync()
                     return Outcome("no_task", checkin.reason or "", info={"retry_after": checkin.retry_after})
                 self.state.pop("next_checkin_at", None)
-                task = checkin.task
+                task = self.current_task = checkin.task
                 if task.type == "evaluate":
                     return run_eval_task(task, should_drop, ctx=self.uploads, sync=self.model_sync,
                                          models=self.models, store=self.store)
@@ -318,6 +323,7 @@ class DeviceClient:
                 self.last_error = str(exc)
                 return Outcome("rejected", f"{exc.reason}: {exc.detail}")
             finally:
+                self.current_task = None
                 self._progress.done()
 
     def _stopper(self, should_drop: Callable[[], bool] | None, force: bool) -> Callable[[], bool]:
@@ -382,7 +388,7 @@ class DeviceClient:
         return gain
 
     def forget_data(self) -> None:
-        """Delete the typed text, the personal model and any pending update derived from them."""
+        """Delete the typed text, the personal model, the typing cache and any pending update derived from them."""
         with self._lock:
             self.store.forget()
             self.models.drop_personal()

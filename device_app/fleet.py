@@ -16,6 +16,10 @@ not sit out the server's 10-minute pace steering.
 
 Over https, `ca_file` or `pin_sha256` (--ca-file / --pin-sha256) set how that shared client verifies
 the server (device_app/transport.py); plain http:// is refused unless the server is on this machine.
+
+No silent waits: every `progress_s` seconds the fleet prints where the round it waits on stands
+(device_app/fleet_progress.py: round, state, secure-aggregation stage, updates submitted of the goal),
+and a `workers` value it has to replace is announced with the reason.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ import numpy as np
 
 from device_app.client import ClientSettings, DeviceClient, ModelCache, Outcome
 from device_app.eligibility import Eligibility, EligibilitySettings
+from device_app.fleet_progress import RoundSeen, round_progress
 from device_app.personalize import PersonalizationSettings
 from device_app.transport import check_settings, make_transport
 from models import interrupts
@@ -57,6 +62,7 @@ class FleetConfig:
     step_s: float = 0.5  # pause between a device's steps
     max_wait_s: float = 5.0  # cap on the server's retry-after
     workers: int = 4
+    progress_s: float = 5.0  # a progress line this often while the fleet runs (0: none)
     seed: int = 0
     personalize: bool = False
     data_dir: str | None = None  # default: a temporary directory, deleted afterwards
@@ -155,6 +161,7 @@ class Fleet:
         self._tmp: str | None = None
         self._http: httpx.Client | None = None
         self._version_seen: int | None = None
+        self._last_round: RoundSeen | None = None  # the latest round a device reported on
         self._started = 0.0
 
     # ------------------------------------------------------------------ setup
@@ -256,6 +263,10 @@ class Fleet:
                 r.dropouts_per_round[outcome.round_id] = r.dropouts_per_round.get(outcome.round_id, 0) + 1
             if outcome.status in ("error", "rejected"):
                 r.errors.append(f"device {device.index}: {outcome}")
+            last = self._last_round
+            if outcome.round_id is not None and (last is None or outcome.round_id >= last.round_id):
+                protocol = last.protocol if last is not None and last.round_id == outcome.round_id else None
+                self._last_round = RoundSeen(outcome.round_id, protocol, 0)
 
     def step(self, device: SimulatedDevice) -> None:
         cfg = self.config
@@ -306,15 +317,47 @@ class Fleet:
                 heapq.heappush(heap, (time.monotonic() + wait, idx))
 
     def _watch_server(self, deadline: float) -> None:
-        """Follow the server's global version (public /healthz) to know when rounds complete."""
+        """Follow the server's global version (public /healthz) to know when rounds complete, and print
+        a progress line every progress_s seconds (on a fixed schedule, however long a poll takes)."""
         assert self._http is not None
         url = self.config.server_url.rstrip("/") + "/healthz"
+        every = self.config.progress_s
+        next_line = time.monotonic() + every
         while not self._stop.is_set() and time.monotonic() < deadline:
             try:
                 self._note_version(self._http.get(url, timeout=5.0).json().get("global_version"))
             except (httpx.HTTPError, ValueError):
                 pass
+            if every > 0 and time.monotonic() >= next_line:
+                self.on_event(self.progress_line())
+                next_line += every
+                if next_line < time.monotonic():  # a slow server: keep the pace, do not burst to catch up
+                    next_line = time.monotonic() + every
             self._stop.wait(0.25)
+
+    def round_in_progress(self) -> RoundSeen | None:
+        """The newest round a device is working on now, else the last one a device reported on."""
+        tasks = [t for t in (d.client.current_task for d in self.devices) if t is not None]
+        if tasks:
+            rid = max(t.round_id for t in tasks)
+            protocol = next(((t.secure_aggregation or {}).get("protocol") for t in tasks
+                             if t.round_id == rid and t.secure_aggregation), None)
+            seen = RoundSeen(rid, protocol, sum(t.round_id == rid for t in tasks))
+            with self._lock:
+                self._last_round = RoundSeen(rid, protocol, 0)
+            return seen
+        with self._lock:
+            return self._last_round
+
+    def progress_line(self) -> str:
+        """Where the round the fleet waits on stands (asked as one of its devices)."""
+        link = self.devices[0].client.link if self.devices else None
+        seen = self.round_in_progress()
+        with self._lock:
+            version = self.report.end_version
+        if link is None:
+            return "no devices yet"
+        return round_progress(link.call, seen, version)
 
     def _worker_count(self) -> int:
         """cfg.workers, or one thread per device when the server runs secure aggregation: an admitted
@@ -326,8 +369,9 @@ class Fleet:
         except Exception:  # noqa: BLE001 - offline now: the configured count
             return workers
         if protocol != "none" and workers < len(self.devices):
-            self.on_event(f"the server runs secure aggregation ({protocol}): {len(self.devices)} worker threads, "
-                          "one per device, since admitted devices wait in its stages")
+            self.on_event(f"--workers {workers} raised to {len(self.devices)}: secure aggregation ({protocol}) needs "
+                          "a worker per device that may be admitted (one per device), since an admitted device waits "
+                          "in its stages for the others")
             return len(self.devices)
         return workers
 

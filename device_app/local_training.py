@@ -103,8 +103,13 @@ class LocalTrainer:
         def logits_step(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             return real_logits(x, y, False)
 
+        @tf.function(input_signature=[spec])
+        def logprobs_step(x: tf.Tensor) -> tf.Tensor:
+            return tf.nn.log_softmax(model(x, training=False))
+
         self._train_step = train_step
         self._logits_step = logits_step
+        self._logprobs_step = logprobs_step
         self._check_against_model(mean_loss)
 
     def _check_against_model(self, mean_loss: Callable[..., tf.Tensor]) -> None:
@@ -196,6 +201,15 @@ class LocalTrainer:
                 logits, targets = self._logits_step(tf.constant(x[b : b + batch_size]), tf.constant(y[b : b + batch_size]))
                 sums.append(metric_sums(logits.numpy(), targets.numpy()))
         return finalize_metric_sums(merge_metric_sums(sums))
+
+
+    def logprobs(self, weights: Sequence[np.ndarray], x: np.ndarray) -> np.ndarray:
+        """Next-word log-probabilities [n, seq_len, V] (float32) of windows x under `weights`: the
+        personal cache's blend needs every word's probability, not just the target's. Callers pass
+        batches (V floats per position add up)."""
+        with self.lock:
+            set_weights(self.model, weights, self.config)
+            return self._logprobs_step(tf.constant(np.asarray(x, np.int32))).numpy()
 
 
 _TRAINERS: dict[str, LocalTrainer] = {}

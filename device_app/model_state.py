@@ -8,8 +8,12 @@ device data dir as model bundles, plus the next-word predictor that serves sugge
                                  so a new global version makes it stale. Never leaves the device.
 
 Suggestions use the personal model when it exists, was built on the current global model and
-measured better than the global one on the user's held-back text (see personalize.py);
-otherwise the global model. The predictor is a models.keras_model.NextWordPredictor (one
+the selection rule chose it (models.personal_cache.HeldoutScorer.select, run by personalize.py:
+it beat the global model on enough held-back text); otherwise the global model. The served
+model is blended with the personal n-gram cache of the user's own messages (typing_cache.py) at
+the weight the same rule chose for it, or models.personal_cache.DEFAULT_WEIGHT before one was
+chosen; "use personal model" off switches the cache off too (both are learned from the user's
+text). The predictor is a models.keras_model.NextWordPredictor (one
 tf.function traced once; swapping weights assigns variables, so nothing retraces), built
 lazily so headless fleet devices that never suggest never build one.
 """
@@ -21,12 +25,14 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from device_app.typing_cache import TypingCache
 from models.bundle import Bundle, BundleError, load_bundle, save_bundle
 from models.config import ModelConfig
+from models.personal_cache import DEFAULT_WEIGHT, blend
 from models.suggest import Suggester
 from models.vocab import Vocabulary
 
@@ -68,6 +74,11 @@ class PersonalModel:
     def gain(self) -> dict[str, Any]:
         return dict(self.meta.get("gain", {}))
 
+    @property
+    def selection(self) -> dict[str, Any]:
+        """models.personal_cache.Selection.to_dict() of the personalization that built it ({} if none)."""
+        return dict(self.meta.get("selection") or {})
+
 
 class _CachedLogprobs:
     """An LRU cache of next-word log-probabilities keyed by context ids.
@@ -105,8 +116,10 @@ class ModelState:
     background thread installs a new global or personal model."""
 
     def __init__(
-        self, model_dir: str | os.PathLike, initial_bundle: str | os.PathLike | None | bool = None, cache_size: int = 64
+        self, model_dir: str | os.PathLike, initial_bundle: str | os.PathLike | None | bool = None, cache_size: int = 64,
+        messages: Callable[[], Sequence[str]] | None = None,
     ) -> None:
+        """messages: the user's stored messages (TextStore.messages), read to build the typing cache."""
         self.model_dir = Path(model_dir)
         self.model_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
@@ -119,6 +132,8 @@ class ModelState:
         self._cache_size = cache_size
         self._cached: _CachedLogprobs | None = None
         self.personal_enabled = True
+        self.typing_cache = TypingCache(messages or (lambda: []))
+        self._blend_key: tuple[Any, ...] | None = None  # (serving, weight, cache version) the LRU was filled under
         self._load(initial_bundle)
 
     # ------------------------------------------------------------------ loading
@@ -195,14 +210,21 @@ class ModelState:
         if self._bundle is None:
             return None
         p = self._personal
-        if (
-            self.personal_enabled
-            and p is not None
-            and self.personal_is_current
-            and float(p.gain.get("gain_top1", 0.0)) > 0.0
-        ):
+        if self.personal_enabled and p is not None and self.personal_is_current and p.selection.get("served") == "personal":
             return "personal"
         return "global"
+
+    @property
+    def cache_weight(self) -> float:
+        """The typing cache's blend weight for the served model: chosen on held-back text when the
+        device personalized (for the personal model, or for the global one when that is served),
+        DEFAULT_WEIGHT before; 0 with personal suggestions switched off."""
+        if not self.personal_enabled:
+            return 0.0
+        sel = self._personal.selection if self._personal is not None else {}
+        if not sel:
+            return DEFAULT_WEIGHT
+        return float(sel["weight"] if self.serving == "personal" else sel["weight_global"])
 
     # ------------------------------------------------------------------ installing
 
@@ -249,9 +271,14 @@ class ModelState:
         self._serving = None
 
     def drop_personal(self) -> None:
-        """Delete the personal model (forget my data; it was learned from the user's text)."""
+        """Delete the personal model and the typing cache (forget my data: both were learned from the user's text)."""
         with self._lock:
             self._drop_personal_files()
+            self.typing_cache.clear()
+
+    def note_message(self, text: str) -> None:
+        """A message the user committed (already stored): the typing cache counts it."""
+        self.typing_cache.add_message(text)
 
     # ------------------------------------------------------------------ suggestions
 
@@ -268,11 +295,25 @@ class ModelState:
             weights = self._personal.weights if want == "personal" and self._personal else self._bundle.weights
             self._predictor.set_weights(weights)
             self._serving = want
-            if self._cached is not None:
-                self._cached.clear()
+            self._blend_key = None  # new weights (perhaps of the same kind): every cached row is stale
+        weight = self.cache_weight
+        if weight > 0:
+            self.typing_cache.ensure(self._bundle.vocab)  # built on first use, from the stored messages
         if self._suggester is None or self._cached is None:
-            self._cached = _CachedLogprobs(self._predictor.next_word_logprobs, self._cache_size)
+            self._cached = _CachedLogprobs(self._blended_logprobs, self._cache_size)
             self._suggester = Suggester(self._bundle.vocab, self._cached)
+        key = (want, weight, self.typing_cache.version if weight > 0 else None)
+        if key != self._blend_key:  # other weights, another blend weight or new counts: cached rows are stale
+            self._cached.clear()
+            self._blend_key = key
+
+    def _blended_logprobs(self, context_ids: Sequence[int]) -> np.ndarray:
+        """The served model's next-word log-probabilities, blended with the typing cache."""
+        logprobs = self._predictor.next_word_logprobs(context_ids)
+        weight = self._blend_key[1] if self._blend_key else 0.0
+        if weight <= 0:
+            return logprobs
+        return blend(logprobs, self.typing_cache.probs(context_ids), weight)
 
     def suggester(self) -> Suggester | None:
         with self._lock:
@@ -303,6 +344,7 @@ class ModelState:
 
     def status(self) -> dict[str, Any]:
         p = self._personal
+        chosen = bool(p is not None and p.selection)
         return {
             "has_model": self.has_model,
             "global_version": self.global_version,
@@ -310,6 +352,8 @@ class ModelState:
             "vocab_size": len(self.vocab) if self.vocab else None,
             "serving": self.serving,
             "personal": None if p is None else {"base_version": p.base_version, "current": self.personal_is_current, **p.gain},
+            "cache": {"weight": self.cache_weight, "weight_source": "chosen" if chosen else "default",
+                      "built": self.typing_cache.built, "tokens": self.typing_cache.tokens},
         }
 
 

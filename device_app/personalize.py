@@ -1,10 +1,15 @@
 """Personalization: fine-tune the global model on the user's own text into a personal model
-that never leaves the device, and measure the gain.
+that never leaves the device, choose what to serve, and measure the gain.
 
-The gain is top-1 (and top-3) recall on the user's most recent held-back messages (see
-store.TextStore.split: never trained on by either model), global vs personal. The personal
-model is rebuilt after `min_new_messages` new messages, or when a new global model arrives
-(it is always built on the current global model).
+Everything is measured on the user's most recent held-back messages (store.TextStore.split:
+never trained on by either model, nor counted in the cache the choice is made with): top-1 and
+top-3 recall of the global model, the global model + the personal typing cache, the fine-tuned
+model, and what is served. The choice is models.personal_cache's selection rule (the one the
+benchmark uses): the fine-tuned model is served only if it beats the global model (alone and with
+the cache) on at least `min_heldout_tokens` held-back words, and the cache weight is chosen on the held-back text with a
+cache of the training messages. Below `min_heldout_tokens` the report says there is not enough
+text yet and shows no percentage. The personal model is rebuilt after `min_new_messages` new
+messages, or when a new global model arrives (it is always built on the current global model).
 """
 from __future__ import annotations
 
@@ -16,6 +21,9 @@ Progress = Callable[[float, str], None]
 
 from device_app.model_state import ModelState
 from device_app.store import TextStore
+from models.personal_cache import MIN_GAIN_TOKENS, MIN_WEIGHT_TOKENS, HeldoutScorer, Selection, cache_from_windows
+
+SCORE_BATCH = 32  # held-back windows per log-probability batch: [32, T, V] floats at a time, not all of them
 
 
 @dataclass
@@ -26,6 +34,8 @@ class PersonalizationSettings:
     batch_size: int = 16
     lr: float = 0.3
     max_train_messages: int = 5_000  # the most recent ones
+    min_heldout_tokens: int = MIN_GAIN_TOKENS  # held-back words before a gain is shown / fine-tuning served
+    min_weight_tokens: int = MIN_WEIGHT_TOKENS  # held-back words before the cache weight is chosen on them
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,31 +97,74 @@ class Personalizer:
         )
         if progress:
             progress(0.92, "personalizing: measuring the gain")
-        global_metrics = trainer.evaluate(global_weights, hx, hy)
-        personal_metrics = trainer.evaluate(result.weights, hx, hy)
-        gain = {
-            "global_top1": global_metrics["top1_recall"],
-            "personal_top1": personal_metrics["top1_recall"],
-            "gain_top1": personal_metrics["top1_recall"] - global_metrics["top1_recall"],
-            "global_top3": global_metrics["top3_recall"],
-            "personal_top3": personal_metrics["top3_recall"],
-            "gain_top3": personal_metrics["top3_recall"] - global_metrics["top3_recall"],
+        scorer = HeldoutScorer(cache_from_windows(x, y, len(vocab)))
+        for b in range(0, len(hx), SCORE_BATCH):
+            bx, by = hx[b : b + SCORE_BATCH], hy[b : b + SCORE_BATCH]
+            scorer.add(bx, by, trainer.logprobs(global_weights, bx), trainer.logprobs(result.weights, bx))
+        selection = scorer.select(s.min_heldout_tokens, s.min_weight_tokens)
+        gain = gain_report(selection)
+        gain.update({
             "heldout_messages": len(split.heldout),
-            "heldout_tokens": int(global_metrics["tokens"]),
             "train_messages": len(train),
             "train_examples": int(len(x)),
             "seconds": round(time.perf_counter() - start, 3),
             "created": time.time(),
-        }
+        })
         if models.global_version != base_version:
             raise RuntimeError("a new global model arrived during personalization; rebuild on it")
+        # Installed even when not served: it records the measurement, and `due` counts new text from it.
         models.install_personal(
             result.weights,
-            {"base_version": base_version, "last_message_id": last_id, "gain": gain, "settings": s.to_dict()},
+            {"base_version": base_version, "last_message_id": last_id, "gain": gain,
+             "selection": selection.to_dict(), "settings": s.to_dict()},
         )
         if progress:
             progress(1.0, "personalized")
         return gain
 
 
-__all__ = ["PersonalizationSettings", "Personalizer"]
+def gain_report(selection: Selection) -> dict[str, Any]:
+    """The status screen's numbers: top-1/top-3 of global, +cache, +fine-tuning and served on the held-back
+    text, what is served and why. `enough_text` False: the numbers are too noisy to show as a gain."""
+    m = selection.metrics
+    out: dict[str, Any] = {
+        "served": selection.served, "reason": selection.reason, "cache_weight": selection.weight,
+        "cache_weight_global": selection.weight_global, "enough_text": selection.enough_text,
+        "heldout_tokens": selection.heldout_tokens, "min_heldout_tokens": selection.min_tokens,
+    }
+    for k in ("top1", "top3"):
+        out[f"global_{k}"] = m["global"][k]
+        out[f"cache_{k}"] = m["cache"][k]
+        out[f"finetune_{k}"] = m["finetune"][k]
+        out[f"personal_{k}"] = m["finetune"][k]  # the fine-tuned model alone (its earlier name)
+        out[f"served_{k}"] = m["served"][k]
+        out[f"gain_{k}"] = m["served"][k] - m["global"][k]  # what the user gets over the global model alone
+    return out
+
+
+def describe_gain(gain: dict[str, Any] | None) -> list[str]:
+    """Lines for the status screen: global vs +cache vs +fine-tuning vs served top-1 on the held-back
+    text, or "not enough text yet" below the minimum (a percentage there would be noise)."""
+    if not gain:
+        return ["not measured yet"]
+    if "served_top1" not in gain:  # a report from before the selection rule
+        return [f"{gain['global_top1']:.1%} -> {gain['personal_top1']:.1%} ({gain['gain_top1'] * 100:+.1f} pts)"]
+    if not gain.get("enough_text"):
+        return ["not enough text yet", f"({gain['heldout_tokens']} of {gain['min_heldout_tokens']} held-back words)"]
+    return [f"global {gain['global_top1']:.1%}", f"+cache {gain['cache_top1']:.1%}",
+            f"+fine-tuning {gain['finetune_top1']:.1%}",
+            f"served {gain['served_top1']:.1%} ({gain['gain_top1'] * 100:+.1f} pts)"]
+
+
+def describe_serving(model_status: dict[str, Any]) -> str:
+    """ "personal + cache 0.3", "global + cache 0.1 (default)", "global": what suggestions come from."""
+    serving = model_status.get("serving")
+    if serving is None:
+        return "-"
+    cache = model_status.get("cache") or {}
+    if not cache.get("weight"):
+        return str(serving)
+    return f"{serving} + cache {cache['weight']:g}" + (" (default)" if cache.get("weight_source") == "default" else "")
+
+
+__all__ = ["PersonalizationSettings", "Personalizer", "describe_gain", "describe_serving", "gain_report"]

@@ -1,5 +1,9 @@
 """The secure-aggregation hook of the device client, and its two implementations.
 
+Past 500 lines on purpose: SecAggSession's stages (keys, shares, masked input, consistency,
+unmasking) share one round's secrets and peer state, and splitting them would pass those secrets
+between modules; the math itself is in models/secagg_math.py.
+
 When a training task carries secure-aggregation parameters (the server asks that updates be
 protected so it only ever sees their sum), the client hands its privatized delta to a
 SecureAggregation implementation instead of uploading it in the clear. A client with no

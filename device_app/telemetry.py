@@ -1,4 +1,4 @@
-"""Randomized-response telemetry on the device (models/rr.py; server side in server/telemetry.py).
+"""Randomized-response telemetry on the device (models/rr.py; server side in server/telemetry/).
 
 The device notes yes/no facts about the current session ("a suggestion was accepted", "the personal
 model served suggestions"); at most once per the server's period it answers each of the server's

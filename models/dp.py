@@ -3,6 +3,9 @@
 No TensorFlow here: the server imports this module. dp_accounting (which pulls in scipy) is
 imported lazily, by the accounting functions only, so clipping and noising stay cheap to import.
 
+Past 500 lines on purpose: every epsilon the project reports (DP-FedAvg's subsampled Gaussian, DP-FTRL's
+tree aggregation; RDP and PLD) comes from this one module, so their assumptions sit side by side.
+
 DP modes (how the Gaussian noise of DP-FedAvg is produced; Kairouz et al. 2021, Bonawitz et al. 2019):
 
     none         no noise; updates may still be clipped

@@ -11,6 +11,11 @@ lam is chosen per user on their held-back text (`choose_weight`), from a small g
 mean log-likelihood (smoother than top-1 on a few dozen sentences); 0 is always in the grid,
 so a cache that does not help is switched off.
 
+The selection rule (`HeldoutScorer.select`, used by the device's personalization and by
+benchmarks/bench_personal.py): serve the fine-tuned personal model only when it beats the global
+model's top-1 on at least MIN_GAIN_TOKENS held-back tokens (alone and with the cache), and blend the served model with the
+cache at the weight chosen on the held-back text (DEFAULT_WEIGHT until MIN_WEIGHT_TOKENS exist).
+
 Pure numpy; `evaluate_blend` scores a user's text position by position as the keyboard would:
 each sentence is predicted from the cache of the sentences before it, then added to it.
 """
@@ -19,7 +24,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -39,6 +44,13 @@ class NgramCache:
         self.vocab_size, self.order = int(vocab_size), int(order)
         # history tuple -> {next id: count}; () is the unigram history.
         self._followers: dict[tuple[int, ...], dict[int, int]] = defaultdict(dict)
+        self._totals: dict[tuple[int, ...], int] = defaultdict(int)  # history -> sum of its counts
+        # The unigram counts also as a dense vector: every probs() call starts from it, and turning a
+        # dict of thousands of words into an array per keystroke would cost more than the model call.
+        self._unigram = np.zeros(self.vocab_size, dtype=np.float64)
+        # history -> its followers as (ids, counts) arrays, built on first use and dropped when the
+        # history is counted again (most keystrokes look up histories that have not changed)
+        self._arrays: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
         self.tokens = 0
 
     def add(self, ids: Sequence[int]) -> None:
@@ -52,36 +64,44 @@ class NgramCache:
                 hist = tuple(ids[t - n : t])
                 table = self._followers[hist]
                 table[word] = table.get(word, 0) + 1
+                self._totals[hist] += 1
+                self._arrays.pop(hist, None)
+            self._unigram[word] += 1
             self.tokens += 1
 
     def probs(self, context_ids: Sequence[int]) -> np.ndarray:
         """p_cache(. | context) over the vocabulary (all zeros while the cache is empty)."""
-        out = np.zeros(self.vocab_size, dtype=np.float64)
-        unigram = self._followers.get(())
-        if not unigram:
-            return out
-        _add_counts(out, unigram, 1.0)
-        out /= sum(unigram.values())
+        if self.tokens == 0:
+            return np.zeros(self.vocab_size, dtype=np.float64)
+        out = self._unigram / self.tokens
         context = [int(i) for i in context_ids if int(i) != PAD_ID]
         for n in range(1, self.order):
             if len(context) < n:
                 break
-            table = self._followers.get(tuple(context[-n:]))
+            hist = tuple(context[-n:])
+            table = self._followers.get(hist)
             if not table:
                 break  # a longer history cannot have been seen either
-            total, types = sum(table.values()), len(table)
+            total, types = self._totals[hist], len(table)
             out *= types / (total + types)
-            _add_counts(out, table, 1.0 / (total + types))
+            arrays = self._arrays.get(hist)
+            if arrays is None:
+                arrays = self._arrays[hist] = _arrays_of(table)
+            out[arrays[0]] += arrays[1] * (1.0 / (total + types))
         return out
+
+    def counts(self, n: int) -> dict[tuple[int, ...], int]:
+        """The counted n-grams of length n (history + next id) and their counts."""
+        return {(*hist, word): c for hist, table in self._followers.items() if len(hist) == n - 1
+                for word, c in table.items()}
 
     def __len__(self) -> int:
         return self.tokens
 
 
-def _add_counts(out: np.ndarray, table: dict[int, int], scale: float) -> None:
+def _arrays_of(table: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
     ids = np.fromiter(table.keys(), dtype=np.int64, count=len(table))
-    counts = np.fromiter(table.values(), dtype=np.float64, count=len(table))
-    out[ids] += scale * counts
+    return ids, np.fromiter(table.values(), dtype=np.float64, count=len(table))
 
 
 def blend(global_logprobs: np.ndarray, cache_probs: np.ndarray, weight: float) -> np.ndarray:
@@ -89,8 +109,12 @@ def blend(global_logprobs: np.ndarray, cache_probs: np.ndarray, weight: float) -
     g = np.asarray(global_logprobs, dtype=np.float64)
     if weight <= 0 or not cache_probs.any():
         return g
-    mixed = (1.0 - weight) * np.exp(g) + weight * cache_probs
-    return np.log(np.maximum(mixed, _FLOOR))
+    # In place on one buffer: this runs on every keystroke (see benchmarks/bench_device_suggest.py).
+    mixed = np.exp(g)
+    mixed *= 1.0 - weight
+    mixed += weight * cache_probs
+    np.maximum(mixed, _FLOOR, out=mixed)
+    return np.log(mixed, out=mixed)
 
 
 class BlendedModel:
@@ -122,22 +146,22 @@ class BlendEvaluation:
         return self.metrics[self.weights.index(weight)]
 
 
-def evaluate_blend(
+def blend_metric_sums(
     x: np.ndarray,
     y: np.ndarray,
     global_logprobs: np.ndarray,
     cache: NgramCache,
     weights: Sequence[float] = WEIGHT_GRID,
     update: bool = True,
-) -> BlendEvaluation:
-    """Score windows (x, y) [n, T] whose global log-probabilities are `global_logprobs` [n, T, V].
+) -> list[dict[str, float]]:
+    """Additive metric sums (models.metrics) of each weight on windows (x, y) [n, T] whose model
+    log-probabilities are `global_logprobs` [n, T, V]: merge across batches, then finalize.
 
     Windows are taken in order, as the user typed them; with `update` each window's words are
     added to `cache` after it is scored (the keyboard's cache grows as the user types).
     """
     if global_logprobs.shape[:2] != x.shape or x.shape != y.shape:
         raise ValueError("x, y and global_logprobs must agree in [windows, positions]")
-    weights = tuple(float(w) for w in weights)
     sums = [empty_metric_sums() for _ in weights]
     for i in range(len(x)):
         real = np.flatnonzero(y[i] != PAD_ID)
@@ -150,6 +174,20 @@ def evaluate_blend(
                                                                y[i, real]))
         if update:
             cache.add([int(x[i, 0]), *y[i, real].tolist()])
+    return sums
+
+
+def evaluate_blend(
+    x: np.ndarray,
+    y: np.ndarray,
+    global_logprobs: np.ndarray,
+    cache: NgramCache,
+    weights: Sequence[float] = WEIGHT_GRID,
+    update: bool = True,
+) -> BlendEvaluation:
+    """Metrics of each weight on windows (x, y) [n, T] (see blend_metric_sums), finalized."""
+    weights = tuple(float(w) for w in weights)
+    sums = blend_metric_sums(x, y, global_logprobs, cache, weights, update)
     return BlendEvaluation(weights, [finalize_metric_sums(s) for s in sums])
 
 
@@ -182,5 +220,132 @@ def cache_from_sentences(id_lists: Iterable[Sequence[int]], vocab_size: int, ord
     return cache
 
 
-__all__ = ["NgramCache", "BlendedModel", "BlendEvaluation", "blend", "evaluate_blend", "choose_weight",
-           "cache_from_windows", "cache_from_sentences", "WEIGHT_GRID"]
+# ---------------------------------------------------------------------- the selection rule
+
+# Held-back target tokens before a personal gain means something. Top-1 of two models on the same
+# n tokens differs by a paired difference whose standard error is about sqrt(d / n), d the share of
+# tokens exactly one model gets right (~0.1 for a fine-tuned vs global model): at 300 tokens that is
+# +-1.8 points (a 95% interval of +-3.6), about the size of the gains at stake. Below it the status
+# says "not enough text yet" and the fine-tuned model is not served (its win would be noise).
+MIN_GAIN_TOKENS = 300
+# Held-back target tokens before the cache weight is chosen on them (a log-likelihood over a few
+# dozen tokens already separates "the cache helps" from "it does not"); below it, DEFAULT_WEIGHT.
+MIN_WEIGHT_TOKENS = 30
+# The weight before one was chosen for this user (no personalization yet, or under MIN_WEIGHT_TOKENS
+# held-back words). benchmarks/bench_personal.py --fixed-weights on 58 held-out chitchat users (tiny
+# global model): median top-1 gain +2.0 / +4.0 / +5.4 / +5.7 points at 0.05 / 0.1 / 0.2 / 0.3, users
+# worse by > 0.5 points 2 / 0 / 0 / 2; the per-user choice gives +5.8 at a median weight of 0.4.
+# 0.2 is the largest weight that hurt nobody: ~93% of the chosen weights' gain, at half their median
+# weight, conservative for a stronger global model (whose best weights are lower).
+DEFAULT_WEIGHT = 0.2
+
+
+@dataclass
+class Selection:
+    """What a device serves: the fine-tuned or the global model, blended with the cache at `weight`.
+
+    metrics: top-1/top-3 recall and loss on the held-back text of "global" (alone), "cache" (global
+    + cache at weight_global), "finetune" (the fine-tuned model alone) and "served" (what is served).
+    """
+
+    served: str  # "personal" | "global"
+    weight: float  # cache weight for the served model
+    weight_global: float  # cache weight for the global model (served when the personal one is stale or off)
+    heldout_tokens: int
+    min_tokens: int
+    reason: str
+    metrics: dict[str, dict[str, float]]
+
+    @property
+    def enough_text(self) -> bool:
+        return self.heldout_tokens >= self.min_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"served": self.served, "weight": self.weight, "weight_global": self.weight_global,
+                "heldout_tokens": self.heldout_tokens, "min_tokens": self.min_tokens,
+                "enough_text": self.enough_text, "reason": self.reason, "metrics": self.metrics}
+
+
+def _summary(m: dict[str, float]) -> dict[str, float]:
+    return {"top1": float(m["top1_recall"]), "top3": float(m["top3_recall"]), "loss": float(m["loss"])}
+
+
+class HeldoutScorer:
+    """Scores the global and the fine-tuned model, alone and with the cache at every grid weight,
+    on held-back windows given batch by batch (so a device never holds [n, T, V] for all of them).
+    `cache` is the training text's cache; it is not updated (the choice must not depend on the
+    order of the held-back text)."""
+
+    def __init__(self, cache: NgramCache, weights: Sequence[float] = WEIGHT_GRID,
+                 default_weight: float = DEFAULT_WEIGHT) -> None:
+        self.cache, self.default_weight = cache, float(default_weight)
+        # 0 (no cache) and the default are always scored, so every reported row is measured
+        self.weights = tuple(sorted({0.0, self.default_weight, *(float(w) for w in weights)}))
+        self._global = [empty_metric_sums() for _ in self.weights]
+        self._tuned: list[dict[str, float]] | None = None
+
+    def add(self, x: np.ndarray, y: np.ndarray, global_logprobs: np.ndarray,
+            tuned_logprobs: np.ndarray | None = None) -> None:
+        """One batch of held-back windows with both models' log-probabilities [n, T, V]."""
+        for j, s in enumerate(blend_metric_sums(x, y, global_logprobs, self.cache, self.weights, update=False)):
+            self._global[j] = merge_metric_sums(self._global[j], s)
+        if tuned_logprobs is not None:
+            tuned = blend_metric_sums(x, y, tuned_logprobs, self.cache, self.weights, update=False)
+            self._tuned = tuned if self._tuned is None else [merge_metric_sums(a, b) for a, b in zip(self._tuned, tuned)]
+
+    def select(self, min_tokens: int = MIN_GAIN_TOKENS, min_weight_tokens: int = MIN_WEIGHT_TOKENS) -> Selection:
+        """The selection rule, the only one (the device and benchmarks/bench_personal.py use it):
+
+        * the fine-tuned model is served only if there are >= min_tokens held-back tokens and its
+          top-1 beats the global model's on them, alone and blended with the cache (each model at its
+          own weight); otherwise the global model is served;
+        * each model's cache weight is the grid weight with the best held-back log-likelihood
+          (0 is in the grid: a cache that does not help is off), or the default weight below
+          min_weight_tokens held-back tokens.
+        """
+        g = BlendEvaluation(self.weights, [finalize_metric_sums(s) for s in self._global])
+        t = None if self._tuned is None else BlendEvaluation(self.weights, [finalize_metric_sums(s) for s in self._tuned])
+        tokens = int(self._global[0]["tokens"])
+
+        def weight_of(ev: BlendEvaluation) -> float:
+            return ev.best_weight() if tokens >= min_weight_tokens else self.default_weight
+
+        def top1(ev: BlendEvaluation, w: float) -> float:
+            return ev.metrics_of(w)["top1_recall"]
+
+        w_global = weight_of(g)
+        if t is None:
+            serve_tuned, reason = False, "no fine-tuned model"
+        elif tokens < min_tokens:
+            serve_tuned, reason = False, f"not enough held-back text yet ({tokens} of {min_tokens} words)"
+        else:
+            # Better alone and with the cache (each at its own weight): serving it never lowers what the user gets.
+            alone = top1(t, 0.0) > top1(g, 0.0)
+            blended = top1(t, weight_of(t)) > top1(g, w_global)
+            serve_tuned = alone and blended
+            reason = (f"the fine-tuned model {'beats' if serve_tuned else 'does not beat'} the global model on "
+                      f"held-back text (top-1 {top1(t, 0.0):.1%} vs {top1(g, 0.0):.1%}; with the cache "
+                      f"{top1(t, weight_of(t)):.1%} vs {top1(g, w_global):.1%})")
+        served_ev = t if serve_tuned and t is not None else g
+        w_served = weight_of(served_ev)
+
+        metrics = {"global": _summary(g.metrics_of(0.0)), "cache": _summary(g.metrics_of(w_global)),
+                   "served": _summary(served_ev.metrics_of(w_served))}
+        if t is not None:
+            metrics["finetune"] = _summary(t.metrics_of(0.0))
+        return Selection("personal" if serve_tuned else "global", w_served, w_global, tokens, int(min_tokens),
+                         reason, metrics)
+
+
+def select_personal(x: np.ndarray, y: np.ndarray, global_logprobs: np.ndarray, tuned_logprobs: np.ndarray | None,
+                    cache: NgramCache, *, min_tokens: int = MIN_GAIN_TOKENS, min_weight_tokens: int = MIN_WEIGHT_TOKENS,
+                    default_weight: float = DEFAULT_WEIGHT) -> Selection:
+    """HeldoutScorer in one call, for held-back windows that fit in memory (the benchmark)."""
+    scorer = HeldoutScorer(cache, default_weight=default_weight)
+    scorer.add(x, y, global_logprobs, tuned_logprobs)
+    return scorer.select(min_tokens, min_weight_tokens)
+
+
+__all__ = ["NgramCache", "BlendedModel", "BlendEvaluation", "HeldoutScorer", "Selection", "blend", "blend_metric_sums",
+           "evaluate_blend", "choose_weight", "select_personal", "cache_from_windows", "cache_from_sentences",
+           "WEIGHT_GRID", "DEFAULT_WEIGHT", "MIN_GAIN_TOKENS", "MIN_WEIGHT_TOKENS"]

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scripts.console import pct, say
+from scripts.console import say
 from scripts.errors import DemoError
 from scripts.supervisor import Child, Supervisor, check_alive
 
@@ -56,6 +56,7 @@ def _personalize(url: str, device_dir: Path, seed: int, summary: dict[str, Any])
     """A held-out user (never trained on) types their messages on a headless device, which downloads the
     global model and personalizes it; returns the text to show typed on the keyboard."""
     from device_app.client import DeviceClient
+    from device_app.personalize import describe_gain, describe_serving
     from models.data import load_dataset
 
     ds = load_dataset("chitchat", seed=seed)
@@ -74,14 +75,11 @@ def _personalize(url: str, device_dir: Path, seed: int, summary: dict[str, Any])
         gain = client.personalize()
         if gain is None:
             raise DemoError(f"personalization failed: {client.last_error}")
-        say(f"personal model: top-1 {pct(gain['global_top1'])} -> {pct(gain['personal_top1'])}, top-3 "
-            f"{pct(gain['global_top3'])} -> {pct(gain['personal_top3'])} on the user's {gain['heldout_messages']} "
-            f"held-back messages ({gain['train_messages']} trained on, {gain['seconds']:.1f} s)")
+        say(f"top-1 on the user's {gain['heldout_messages']} held-back messages: " + ", ".join(describe_gain(gain))
+            + f" ({gain['train_messages']} trained on, {gain['seconds']:.1f} s)")
         text, want, personal, global_ = pick_text(client)
-        serving = client.models.serving
-        say(f"the keyboard serves the {serving} model"
-            + ("" if serving == "personal" else " (the personal model is used only when it beats the global "
-                                                "model on the user's held-back text)"))
+        say(f"the keyboard serves {describe_serving(client.status()['model'])}: {gain['reason']} (the personal "
+            "typing cache of the user's messages stays on the device)")
         say(f"typing {text!r}: the keyboard suggests {personal} (the global model alone: {global_})"
             + (f" (the user went on with {want!r})" if want else ""))
         summary["personalization"] = {"user": uid, "messages": len(messages), "gain": gain, "text": text,

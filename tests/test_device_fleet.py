@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from device_app.fleet import FleetConfig, run_fleet
+from device_app.fleet_progress import RoundSeen, format_round_progress
 from device_app.testing import SAMPLE_MESSAGES, vocab_for
 from models.config import preset
 from models.data.types import ClientData, FederatedDataset
@@ -54,6 +57,27 @@ def test_fleet_runs_rounds_with_dropouts(tmp_path: Path) -> None:
         rounds = rounds["rounds"] if isinstance(rounds, dict) else rounds
         closed = [r for r in rounds if r["kind"] == "train" and r["state"] == "closed"]
         assert len(closed) >= 2 and all(r["accepted"] >= 2 for r in closed)
+    finally:
+        srv.stop()
+
+
+def test_a_waiting_fleet_says_where_the_round_stands(tmp_path: Path) -> None:
+    """No silent waits: 3 devices cannot fill a round whose goal is 10, and while the fleet waits it
+    prints the round, its state and how many updates are submitted of how many needed, every 0.5 s."""
+    srv = _server(tmp_path, SAMPLE_MESSAGES, "--round-goal", "10", "--min-count", "10", "--deadline-s", "300")
+    try:
+        config = FleetConfig(server_url=srv.url, n_devices=3, duration_s=4.0, p_eligible=1.0, p_dropout=0.0,
+                             initial_messages=5, step_s=0.1, max_wait_s=0.5, workers=3, seed=2, progress_s=0.5)
+        events: list[tuple[float, str]] = []
+        report = run_fleet(config, dataset=_dataset(3), on_event=lambda m: events.append((time.monotonic(), m)))
+        assert not report.summary()["errors"]
+        progress = [(t, m) for t, m in events if m.startswith(("round ", "waiting for a round"))]
+        waiting = [m for _, m in progress if re.match(r"round \d+ \(train\): open, [0-3] of 10 updates submitted "
+                                                      r"\(\d+ admitted, \d devices working on it\); global v\d+$", m)]
+        assert len(waiting) >= 2 and any(" 3 of 10 " in m for m in waiting), events
+        gaps = [b[0] - a[0] for a, b in zip(progress, progress[1:])]
+        # every 0.5 s: no bursts, no long silences (a median: one poll of a busy server may take a while)
+        assert 0.3 < statistics.median(gaps) < 1.5 and min(gaps) > 0.1 and max(gaps) < 3.0, (gaps, events)
     finally:
         srv.stop()
 
@@ -132,7 +156,8 @@ def test_fleet_against_a_secagg_server_uses_a_thread_per_device(tmp_path: Path) 
                              initial_messages=5, step_s=0.1, max_wait_s=0.5, workers=2, seed=3)
         report = run_fleet(config, dataset=_dataset(5), on_event=events.append)
         summary = report.summary()
-        assert any("one per device" in e for e in events), events
+        assert any(e.startswith("--workers 2 raised to 5: secure aggregation (secagg) needs a worker per device")
+                   for e in events), events
         assert summary["rounds_advanced"] >= 1 and not summary["errors"], summary
         with srv.admin() as admin:
             rounds = admin.get("/v1/admin/rounds").json()
@@ -141,3 +166,14 @@ def test_fleet_against_a_secagg_server_uses_a_thread_per_device(tmp_path: Path) 
         assert closed and all(r["accepted"] >= 3 for r in closed)
     finally:
         srv.stop()
+
+
+def test_progress_line_wording() -> None:
+    """The fleet's progress line: round, state, secure-aggregation stage, updates submitted of the goal."""
+    assert format_round_progress(None, None, None, 3) == "waiting for a round: no device was given a task yet; global v3"
+    info = {"id": 7, "kind": "train", "state": "open", "goal": 10, "admitted": 13, "accepted": 4}
+    line = format_round_progress(RoundSeen(7, None, 9), info, None, 2)
+    assert line == "round 7 (train): open, 4 of 10 updates submitted (13 admitted, 9 devices working on it); global v2"
+    sa = {"stage": "masked_input", "n_u1": 13, "n_u2": 12, "n_u3": 4}
+    line = format_round_progress(RoundSeen(7, "secagg", 9), info, sa, 2)
+    assert "secagg stage masked_input (keys 13, shares 12, masked 4), 4 of 10 updates submitted" in line

@@ -11,10 +11,11 @@ import pytest
 from device_app.client import ClientSettings, DeviceClient
 from device_app.local_training import compute_delta, examples_for, privatize, trainer_for
 from device_app.model_state import ModelState
-from device_app.personalize import PersonalizationSettings
+from device_app.personalize import PersonalizationSettings, describe_gain
 from device_app.testing import SAMPLE_MESSAGES, make_bundle
 from models import dp
 from models.bundle import load_bundle
+from models.personal_cache import DEFAULT_WEIGHT
 
 
 @pytest.fixture(scope="module")
@@ -109,28 +110,34 @@ def test_model_state_installs_globals_and_tracks_the_personal_model(tmp_path: Pa
     assert state.global_version == 0
     assert (tmp_path / "model" / "global" / "meta.json").exists()
     personal = [np.array(w) + 0.01 for w in b.weights]
-    state.install_personal(personal, {"base_version": 0, "gain": {"gain_top1": 0.1}})
-    assert state.serving == "personal" and state.personal_is_current
-    state.personal_enabled = False
-    assert state.serving == "global"
+    assert state.cache_weight == DEFAULT_WEIGHT  # nothing chosen for this user yet
+    state.install_personal(personal, {"base_version": 0, "selection": {"served": "personal", "weight": 0.3,
+                                                                       "weight_global": 0.2}})
+    assert state.serving == "personal" and state.personal_is_current and state.cache_weight == 0.3
+    state.personal_enabled = False  # "use personal model" off: neither the personal model nor the cache
+    assert state.serving == "global" and state.cache_weight == 0.0
     state.personal_enabled = True
     # A new global version makes the personal model stale: suggestions fall back to the global one.
     state.install_global(b.config, b.vocab, [np.array(w) * 0.9 for w in b.weights], 5)
     assert state.global_version == 5 and not state.personal_is_current and state.serving == "global"
+    assert state.cache_weight == 0.2  # the weight chosen for the global model
     # Everything survives a restart (what the device loads when it comes back offline).
     again = ModelState(tmp_path / "model")
     assert again.global_version == 5 and again.personal is not None and again.personal.base_version == 0
     assert again.suggest("see you to")
     again.drop_personal()
     assert not (tmp_path / "model" / "personal").exists()
-    # A personal model whose gain is negative is kept but not served.
-    again.install_personal(personal, {"base_version": 5, "gain": {"gain_top1": -0.02}})
+    # A personal model the selection rule did not choose is kept (it records the measurement) but not served.
+    again.install_personal(personal, {"base_version": 5, "selection": {"served": "global", "weight": 0.1,
+                                                                       "weight_global": 0.1}})
     assert again.serving == "global"
 
 
 def test_personalization_measures_the_gain_on_held_back_text(tmp_path: Path, bundle_dir: Path) -> None:
+    # min_heldout_tokens: 10 held-back messages are ~60 words, below the real minimum (MIN_GAIN_TOKENS)
     settings = ClientSettings(personalization=PersonalizationSettings(min_train_messages=10, epochs=8, lr=1.0,
-                                                                      batch_size=8, min_new_messages=5))
+                                                                      batch_size=8, min_new_messages=5,
+                                                                      min_heldout_tokens=40))
     c = DeviceClient(tmp_path / "device", initial_bundle=bundle_dir, settings=settings, seed=0)
     try:
         assert c.personalize_if_due() is None  # no text yet
@@ -140,10 +147,15 @@ def test_personalization_measures_the_gain_on_held_back_text(tmp_path: Path, bun
         gain = c.personalize_if_due()
         assert gain is not None
         assert gain["heldout_messages"] == 10 and gain["train_messages"] == 40
-        assert gain["personal_top1"] > gain["global_top1"]  # the user's own phrases were learned
-        assert gain["gain_top1"] == pytest.approx(gain["personal_top1"] - gain["global_top1"])
-        assert c.models.serving == "personal"
+        assert gain["enough_text"] and gain["heldout_tokens"] >= 40
+        assert gain["finetune_top1"] > gain["global_top1"]  # the user's own phrases were learned
+        assert gain["cache_top1"] > gain["global_top1"] and gain["cache_weight_global"] > 0  # ... and counted
+        # the selection rule: the fine-tuned model beat the global one, so it is served, with its own cache weight
+        assert gain["served"] == "personal" and c.models.serving == "personal"
+        assert c.models.cache_weight == gain["cache_weight"]
+        assert gain["gain_top1"] == pytest.approx(gain["served_top1"] - gain["global_top1"])
         assert c.status()["personal_gain"]["gain_top1"] == gain["gain_top1"]
+        assert describe_gain(gain)[0].startswith("global ") and "+fine-tuning" in describe_gain(gain)[2]
         assert c.personalize_if_due() is None  # nothing new since
         for m in SAMPLE_MESSAGES[:5]:
             c.commit(m)
@@ -151,6 +163,7 @@ def test_personalization_measures_the_gain_on_held_back_text(tmp_path: Path, bun
         # Forget my data: the text and everything learned from it go.
         c.forget_data()
         assert c.store.count() == 0 and c.models.personal is None and c.models.serving == "global"
+        assert c.models.cache_weight == DEFAULT_WEIGHT and not c.models.typing_cache.built
         assert c.status()["personal_gain"] is None
         assert not (tmp_path / "device" / "model" / "personal").exists()
     finally:

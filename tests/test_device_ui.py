@@ -54,6 +54,11 @@ def test_screenshot_shows_the_models_suggestions(tmp_path: Path, bundle_dir: Pat
     expected = ModelState(tmp_path / "expected", initial_bundle=bundle_dir).suggest(text, 3)
     assert len(expected) == 3
     assert shown["suggestions"] == expected  # the buttons show the model's suggestions, best first
+    # Gboard's layout: the top suggestion in the middle slot, and that slot (only) in bold.
+    slots = shown["slots"]
+    assert [s["rank"] for s in slots] == [2, 1, 3]
+    assert [s["bold"] for s in slots] == [False, True, False]
+    assert slots[1]["text"] == expected[0]
 
 
 def test_status_screen_renders(tmp_path: Path, bundle_dir: Path) -> None:

@@ -1,11 +1,13 @@
-"""The personal n-gram cache: Witten-Bell probabilities, the blend, and the per-user weight choice."""
+"""The personal n-gram cache: Witten-Bell probabilities, the blend, the per-user weight choice and the
+selection rule (which model is served, at which cache weight)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from models.personal_cache import (
-    BlendedModel, NgramCache, blend, cache_from_sentences, cache_from_windows, choose_weight, evaluate_blend,
+    BlendedModel, HeldoutScorer, NgramCache, blend, cache_from_sentences, cache_from_windows, choose_weight, evaluate_blend,
+    select_personal,
 )
 
 V = 12
@@ -89,3 +91,58 @@ def test_unhelpful_cache_is_switched_off_and_scoring_grows_the_cache_in_order() 
     before = len(cache)
     choose_weight(x, y, g, cache)
     assert len(cache) == before  # choosing a weight does not learn the held-back text
+
+
+def _peaked(x: np.ndarray, y: np.ndarray, right: float) -> np.ndarray:
+    """Log-probabilities [n, T, V] that put `right` on each target (a model that knows the user that well)."""
+    g = np.full((*x.shape, V), np.log((1 - right) / (V - 1)))
+    for i in range(len(x)):
+        for t in range(x.shape[1]):
+            g[i, t, y[i, t]] = np.log(right)
+    return g
+
+
+def test_the_selection_rule() -> None:
+    rng = np.random.default_rng(2)
+    x, y = _windows([list(rng.integers(4, V, size=4)) for _ in range(12)])  # 60 held-back targets
+    flat = np.log(np.full((*x.shape, V), 1.0 / V))
+    better = _peaked(x, y, 0.5)
+    history = NgramCache(V)
+    # A fine-tuned model that beats the global one on enough held-back words is served.
+    sel = select_personal(x, y, flat, better, history, min_tokens=50)
+    assert sel.served == "personal" and sel.enough_text and sel.heldout_tokens == 60
+    assert sel.metrics["finetune"]["top1"] > sel.metrics["global"]["top1"] and "beats" in sel.reason
+    # The same win on fewer words than the minimum is not evidence: the global model is served.
+    sel = select_personal(x, y, flat, better, history, min_tokens=61)
+    assert sel.served == "global" and not sel.enough_text and "not enough" in sel.reason
+    # A fine-tuned model that does not beat the global one is not served.
+    sel = select_personal(x, y, better, flat, history, min_tokens=50)
+    assert sel.served == "global" and "does not beat" in sel.reason
+    # An empty cache cannot help: weight 0 is chosen; below min_weight_tokens the default is used.
+    assert sel.weight == 0.0 and sel.weight_global == 0.0
+    sel = select_personal(x, y, flat, better, history, min_tokens=50, min_weight_tokens=61, default_weight=0.25)
+    assert sel.weight == 0.25 == sel.weight_global
+
+
+def test_scoring_in_batches_selects_as_scoring_at_once() -> None:
+    rng = np.random.default_rng(3)
+    sentences = [list(rng.integers(4, 8, size=5)) for _ in range(10)]
+    x, y = _windows(sentences)
+    history = cache_from_windows(*_windows(sentences[::2]), V)
+    g = np.log(rng.dirichlet(np.ones(V), size=x.shape))
+    t = np.log(rng.dirichlet(np.ones(V), size=x.shape))
+    whole = select_personal(x, y, g, t, history, min_tokens=10)
+    scorer = HeldoutScorer(history)
+    for b in range(0, len(x), 3):
+        scorer.add(x[b : b + 3], y[b : b + 3], g[b : b + 3], t[b : b + 3])
+    batched = scorer.select(10)
+    assert batched.to_dict()["served"] == whole.served and batched.weight == whole.weight
+    for k in whole.metrics:
+        assert batched.metrics[k] == pytest.approx(whole.metrics[k])
+    assert whole.weight_global > 0  # the user's words are from a small set the history knows
+
+
+def test_counts_are_the_counted_ngrams() -> None:
+    cache = cache_from_sentences([[5, 6], [5, 7]], V)
+    assert cache.counts(1) == {(5,): 2, (6,): 1, (7,): 1, (EOS,): 2}
+    assert cache.counts(3) == {(BOS, 5, 6): 1, (5, 6, EOS): 1, (BOS, 5, 7): 1, (5, 7, EOS): 1}

@@ -1,7 +1,7 @@
 """DeviceClients (real local training, clipping, distributed DP noise) in a SecAgg round against a real
 server: one device drops out during training, after it shared its keys; the round still closes with
 the others' exact secure sum, the server's accountant reports epsilon for the sum, and the requests
-the devices sent carry no text."""
+the devices sent carry no text, and nothing of the personal typing cache (its n-gram counts)."""
 from __future__ import annotations
 
 import threading
@@ -43,6 +43,7 @@ def session(tmp_path_factory: pytest.TempPathFactory):
         for m in SAMPLE_MESSAGES:
             c.commit(m, typed_now=False)
         c.sync()
+        c.suggest("see you to")  # builds the personal typing cache of the messages above, as the keyboard would
         clients.append(c)
     # Check every device in first (so all are in the cohort), then let them run the round concurrently.
     outcomes: list = [None] * N
@@ -91,3 +92,27 @@ def test_no_text_leaves_the_devices(session) -> None:
     # the masked uploads are integers mod 2^32, not a wire-format float delta
     magics = {b[:4] for b in session["bodies"] if b}
     assert b"FKSA" in magics and b"FKW1" not in magics
+
+
+def test_the_typing_cache_never_leaves_the_devices(session) -> None:
+    """Each device counted its messages' n-grams for suggestions; no request carries them: not as
+    integers of any width, not as JSON numbers, not as the counts, and nothing names the cache."""
+    import json
+
+    import numpy as np
+
+    bodies = session["bodies"]
+    assert bodies
+    for c in session["clients"]:
+        trigrams = c.models.typing_cache.counts(3)
+        assert c.models.typing_cache.built and len(trigrams) > 20  # the cache exists and holds the user's text
+        for gram, count in trigrams.items():
+            needles = [np.asarray(gram, dtype).tobytes() for dtype in ("<i2", "<i4", "<i8", "<f4")]
+            needles += [json.dumps(list(gram)).encode()[:-1], ",".join(map(str, gram)).encode() + b","]
+            needles.append(json.dumps({" ".join(map(str, gram)): count}).encode()[1:-1])
+            for body in bodies:
+                for needle in needles:
+                    assert needle not in body, f"trigram {gram} of the typing cache was sent"
+    for body in bodies:
+        low = body.lower()
+        assert b"ngram" not in low and b"typing_cache" not in low and b'"cache' not in low

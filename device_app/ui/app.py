@@ -257,8 +257,9 @@ def _build_app_class():
             status = self.client.status()
             gv = status.get("global_version")
             conn = status.get("connection")
-            serving = (status.get("model") or {}).get("serving")
-            self.typing.badge.text = f"{conn} | " + ("no model" if gv is None else f"v{gv} {serving}")
+            model = status.get("model") or {}
+            cache = "+cache" if (model.get("cache") or {}).get("weight") else ""
+            self.typing.badge.text = f"{conn} | " + ("no model" if gv is None else f"v{gv} {model.get('serving')}{cache}")
             if self.sm.current == "status":
                 self.status_screen.update(status, self.worker.current)
 
@@ -282,7 +283,8 @@ def screenshot(
 ) -> dict[str, Any]:
     """Render the app with `text` typed, wait for its suggestions, save a PNG, close.
 
-    Returns {"path", "size", "suggestions" (as shown, best first), "text"}."""
+    Returns {"path", "size", "suggestions" (as shown, best first), "slots" (the suggestion buttons left to
+    right: text, bold, rank), "text"}."""
     configure_kivy(size)
     KeyboardApp = _build_app_class()
     from kivy.clock import Clock
@@ -311,7 +313,8 @@ def screenshot(
         shot = Window.screenshot(name=str(path.resolve()))  # Kivy inserts a counter: name0001.png
         if shot:
             os.replace(shot, path)
-        result.update(path=str(path), size=list(Window.size), suggestions=app.typing.strip.words, text=text,
+        result.update(path=str(path), size=list(Window.size), suggestions=app.typing.strip.words,
+                      slots=app.typing.strip.slots, text=text,
                       ready=app.suggestions_ready())
         Clock.unschedule(poll)
         app.stop()

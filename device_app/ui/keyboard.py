@@ -87,7 +87,9 @@ class KeyGrid(BoxLayout):
 
 
 class SuggestionStrip(BoxLayout):
-    """Three suggestion buttons. Dispatches on_pick(word)."""
+    """Three suggestion buttons; buttons[i] holds suggestion #i+1. Dispatches on_pick(word).
+
+    Gboard's layout: the best suggestion sits in the middle slot, in bold; #2 left, #3 right."""
 
     __events__ = ("on_pick",)
 
@@ -98,7 +100,7 @@ class SuggestionStrip(BoxLayout):
         self.buttons: list[Button] = []
         for i in range(n):
             button = Button(
-                text="", font_size=dp(17), bold=(i == 1), background_normal="",
+                text="", font_size=dp(17), bold=(i == 0), background_normal="",  # the top suggestion
                 background_color=(0.30, 0.32, 0.37, 1), color=(1, 1, 1, 1),
                 shorten=True, shorten_from="right",
             )
@@ -114,6 +116,12 @@ class SuggestionStrip(BoxLayout):
         words = list(words)[: len(self.buttons)]
         for i, button in enumerate(self.buttons):
             button.text = words[i] if i < len(words) else ""
+
+    @property
+    def slots(self) -> list[dict[str, object]]:
+        """The buttons left to right as shown: {"text", "bold", "rank"} (rank 1 = the top suggestion)."""
+        return [{"text": b.text, "bold": bool(b.bold), "rank": self.buttons.index(b) + 1}
+                for b in reversed(self.children)]  # Kivy keeps children last-added first
 
     @property
     def words(self) -> list[str]:

@@ -20,6 +20,7 @@ from kivy.uix.switch import Switch
 from kivy.uix.textinput import TextInput
 from kivy.graphics import Color, Rectangle
 
+from device_app.personalize import describe_gain, describe_serving
 from device_app.ui.keyboard import KeyGrid, SuggestionStrip
 
 BG = (0.09, 0.10, 0.12, 1)
@@ -90,7 +91,7 @@ class StatusScreen(Screen):
         ("connection", "Connection"),
         ("global_version", "Global model"),
         ("serving", "Suggestions from"),
-        ("gain", "Personal gain (top-1)"),
+        ("gain", "Top-1 on held-back text"),
         ("last_round", "Last round joined"),
         ("contributions", "Contributions"),
         ("epsilon", "Population epsilon"),
@@ -98,6 +99,7 @@ class StatusScreen(Screen):
         ("pending", "Waiting uploads"),
         ("outcome", "Last check-in"),
     )
+    LINES = {"gain": 3}  # global / +cache / +fine-tuning / served, one per line
     SWITCHES = (
         ("participate", "Take part in training"),
         ("charging", "Charging"),
@@ -142,7 +144,7 @@ class StatusScreen(Screen):
 
         self.values: dict[str, Label] = {}
         for key, title in self.FIELDS:
-            row = BoxLayout(size_hint_y=None, height=dp(30))
+            row = BoxLayout(size_hint_y=None, height=dp(30) * self.LINES.get(key, 1))
             row.add_widget(_label(title, color=(0.7, 0.74, 0.8, 1), size_hint_x=0.48))
             value = _label("-", size_hint_x=0.52)
             self.values[key] = value
@@ -188,13 +190,8 @@ class StatusScreen(Screen):
         model = status.get("model") or {}
         gv = status.get("global_version")
         v["global_version"].text = "none yet" if gv is None else f"v{gv} ({model.get('preset')}, {model.get('vocab_size')} words)"
-        v["serving"].text = str(model.get("serving") or "-")
-        gain = status.get("personal_gain")
-        if gain:
-            v["gain"].text = (f"{gain['global_top1']:.1%} -> {gain['personal_top1']:.1%} "
-                              f"({gain['gain_top1'] * 100:+.1f} pts)")
-        else:
-            v["gain"].text = "not measured yet"
+        v["serving"].text = describe_serving(model)
+        v["gain"].text = "\n".join(describe_gain(status.get("personal_gain")))
         last = status.get("last_round")
         v["last_round"].text = "none" if not last else f"round {last['round_id']} (base v{last['base_version']})"
         v["contributions"].text = f"{status.get('contributions', 0)} updates, {status.get('evaluations', 0)} evaluations"
