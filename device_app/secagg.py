@@ -19,6 +19,11 @@ client, through device_app/uploads.py, calls each step in order):
     submit(api, task, tensors, metadata) -> answer     protect AND upload (and finish the protocol)
     abort(api, task)                                   the device dropped out of the round before submit
 
+A SecAgg device that gives up on a round (any SecAggError of its own, training stopped, dropped out)
+tells the server (POST .../secagg/abort {reason}, best effort), so that a round that can no longer reach
+its threshold is abandoned at once instead of at its deadline. A device waiting on a stage learns that
+its round was abandoned at its next poll (409 round_closed, with the reason).
+
 Implementations here:
 
 SecAggHook (protocol "secagg", Bonawitz et al. 2017; math in models/secagg_math.py)
@@ -163,6 +168,9 @@ class PeerPins:
 
 
 POLL_S = 20.0  # longest single long-poll (the server caps it too)
+LEAVE_TIMEOUT_S = 5.0  # telling the server the device left is a courtesy: never wait long for it
+# server answers that mean the round is over for this device already: nothing to tell the server then
+_SERVER_ENDED = frozenset({"round_closed", "unknown_round", "not_admitted", "unauthorized"})
 
 
 def _wait(api: Any, url: str, give_up: float, poll_s: float = POLL_S,
@@ -277,6 +285,20 @@ class SecAggSession:
             return self._keep_next(url, api.post_bytes(url, blob, **self._wait_options()))
         except ServerError as exc:
             raise SecAggError(exc.reason, exc.detail) from None
+
+    def leave(self, api: Any, reason: str) -> bool:
+        """Tell the server this device left the round (best effort, short timeout); True if it heard."""
+        from device_app.http_client import Offline, ServerError
+
+        url = self.urls.get("abort")
+        if not url or reason in _SERVER_ENDED:
+            return False  # a server without the route, or one that ended the round for this device
+        try:
+            api.post_json(url, {"reason": (reason or "unspecified")[:64]}, timeout=LEAVE_TIMEOUT_S)
+        except (Offline, ServerError) as exc:
+            log.debug("round %d: could not report leaving (%s)", self.rid, exc)
+            return False
+        return True
 
     def wait_stage(self, api: Any, url: str) -> dict[str, Any]:
         """The stage view for `url`: the one the server sent with the message's answer, else long-poll."""
@@ -492,7 +514,12 @@ class SecAggHook:
                                 should_stop=self.should_stop)
         self.sessions[session.rid] = session
         self.last_session = session
-        session.begin(api)
+        try:
+            session.begin(api)
+        except SecAggError as exc:
+            self.sessions.pop(session.rid, None)
+            session.leave(api, exc.reason)
+            raise
         return session
 
     def submit(self, api: Any, task: Any, tensors: Sequence[np.ndarray], metadata: dict[str, Any]) -> dict[str, Any]:
@@ -507,11 +534,16 @@ class SecAggHook:
             session.masked_sha256 = answer.get("payload_sha256")
             session.finish(api)
             return {**answer, "bytes": len(blob), "protocol": self.name, "timings": dict(session.timings)}
+        except SecAggError as exc:
+            session.leave(api, exc.reason)  # so the round does not wait for this device until its deadline
+            raise
         finally:
             self.sessions.pop(int(task.round_id), None)
 
     def abort(self, api: Any, task: Any) -> None:
-        self.sessions.pop(int(task.round_id), None)
+        session = self.sessions.pop(int(task.round_id), None)
+        if session is not None:
+            session.leave(api, "cancelled")
 
 
 # =========================================================================== Paillier

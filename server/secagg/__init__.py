@@ -8,8 +8,9 @@ Bell et al. 2020). Math in models/secagg_math.py.
     ingest.py     stage 3: masked inputs into the durable running modular sum (group commit)
     running_sum.py  that sum in memory: staging, group commit, one claim per device
     finish.py     the unmasking thread
+    dropouts.py   devices that report leaving a round; a stage decided before its deadline
     waiters.py    long-poll support
-    routes.py     the HTTP routes (identity registry and the five stages)
+    routes.py     the HTTP routes (identity registry, the five stages, abort)
 
 A training round whose params say secure_aggregation = "secagg" runs these stages, each closed by its
 own rule or its own deadline (the stage deadline is secagg_stage_s, except masked_input which runs to
@@ -44,6 +45,13 @@ masked vector: the previous sum file is replaced, not kept), the contributor lis
 SHA-256, example count, training metrics, no content), and after unmasking the shares revealed for
 reconstruction and the unmasked sum. Everything but the contributor list and a summary is deleted
 when the round closes or is abandoned.
+
+No silent waits: a device that gives up (a local error, a failed check, training stopped) posts
+abort {reason}. When every device that may answer the current stage has answered or left, the stage
+closes at once; when those that answered plus those that still can are below its threshold (or too few
+remain for the later stages), the round is abandoned at once (secagg_threshold_unreachable, the counts
+eligible / submitted / dropped / pending / needed in its outcome) and the next round opens, instead of
+the fleet waiting out the deadline. Devices that vanish without a word are known at the stage deadline.
 
 Failure is safe: below threshold at any stage, a secret that does not match its commitment or public
 key, or an unmasked sum out of range abandons the round (no model version, nothing released).

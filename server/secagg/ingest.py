@@ -55,6 +55,7 @@ class MaskedInputs:
         s.require_stage(rnd, st, "masked")
         if device_id not in st.u2:
             raise Rejection("not_admitted", "device did not share keys in this round")
+        s.drops.refuse_if_left(rid, device_id)
         q = st.quantization
         try:
             header, y, sha = sm.decode_masked(body, bits=q.bits, dim=s.host.dim, max_bytes=self.max_input_bytes())
@@ -138,6 +139,9 @@ class MaskedInputs:
                     now_rnd, now_st = s.round(rid, None)
                     if now_st.stage == "masked" and now_rnd.state == "open":
                         s.close_masked(now_rnd, now_st)
+            elif s.drops.of(rid):  # with dropouts, these may have been the last inputs that could come
+                with s.host.lock:
+                    s.drops.settle(rid)
         return after
 
 

@@ -8,8 +8,10 @@ Each `close_*` function decides, from the state and what the stage collected, wh
 advances (an `Advance`: the next stage, its deadline and the columns to set) or fails (a `Fail`: the
 round is abandoned, nothing released). `recover_sum` reconstructs the secrets from the unmasking
 shares, checks each against its commitment or public key, removes the masks and checks the range and
-norm of the result. Message checks (`parse_*`) turn a device's JSON into validated values or raise
-Rejection. The service (server/secagg/service.py) does the I/O around these. Math: models/secagg_math.py.
+norm of the result. Between deadlines, `decide_early` judges a stage's `Tally` (who may still answer,
+knowing the devices that reported leaving): fail at once when the threshold is out of reach, close at
+once when nobody else can answer. Message checks (`parse_*`) turn a device's JSON into validated values
+or raise Rejection. The service (server/secagg/service.py) does the I/O around these. Math: models/secagg_math.py.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ GET_READY_AFTER = {"advertise_keys": "advertise", "share_keys": "share", "masked
                    "consistency": "consistency", "unmasking": "unmask"}
 MAX_SHARE_CT = 512
 MAX_WAIT_S = 25.0
+MAX_ABORT_REASON = 64
 
 
 class SecAggFailure(Exception):
@@ -85,6 +88,13 @@ class Advance:
 @dataclasses.dataclass(frozen=True)
 class Fail:
     reason: str  # "<reason>: <detail>"; the round is abandoned with <reason>
+    counts: dict[str, Any] = dataclasses.field(default_factory=dict)  # the stage's tally, for the round's outcome
+
+
+def _counts(stage: str, eligible: int, submitted: int, needed: int) -> dict[str, Any]:
+    """A stage's outcome counts when it closed at its deadline: whoever did not answer dropped out."""
+    return {"secagg_stage": stage, "eligible": eligible, "submitted": submitted,
+            "dropped": max(0, eligible - submitted), "pending": 0, "needed": needed}
 
 
 # ---------------------------------------------------------------------- parameters of a round
@@ -110,7 +120,7 @@ def task_params(rnd: Round, state: SecAggState) -> dict[str, Any]:
         "stage_timeout_s": float(p.secagg_stage_s),
         "urls": {"state": base, "advertise_keys": f"{base}/advertise_keys", "share_keys": f"{base}/share_keys",
                  "masked_input": f"{base}/masked_input", "consistency": f"{base}/consistency",
-                 "unmasking": f"{base}/unmasking", "identity": "/v1/devices/identity",
+                 "unmasking": f"{base}/unmasking", "abort": f"{base}/abort", "identity": "/v1/devices/identity",
                  "registry": "/v1/devices/{device_id}/identity"},
     }
 
@@ -149,12 +159,13 @@ def neighbourhood_warning(config) -> str | None:
 
 # ---------------------------------------------------------------------- stage transitions
 def close_advertise(state: SecAggState, params: TrainParams, advertisers: list[str], now: float,
-                    graph_seed: str | None = None) -> Advance | Fail:
-    """U1 = the advertisers; fixes the neighbour graph and the threshold t."""
+                    graph_seed: str | None = None, admitted: int = 0) -> Advance | Fail:
+    """U1 = the advertisers; fixes the neighbour graph and the threshold t. `admitted`: for the counts."""
     u1 = sorted(advertisers)
     need = min_participants(params)
     if len(u1) < need:
-        return Fail(f"secagg_too_few_keys: {len(u1)} devices advertised keys, {need} needed")
+        return Fail(f"secagg_too_few_keys: {len(u1)} devices advertised keys, {need} needed",
+                    _counts("advertise", max(admitted, len(u1)), len(u1), need))
     seed = graph_seed or secrets.token_hex(16)
     graph = sm.neighbours(u1, state.graph_k, seed)
     holders = min(len(v) for v in graph.values()) + 1
@@ -169,7 +180,8 @@ def close_share(state: SecAggState, params: TrainParams, sharers: list[str], now
     u2 = sorted(sharers)
     need = max(state.threshold or 0, min_participants(params))
     if len(u2) < need:
-        return Fail(f"secagg_below_threshold: {len(u2)} devices shared keys, {need} needed")
+        return Fail(f"secagg_below_threshold: {len(u2)} devices shared keys, {need} needed",
+                    _counts("share", len(state.u1 or ()), len(u2), need))
     deadline = max(round_deadline or 0.0, now + params.secagg_stage_s)
     return Advance("masked", deadline, {"u2": u2}, {"n_u2": len(u2)})
 
@@ -179,21 +191,82 @@ def close_masked(state: SecAggState, params: TrainParams, contributors: list[str
     u3 = sorted(contributors)
     need = max(state.threshold or 0, min_participants(params))
     if len(u3) < need:
-        return Fail(f"secagg_below_threshold: {len(u3)} masked inputs, {need} needed")
+        return Fail(f"secagg_below_threshold: {len(u3)} masked inputs, {need} needed",
+                    _counts("masked", len(state.u2 or ()), len(u3), need))
     return Advance("consistency", now + params.secagg_stage_s, {"u3": u3},
                    {"n_u3": len(u3), "dropped_after_sharing": len(state.u2 or []) - len(u3)})
 
 
 def close_consistency(state: SecAggState, params: TrainParams, n_signed: int, now: float) -> Advance | Fail:
     if n_signed < (state.threshold or 0):
-        return Fail(f"secagg_below_threshold: {n_signed} consistency signatures, {state.threshold} needed")
+        return Fail(f"secagg_below_threshold: {n_signed} consistency signatures, {state.threshold} needed",
+                    _counts("consistency", len(state.u3 or ()), n_signed, int(state.threshold or 0)))
     return Advance("unmask", now + params.secagg_stage_s, {}, {"n_signed": n_signed})
 
 
-def close_unmask(state: SecAggState, n_unmask: int) -> Advance | Fail:
+def close_unmask(state: SecAggState, n_unmask: int, n_signed: int = 0) -> Advance | Fail:
+    """`n_signed`: the devices that may unmask (the consistency signers), for the counts."""
     if n_unmask < (state.threshold or 0):
-        return Fail(f"secagg_below_threshold: {n_unmask} devices sent unmasking shares, {state.threshold} needed")
+        return Fail(f"secagg_below_threshold: {n_unmask} devices sent unmasking shares, {state.threshold} needed",
+                    _counts("unmask", max(n_signed, n_unmask), n_unmask, int(state.threshold or 0)))
     return Advance("finishing", None, {}, {"n_unmask": n_unmask})
+
+
+# ---------------------------------------------------------------------- failing fast on known dropouts
+@dataclasses.dataclass(frozen=True)
+class Tally:
+    """Where the current stage stands, in counts: who may answer it, who did, who is known gone."""
+
+    stage: str
+    eligible: int  # may answer this stage: admitted (advertise), U1 (share), U2 (masked), U3 (consistency),
+    #                the consistency signers (unmask)
+    submitted: int  # answered it
+    dropped: int  # eligible, did not answer, and reported leaving the round: will never answer
+    left_after: int  # answered it, then reported leaving: counts for this stage, not for the later ones
+    needed: int  # answers this stage needs (its close rule)
+    needed_later: int  # devices the later stages need still there
+    open_slots: int = 0  # admission slots still free (advertise only: more devices may yet join)
+
+    @property
+    def pending(self) -> int:
+        """Who may still answer: eligible devices that neither answered nor left, and free slots."""
+        return max(0, self.eligible - self.submitted - self.dropped) + self.open_slots
+
+    @property
+    def alive(self) -> int:
+        """Who can still take part in the later stages."""
+        return self.submitted - self.left_after + self.pending
+
+    def counts(self) -> dict[str, Any]:
+        return {"secagg_stage": self.stage, "eligible": self.eligible, "submitted": self.submitted,
+                "dropped": self.dropped + self.left_after, "pending": self.pending, "needed": self.needed}
+
+
+def stage_needs(state: SecAggState, params: TrainParams) -> tuple[int, int]:
+    """(answers the current stage needs, devices still there the later stages need), as the close_*
+    rules count them. Before U1 is known the threshold is not either: the advertise stage counts only
+    the minimum of participants."""
+    mp, t = min_participants(params), int(state.threshold or 0)
+    return {"advertise": (mp, mp), "share": (max(t, mp), max(t, mp)), "masked": (max(t, mp), t),
+            "consistency": (t, t), "unmask": (t, 0)}.get(state.stage, (0, 0))
+
+
+def threshold_reachable(tally: Tally) -> bool:
+    """Whether the stage can still close with enough answers, and enough devices stay for the next ones."""
+    return tally.submitted + tally.pending >= tally.needed and tally.alive >= tally.needed_later
+
+
+def decide_early(tally: Tally) -> Fail | str | None:
+    """Before the stage's deadline: a Fail when its threshold can no longer be reached (waiting would only
+    keep the fleet idle), "close" when nobody else can answer (the stage's close rule then decides), None
+    to wait."""
+    if not threshold_reachable(tally):
+        short = (f"{tally.needed} needed" if tally.submitted + tally.pending < tally.needed else
+                 f"{tally.alive} devices left for the later stages, {tally.needed_later} needed")
+        return Fail(f"secagg_threshold_unreachable: {tally.stage} stage: {tally.submitted} of {tally.eligible} "
+                    f"answered, {tally.dropped + tally.left_after} dropped out, {tally.pending} can still answer; "
+                    f"{short}", tally.counts())
+    return "close" if tally.pending == 0 else None
 
 
 # ---------------------------------------------------------------------- device messages
@@ -233,6 +306,14 @@ def parse_shares(body: Mapping[str, Any], want: set[str]) -> tuple[list[tuple[st
     if seen != want:
         raise Rejection("bad_request", f"shares must go to every neighbour ({len(want)}), got {len(seen)}", status=422)
     return out, commit
+
+
+def parse_abort(body: Mapping[str, Any]) -> str:
+    """The reason of an abort message (the device left the round): a short machine-readable string."""
+    reason = body.get("reason", "unspecified")
+    if not isinstance(reason, str) or not 0 < len(reason) <= MAX_ABORT_REASON:
+        raise Rejection("bad_request", f"abort needs {{reason: string of 1..{MAX_ABORT_REASON} characters}}", status=422)
+    return reason
 
 
 def parse_signature(body: Mapping[str, Any]) -> bytes:
@@ -345,7 +426,7 @@ def recover_sum(state: SecAggState, s_pks: Mapping[str, bytes], commitments: Map
 
 
 __all__ = ["ACTIVE", "GET_READY_AFTER", "MAX_SHARE_CT", "MAX_WAIT_S", "STAGES", "Advance", "Fail", "Recovered",
-           "SecAggFailure", "SecAggState", "close_advertise", "close_consistency", "close_masked", "close_share",
-           "close_unmask", "min_participants", "neighbourhood_warning", "parse_advertise", "parse_shares",
-           "parse_signature", "parse_unmask", "quantization_for", "recover_sum", "summary", "task_params",
-           "unmask_wants"]
+           "SecAggFailure", "SecAggState", "Tally", "close_advertise", "close_consistency", "close_masked",
+           "close_share", "close_unmask", "decide_early", "min_participants", "neighbourhood_warning",
+           "parse_abort", "parse_advertise", "parse_shares", "parse_signature", "parse_unmask", "quantization_for",
+           "recover_sum", "stage_needs", "summary", "task_params", "threshold_reachable", "unmask_wants"]

@@ -14,6 +14,8 @@
     GET  /v1/rounds/{id}/secagg/consistency?wait     device  {ready, u3, signatures}
     POST /v1/rounds/{id}/secagg/unmasking            device  {b_shares: {v: b64}, s_shares: {v: b64}}
     GET  /v1/rounds/{id}/secagg/unmasking?wait       device  {ready, stage, round_state, result_version}
+    POST /v1/rounds/{id}/secagg/abort                device  {reason}: the device left the round (dropouts.py);
+                                                             the round fails at once if its threshold is out of reach
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from server.db import Db
 from server.errors import Rejection
 from server.http.auth_deps import AuthDeps
 from server.http.helpers import B64, BINARY_BODY, json_body, json_object, json_safe, read_body
-from server.secagg.protocol import GET_READY_AFTER, MAX_WAIT_S
+from server.secagg.protocol import GET_READY_AFTER, MAX_ABORT_REASON, MAX_WAIT_S
 from server.secagg.service import SecAggService
 
 _POST_BODIES = {
@@ -40,6 +42,8 @@ _POST_BODIES = {
     "unmasking": json_body({"b_shares": {"type": "object", "additionalProperties": B64},
                             "s_shares": {"type": "object", "additionalProperties": B64}},
                            ("b_shares", "s_shares")),
+    "abort": json_body({"reason": {"type": "string", "minLength": 1, "maxLength": MAX_ABORT_REASON,
+                                   "description": "why the device left (machine-readable, e.g. timeout, bad_share)"}}),
 }
 # what every SecAgg stage message can be refused with (SecAggService.round, require_stage, the
 # duplicate check, the body checks); advertise and consistency also verify a signature
@@ -47,7 +51,8 @@ _STAGE_REASONS = ("unknown_round", "not_admitted", "round_closed", "duplicate_up
 _POST_REASONS = {"advertise_keys": (*_STAGE_REASONS, "no_identity", "bad_signature"),
                  "share_keys": _STAGE_REASONS,
                  "consistency": (*_STAGE_REASONS, "no_identity", "bad_signature"),
-                 "unmasking": _STAGE_REASONS}
+                 "unmasking": _STAGE_REASONS,
+                 "abort": ("unknown_round", "not_admitted", "round_closed", "bad_request")}
 _VIEW_REASONS = ("unknown_round", "not_admitted", "round_closed")  # SecAggService *_view
 
 
@@ -94,6 +99,17 @@ def add_secagg_routes(app: FastAPI, sa: SecAggService, db: Db, deps: AuthDeps) -
 
     posts = {"advertise_keys": sa.advertise, "share_keys": sa.share, "consistency": sa.consistency,
              "unmasking": sa.unmasking}
+    # leaving is not a stage: no view to wait for, and it is answered whatever the stage (or refused
+    # round_closed once the round is over)
+
+    @app.post("/v1/rounds/{round_id}/secagg/abort", tags=["privacy"], name="secagg_abort",
+              openapi_extra=_POST_BODIES["abort"], responses=refusals(*_POST_REASONS["abort"]))
+    async def secagg_abort(round_id: ApiInt, request: Request, device_id: str = Depends(device)) -> dict[str, Any]:
+        """The device leaves the round (a local error, a failed check, it stopped): its later messages are
+        refused, and the round is abandoned at once (secagg_threshold_unreachable) when the devices that
+        can still answer cannot reach the threshold, or the stage closes at once when nobody else can answer."""
+        body = await json_object(request)
+        return await run_in_threadpool(sa.drops.record, device_id, round_id, body)
     views = {"advertise_keys": sa.keys_view, "share_keys": sa.shares_view, "masked_input": sa.survivors_view,
              "consistency": sa.signatures_view, "unmasking": sa.result_view}
 

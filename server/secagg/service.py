@@ -1,6 +1,7 @@
 """SecAgg rounds, the service: the protocol (server/secagg/protocol.py) applied to requests, with the
 locking, durable writes and caches around it. Masked inputs are server/secagg/ingest.py, the unmasking
-thread server/secagg/finish.py, the HTTP routes server/secagg/routes.py.
+thread server/secagg/finish.py, devices that leave a round (and the stage decided early by them)
+server/secagg/dropouts.py, the HTTP routes server/secagg/routes.py.
 
 Locking: every state change re-reads the round and its protocol state under the round manager's lock
 (`host.lock`, shared with uploads, deadlines and aggregation), then commits one transaction.
@@ -24,6 +25,7 @@ from server.host import RoundHost
 from server.metrics import Metrics
 from server.round import Round
 from server.secagg import protocol as proto
+from server.secagg.dropouts import Dropouts
 from server.secagg.finish import Unmasker
 from server.secagg.identity import IdentityRegistry
 from server.secagg.ingest import MaskedInputs
@@ -54,6 +56,7 @@ class SecAggService:
         self.waiters = Waiters()
         self.inputs = MaskedInputs(self)
         self.unmasker = Unmasker(self)
+        self.drops = Dropouts(self)
         self._timers: dict[int, dict[str, float]] = {}
         self._graphs: dict[int, tuple[Any, dict[str, list[str]]]] = {}
         # Parts of stage views that no longer change once their stage closed (the cohort's keys, the
@@ -107,7 +110,7 @@ class SecAggService:
     def _advance(self, rnd: Round, result: Advance | Fail) -> bool:
         """(Caller holds the lock.) Apply a stage close; False if the round failed."""
         if isinstance(result, Fail):
-            self.fail(rnd, result.reason)
+            self.fail(rnd, result.reason, result.counts)
             return False
         with self.db.write():
             self.set_stage(rnd.id, result.stage, result.deadline, info=result.info, **result.fields)
@@ -129,8 +132,10 @@ class SecAggService:
         return s is None or s == "advertise"
 
     def may_reanswer(self, rnd: Round, device_id: str) -> bool:
-        """Only before the device advertised keys: a device that lost its round keys cannot rejoin."""
-        return self.admission_open(rnd) and self.rows.keys_of(rnd.id, device_id) is None
+        """Only before the device advertised keys (a device that lost its round keys cannot rejoin), and
+        never after it reported leaving the round."""
+        return (self.admission_open(rnd) and self.rows.keys_of(rnd.id, device_id) is None
+                and device_id not in self.drops.of(rnd.id))
 
     def result_sum(self, rid: int) -> np.ndarray:
         st = self.rows.state(rid)
@@ -189,19 +194,24 @@ class SecAggService:
                     raise Rejection("duplicate_upload", "this device already advertised other keys for this round")
                 return self._accepted(rid, st.stage)
             self.require_stage(rnd, st, "advertise")
+            self.drops.refuse_if_left(rid, device_id)
             with self.db.write():
                 self.rows.add_keys(rid, device_id, sm.b64(c_pk), sm.b64(s_pk), sm.b64(sig))
             if self.rows.count_keys(rid) >= rnd.params.max_admitted:
                 self.close_advertise(rnd, st)
+            else:
+                self.drops.settle(rid)  # with dropouts, this may have been the last device that could answer
             return self._accepted(rid)
 
     def close_advertise(self, rnd: Round, st: SecAggState) -> None:
-        if self._advance(rnd, proto.close_advertise(st, rnd.train, self.rows.advertisers(rnd.id), time.time())):
+        if self._advance(rnd, proto.close_advertise(st, rnd.train, self.rows.advertisers(rnd.id), time.time(),
+                                                    admitted=self.db.count_admitted(rnd.id))):
             st = self.rows.state(rnd.id)
             log.info("round %d secagg: %d devices advertised keys; threshold %d of %d holders", rnd.id, len(st.u1),
                      st.threshold, st.info.get("holders_per_secret"))
             self._keys_part(rnd.id)  # built here, once, so the cohort's views only read memory
             self.waiters.notify(rnd.id)
+            self.drops.settle(rnd.id)  # devices that left earlier may decide the next stage already
 
     def keys_view(self, device_id: str, rid: int) -> dict[str, Any]:
         rnd, st = self.round(rid, device_id)
@@ -249,10 +259,13 @@ class SecAggService:
             if self.rows.commitment_sha(rid, device_id) is not None:
                 return self.share(device_id, rid, body)
             self.require_stage(rnd, st, "share")
+            self.drops.refuse_if_left(rid, device_id)
             with self.db.write():
                 self.rows.add_shares(rid, device_id, shares, commit, body_sha)
             if self.rows.count_commitments(rid) >= len(st.u1):
                 self.close_share(rnd, st)
+            else:
+                self.drops.settle(rid)
             return self._accepted(rid)
 
     def close_share(self, rnd: Round, st: SecAggState) -> None:
@@ -260,6 +273,7 @@ class SecAggService:
             log.info("round %d secagg: %d devices shared keys", rnd.id, len(self.rows.state(rnd.id).u2))
             self._inbox_part(rnd.id)
             self.waiters.notify(rnd.id)
+            self.drops.settle(rnd.id)
 
     def _inbox_part(self, rid: int) -> dict[str, list[dict[str, str]]]:
         """U2's encrypted shares by recipient (fixed from the close of the share stage on)."""
@@ -286,6 +300,7 @@ class SecAggService:
             log.info("round %d secagg: %d masked inputs (%d of U2 dropped)", rnd.id, len(st.u3),
                      len(st.u2) - len(st.u3))
             self.waiters.notify(rnd.id)
+            self.drops.settle(rnd.id)
 
     def survivors_view(self, device_id: str, rid: int) -> dict[str, Any]:
         rnd, st = self.round(rid, device_id)
@@ -308,18 +323,22 @@ class SecAggService:
             self.require_stage(rnd, st, "consistency")
             if device_id not in st.u3:
                 raise Rejection("not_admitted", "device is not among this round's masked inputs")
+            self.drops.refuse_if_left(rid, device_id)
             if not sm.verify(self.identities.key(device_id), sig, sm.consistency_message(st.session, rid, st.u3)):
                 raise Rejection("bad_signature", "consistency signature does not verify over this round's U3")
             with self.db.write():
                 self.rows.add_signature(rid, device_id, sm.b64(sig))
             if self.rows.count_signatures(rid) >= len(st.u3):
                 self.close_consistency(rnd, st)
+            else:
+                self.drops.settle(rid)
             return self._accepted(rid)
 
     def close_consistency(self, rnd: Round, st: SecAggState) -> None:
         if self._advance(rnd, proto.close_consistency(st, rnd.train, self.rows.count_signatures(rnd.id), time.time())):
             self._signatures_part(rnd.id)
             self.waiters.notify(rnd.id)
+            self.drops.settle(rnd.id)
 
     def _signatures_part(self, rid: int) -> list[dict[str, str]]:
         return self._frozen_part("signatures", rid, lambda: self.rows.signatures(rid))
@@ -343,20 +362,25 @@ class SecAggService:
         self.require_stage(rnd, st, "unmask")
         if device_id not in st.u3:
             raise Rejection("not_admitted", "device is not among this round's masked inputs")
+        if self.rows.signature_of(rid, device_id) is None:  # U5 within U4 (Bonawitz et al.): who checked U3
+            raise Rejection("not_admitted", "device did not sign this round's survivor set")
         b_sh, s_sh = proto.parse_unmask(body, *proto.unmask_wants(st, self.graph(rid, st), device_id))
         with self.host.lock:
             rnd, st = self.round(rid, device_id)
             if self.rows.unmask_sha(rid, device_id) is not None:
                 return self.unmasking(device_id, rid, body)
             self.require_stage(rnd, st, "unmask")
+            self.drops.refuse_if_left(rid, device_id)
             with self.db.write():
                 self.rows.add_unmask(rid, device_id, b_sh, s_sh, body_sha)
             if self.rows.count_unmask(rid) >= self.rows.count_signatures(rid):
                 self.close_unmask(rnd, st)
+            else:
+                self.drops.settle(rid)
             return self._accepted(rid)
 
     def close_unmask(self, rnd: Round, st: SecAggState) -> None:
-        if self._advance(rnd, proto.close_unmask(st, self.rows.count_unmask(rnd.id))):
+        if self._advance(rnd, proto.close_unmask(st, self.rows.count_unmask(rnd.id), self.rows.count_signatures(rnd.id))):
             self.waiters.notify(rnd.id)
             self.unmasker.start(rnd.id)
 
@@ -367,17 +391,25 @@ class SecAggService:
                 "result_version": rnd.result_version}
 
     # ------------------------------------------------------------------ failure, deadlines, cleanup
-    def fail(self, rnd: Round, reason: str) -> None:
-        """Abandon the round (caller holds the manager lock)."""
+    def fail(self, rnd: Round, reason: str, counts: dict[str, Any] | None = None) -> None:
+        """Abandon the round (caller holds the manager lock). `counts` (the failing stage's tally: eligible,
+        submitted, dropped, pending, needed) go into the round's outcome next to the manager's own."""
         log.warning("round %d secagg failed: %s", rnd.id, reason)
 
         def mark_failed() -> None:
             if self.rows.state(rnd.id) is not None:
-                self.set_stage(rnd.id, "failed", None, info={"failure": reason})
+                self.set_stage(rnd.id, "failed", None, info={"failure": reason, **({"failure_counts": counts}
+                                                                                    if counts else {})})
 
         self.host.abandon(rnd, reason.split(":")[0], also=mark_failed)
-        self.waiters.notify(rnd.id)
+        if counts:  # the manager wrote reason, admitted, accepted; the stage's counts say why
+            after = self.db.get_round(rnd.id)
+            if after is not None and after.state == "abandoned":
+                with self.db.write():
+                    self.db.update_round(rnd.id, outcome={**(after.outcome or {}), **counts})
+        self.waiters.notify(rnd.id)  # devices waiting on a stage learn it now, not at their deadline
         self._cleanup(rnd.id)
+        self.host.wake()  # the worker opens the next round now
 
     def tick(self, now: float) -> None:
         for r in self.rows.uncleaned():
@@ -409,8 +441,12 @@ class SecAggService:
                 if rnd.state != "open" or st.stage != stage:
                     continue
                 log.info("round %d secagg: stage %s reached its deadline", rid, stage)
-                {"advertise": self.close_advertise, "share": self.close_share, "masked": self.close_masked,
-                 "consistency": self.close_consistency, "unmask": self.close_unmask}[stage](rnd, st)
+                self.close_stage(rnd, st)
+
+    def close_stage(self, rnd: Round, st: SecAggState) -> None:
+        """(Caller holds the lock.) Close the current stage by its own rule (advance or fail)."""
+        {"advertise": self.close_advertise, "share": self.close_share, "masked": self.close_masked,
+         "consistency": self.close_consistency, "unmask": self.close_unmask}[st.stage](rnd, st)
 
     def _cleanup(self, rid: int) -> None:
         """Drop everything but the summary once a round is over (keys, shares, sums)."""
@@ -425,6 +461,7 @@ class SecAggService:
                 self.rows.delete_stage_rows(rid)
                 self.rows.update(rid, cleaned=1, sum_file=None, result_file=None)
             self.inputs.forget(rid)
+            self.drops.forget(rid)
             self._graphs.pop(rid, None)
             for kind in ("keys", "shares", "signatures"):
                 self._frozen.pop((kind, rid), None)

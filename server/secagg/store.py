@@ -56,12 +56,17 @@ CREATE TABLE IF NOT EXISTS secagg_consistency (
     round_id INTEGER NOT NULL, device_id TEXT NOT NULL, signature TEXT NOT NULL, at REAL NOT NULL,
     PRIMARY KEY (round_id, device_id)
 );
+CREATE TABLE IF NOT EXISTS secagg_dropouts (
+    round_id INTEGER NOT NULL, device_id TEXT NOT NULL, stage TEXT NOT NULL, reason TEXT NOT NULL,
+    at REAL NOT NULL, PRIMARY KEY (round_id, device_id)
+);
 CREATE TABLE IF NOT EXISTS secagg_unmask (
     round_id INTEGER NOT NULL, device_id TEXT NOT NULL, body TEXT NOT NULL, body_sha TEXT NOT NULL,
     at REAL NOT NULL, PRIMARY KEY (round_id, device_id)
 );
 """
-STAGE_TABLES = ("secagg_shares", "secagg_unmask", "secagg_consistency", "secagg_commitments", "secagg_keys")
+STAGE_TABLES = ("secagg_shares", "secagg_unmask", "secagg_consistency", "secagg_commitments", "secagg_keys",
+                "secagg_dropouts")
 
 
 def install_schema(db: Db) -> None:
@@ -119,7 +124,7 @@ class SecAggStore:
         return live
 
     def delete_stage_rows(self, rid: int) -> None:
-        """(In a transaction.) Everything the stages collected: keys, shares, commitments, signatures."""
+        """(In a transaction.) Everything the stages collected: keys, shares, commitments, signatures, dropouts."""
         for table in STAGE_TABLES:
             self.db.execute(f"DELETE FROM {table} WHERE round_id = ?", (rid,))
 
@@ -213,6 +218,17 @@ class SecAggStore:
     def unmask_bodies(self, rid: int) -> dict[str, dict[str, dict[str, str]]]:
         return {r["device_id"]: json.loads(r["body"])
                 for r in self.db.all("SELECT device_id, body FROM secagg_unmask WHERE round_id = ?", (rid,))}
+
+    # ------------------------------------------------------------------ devices that left the round
+    def add_dropout(self, rid: int, device_id: str, stage: str, reason: str) -> None:
+        """(In a transaction.) The first report counts; a repeat is ignored."""
+        self.db.execute("INSERT OR IGNORE INTO secagg_dropouts(round_id, device_id, stage, reason, at)"
+                        " VALUES (?, ?, ?, ?, ?)", (rid, device_id, stage, reason, time.time()))
+
+    def dropouts(self, rid: int) -> dict[str, str]:
+        """device -> the stage it left in."""
+        return {r["device_id"]: r["stage"] for r in self.db.all(
+            "SELECT device_id, stage FROM secagg_dropouts WHERE round_id = ?", (rid,))}
 
 
 __all__ = ["SCHEMA", "SecAggStore", "install_schema"]
