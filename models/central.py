@@ -183,8 +183,10 @@ def train_central(
             reason = f"wall-time limit {max_wall_s:.0f} s"
             break
         t0 = time.time()
-        fit = model.fit(_epoch_data(x, y, batch_size, seed, epoch), initial_epoch=epoch, epochs=epoch + 1,
-                        callbacks=callbacks, verbose=verbose)
+        # epochs=epochs so Keras prints "Epoch e/max"; _StopAfterOneEpoch returns after this one, since
+        # validation, checkpointing and early stopping happen here between epochs.
+        fit = model.fit(_epoch_data(x, y, batch_size, seed, epoch), initial_epoch=epoch, epochs=epochs,
+                        callbacks=[*callbacks, _StopAfterOneEpoch()], verbose=verbose)
         epoch += 1
         history["loss"].append(float(fit.history["loss"][-1]))
         if validation:
@@ -227,6 +229,13 @@ def train_central(
         }
     )
     return weights, history
+
+
+class _StopAfterOneEpoch(tf.keras.callbacks.Callback):
+    """Ends model.fit after the epoch it started (the caller runs one epoch per fit)."""
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.model.stop_training = True
 
 
 class _Checkpoint:
