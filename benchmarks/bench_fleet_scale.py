@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                "--data-dir", str(run_dir / "server"), "--init-preset", args.preset, "--vocab-file", str(vocab_file),
                "--round-goal", str(goal), "--min-count", str(min_count), "--over-admit", str(args.over_admit),
                "--deadline-s", str(args.deadline_s), "--dp-mode", "distributed", "--clip-norm", "1.0",
-               "--noise-multiplier", "1.0", "--retry-min-s", "1", "--log-level", "warning"]
+               "--noise-multiplier", "1.0", "--retry-min-s", "1", "--log-level", "warning",
+               "--allow-noisy-dp"]  # a scale benchmark: the model's quality is not measured
         if secagg:
             cmd += ["--secure-aggregation", "secagg"]
             if args.secagg_neighbors is not None:

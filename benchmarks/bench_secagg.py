@@ -116,7 +116,8 @@ def run_one(workdir: Path, preset_name: str, n: int, mode: str, deltas: list[np.
     name = f"{mode}-{n}-{seed}{'-lockstep' if lockstep else ''}"
     args = ["--init-preset", preset_name, "--round-goal", str(n), "--min-count", str(n), "--over-admit", "1.0",
             "--dp-mode", "distributed", "--clip-norm", "1.0", "--noise-multiplier", "1.0", "--deadline-s", "3600",
-            "--secagg-stage-s", "600", "--tick-s", "0.05", "--upload-dtypes", "float32"]
+            "--secagg-stage-s", "600", "--tick-s", "0.05", "--upload-dtypes", "float32",
+            "--allow-noisy-dp"]  # a protocol-cost benchmark: the model's quality is not measured
     if mode == "secagg":
         args += ["--secure-aggregation", "secagg", "--secagg-neighbors", str(neighbors if neighbors < n - 1 else 0)]
     srv = ServerProcess(workdir / name, args, workdir / f"{name}.log").start().wait_warm()

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     fleet = p.add_argument_group("fleet mode (--headless --fleet N)")
     fleet.add_argument("--fleet", type=int, metavar="N", help="simulate N devices against --server")
     fleet.add_argument("--dataset", default="chitchat", help="whose messages the devices type (default chitchat)")
+    fleet.add_argument("--population", default="all", choices=("all", "federated", "donors"),
+                       help="which training users the devices replay: all (default), only the federated ones "
+                            "(not the donors), or only the donors (docs/donors.md)")
     fleet.add_argument("--rounds", type=int, help="stop after the global model advanced this many versions")
     fleet.add_argument("--duration", type=float, help="stop after this many seconds")
     fleet.add_argument("--p-eligible", type=float, default=0.7, help="chance a device is eligible at a step")
@@ -124,6 +127,7 @@ def run_fleet_cli(args: argparse.Namespace) -> int:
         step_s=args.step, max_wait_s=args.max_wait, seed=args.seed, personalize=args.personalize,
         data_dir=str(args.data_dir) if args.data_dir else None, keep_data=args.data_dir is not None,
         ca_file=args.ca_file, pin_sha256=args.pin_sha256, progress_s=args.progress_every,
+        population=args.population,
     )
     report = run_fleet(config, on_event=lambda msg: print(f"[fleet] {msg}", flush=True))
     text = format_report(report)

@@ -53,6 +53,9 @@ class FleetConfig:
     server_url: str
     n_devices: int = 10
     dataset: str = "chitchat"
+    # whose messages the devices type: all training users, only the federated ones (not the donors,
+    # whose text pre-trains the model), or only the donors (models/data/donors.py, docs/donors.md)
+    population: str = "all"
     rounds: int | None = None  # stop after the global model advanced this many versions
     duration_s: float | None = None  # or after this long (default: 10 min when rounds is None)
     p_eligible: float = 0.7
@@ -174,9 +177,10 @@ class Fleet:
             ds = load_dataset(self.config.dataset)
         from models.data.types import seeded_order
 
-        ids = seeded_order(ds.train_ids, self.config.seed, "fleet")
+        ids = seeded_order(ds.population_ids(self.config.population), self.config.seed, "fleet")
         if not ids:
-            raise ValueError(f"dataset {self.config.dataset!r} has no training clients")
+            raise ValueError(f"dataset {self.config.dataset!r} has no training clients"
+                             + ("" if self.config.population == "all" else f" in population {self.config.population!r}"))
         users = []
         for i in range(self.config.n_devices):
             cid = ids[i % len(ids)]
@@ -186,7 +190,8 @@ class Fleet:
 
     def setup(self) -> None:
         cfg = self.config
-        self.on_event(f"setting up {cfg.n_devices} devices typing {cfg.dataset} users' messages")
+        who = "" if cfg.population == "all" else f" {cfg.population}"
+        self.on_event(f"setting up {cfg.n_devices} devices typing {cfg.dataset}{who} users' messages")
         # the URL policy and TLS settings, refused before any directory or connection exists
         ca_file, pin = check_settings(cfg.server_url, cfg.ca_file, cfg.pin_sha256)
         root = Path(cfg.data_dir) if cfg.data_dir else Path(tempfile.mkdtemp(prefix="fk-fleet-"))

@@ -6,11 +6,31 @@ import threading
 import time
 from typing import Any
 
+from models import dp
 from device_app.connection import ServerConnection
 from device_app.device_state import DeviceState
 from device_app.http_client import Offline, ServerError
 from device_app.sent_log import SentLog
 from device_app.telemetry import SessionFacts, TelemetryReporter
+
+
+def describe_privacy(privacy: dict[str, Any] | None) -> tuple[str, str]:
+    """(short line, one-sentence guarantee) of the server's privacy report, for the privacy screen.
+
+    The sentence is the server's (models.dp.guarantee_sentence, field "guarantee"); a report without one
+    (an older server) gets no claim beyond its numbers."""
+    if not privacy or privacy.get("epsilon") is None:
+        return "unknown", "The server has not reported a privacy guarantee yet."
+    eps, delta = float(privacy["epsilon"]), privacy.get("delta")
+    accountant = dp.ACCOUNTANT_NAMES.get(privacy.get("accountant", ""), privacy.get("accountant") or "?")
+    mechanism = privacy.get("mechanism") or privacy.get("dp_mode") or "?"
+    at = f" at delta {float(delta):.3g}" if delta is not None else ""
+    line = f"{dp.format_epsilon(eps)}{at} ({accountant}; {mechanism})"
+    if privacy.get("guarantee"):
+        return line, str(privacy["guarantee"])
+    if privacy.get("dp_mode") == "none":
+        return line, dp.guarantee_sentence("none", None, float(delta or dp.DEFAULT_DELTA), privacy.get("accountant", "rdp"))
+    return line, "The server did not say what this epsilon assumes: treat it as no guarantee."
 
 
 class Reports:

@@ -4,10 +4,14 @@
     python -m models.baselines                       # the same for the gboard preset (about an hour on 2 cores)
     python -m models.baselines --quick               # capped: 1 epoch over 20,000 sentences, a few minutes
     python -m models.baselines --preset tiny --clients 150 --max-sentences 2000 --out /tmp/b
+    python -m models.baselines --preset small --population donors --out artifacts/baselines-donors
 
 Every model uses the vocabulary of the training clients' train split and is evaluated on
 (a) "test": the training clients' test split (seen users, their most recent text) and
 (b) "heldout": everything the held-out clients wrote (unseen users).
+--population donors trains every model (and builds the vocabulary) from the donors' text only
+(docs/donors.md; "test" is then the donors' test split, "heldout" is unchanged);
+--vocab-source all|donors|wordfreq says where the vocabulary comes from (default: the population's).
 The count models train on all pooled training sentences (seconds). The server-trained
 Keras model trains to convergence: a seeded 5% of the training sentences (at most 5,000) is held
 back as a validation split, each epoch ends with its loss, training stops after --patience
@@ -150,8 +154,14 @@ def run_baselines(
     full: bool = False,
     tensorboard: bool = True,
     verbose: bool = True,
+    population: str = "all",
+    vocab_source: str | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate the three baselines, write the artifacts into `out`, return results.json's dict.
+
+    population: whose text trains the models: "all" training clients, or only the "donors" (or the
+    "federated" ones, for comparison); --clients picks clients first, the population is taken among
+    them. vocab_source: "all", "donors" or "wordfreq" (default: default_vocab_source(population)).
 
     quick: the capped reference (QUICK_MAX_SENTENCES, QUICK_EPOCHS, no validation) unless
     max_sentences/epochs say otherwise. patience 0: exactly `epochs` epochs, no validation split.
@@ -161,6 +171,7 @@ def run_baselines(
     from models.bundle import save_bundle
     from models.central import evaluate_keras, sample_sentences, split_validation, token_lists, train_central
     from models.data import load_dataset
+    from models.data.donors import build_vocab, check_population, default_vocab_source, donor_split_report, select_population
 
     def say(msg: str) -> None:
         if verbose:
@@ -188,6 +199,10 @@ def run_baselines(
     ds = load_dataset(dataset, seed=seed)
     if clients is not None or heldout_clients is not None:
         ds = ds.subset(n_clients=clients, n_heldout=heldout_clients)
+    check_population(population)
+    vocab_source = vocab_source or default_vocab_source(population)
+    split_report = donor_split_report(ds)
+    whole, ds = ds, select_population(ds, population)  # whole: every training client, donors and federated
     # Tokenize client by client (tqdm shows progress on the big corpora); sentences keep client order.
     def tokenized(ids: Sequence[str], parts: str, desc: str) -> list[list[str]]:
         result: list[list[str]] = []
@@ -201,10 +216,17 @@ def run_baselines(
                  "heldout": tokenized(ds.heldout_ids, "all", "tokenize heldout")}
     if vocab_size is None:
         vocab_size = PRESETS[preset_name].vocab_size - NUM_SPECIAL_TOKENS
-    vocab = Vocabulary.build(train, size=vocab_size)
+    if vocab_source == population:  # the trained text itself (today's "all"): reuse its tokens
+        vocab = Vocabulary.build(train, size=vocab_size)
+    else:
+        vocab = build_vocab(whole, vocab_source, vocab_size)
     config = preset(preset_name, vocab_size=len(vocab))
     evals = {split: sample_sentences(s, max_eval_sentences, seed + 1) for split, s in evals_all.items()}
     t = lap("data", t)
+    if population != "all" or vocab_source != "all":
+        say(f"population {population} ({split_report['donors']} donors, {split_report['federated']} federated, "
+            f"donor fraction {split_report['donor_fraction']}, ids {split_report['donor_ids_sha256']}); "
+            f"vocabulary from {vocab_source}")
     say(f"{dataset}: {len(ds.train_ids)} training clients ({len(train):,} train sentences), "
         f"{len(ds.heldout_ids)} held-out clients; vocabulary {len(vocab):,} ids; "
         f"eval sentences: " + ", ".join(f"{k} {len(v):,}/{len(evals_all[k]):,}" for k, v in evals.items()))
@@ -257,6 +279,7 @@ def run_baselines(
         "batch_size": batch_size, "lr": lr, "optimizer": "adam", "full": full, "quick": quick,
         "patience": patience, "validation_sentences": len(validation), "max_minutes": max_minutes,
         "clients": clients, "heldout_clients": heldout_clients,
+        "population": population, "vocab_source": vocab_source,
     }
     save_bundle(out / "server_trained", config, vocab, weights, model_version=0,
                 meta={"source": "models.baselines", "dataset": dataset, "history": history, "run": run_config})
@@ -270,6 +293,8 @@ def run_baselines(
             "train_sentences": len(train), "train_tokens": sum(len(s) + 1 for s in train),
             "eval_sentences_available": {k: len(v) for k, v in evals_all.items()},
             "dropped": {k: v for k, v in ds.dropped.items() if k != "junk_senders"},
+            "population": population,
+            "donor_split": split_report,
         },
         "ngram": {"order": order, "discounts": ngram.discounts.round(4).tolist(), **ngram.info},
         "server_trained": history,
@@ -312,8 +337,8 @@ def _report(results: dict[str, Any], dropped: dict[str, Any]) -> str:
         f"- test = training clients' test split (their latest 20%); heldout = all text of the held-out clients.",
         f"- evaluation sample (seeded, same for every model): at most {cap(c['max_eval_sentences'])} sentences per split "
         f"of {', '.join(f'{k} {v:,}' for k, v in d['eval_sentences_available'].items())} available.",
-        f"- vocabulary: top {c['vocab_size'] - NUM_SPECIAL_TOKENS:,} words of the training clients' train split "
-        f"(+4 special ids), hash {c['vocab_hash']}.",
+        f"- vocabulary: {_vocab_words(c)} (+4 special ids), hash {c['vocab_hash']}.",
+        f"- population: {d.get('population', 'all')} ({_split_line(d.get('donor_split'))}).",
         "",
         "Filters of the loader (what was dropped):",
         "",
@@ -344,6 +369,24 @@ def _report(results: dict[str, Any], dropped: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _vocab_words(c: dict[str, Any]) -> str:
+    n = f"{c['vocab_size'] - NUM_SPECIAL_TOKENS:,}"
+    source = c.get("vocab_source", "all")
+    if source == "wordfreq":
+        return f"{n} words of public English word frequencies (wordfreq, no user's text)"
+    if source == "donors":
+        return f"top {n} words of the donors' train split"
+    return f"top {n} words of the training clients' train split"
+
+
+def _split_line(split: dict[str, Any] | None) -> str:
+    if not split:
+        return "no donor split recorded"
+    return (f"donors: a seeded {split['donor_fraction']:.0%} of the {split['train_clients']} training clients "
+            f"(seed {split['seed']}): {split['donors']} donors (ids sha256 {split['donor_ids_sha256']}), "
+            f"{split['federated']} federated; docs/donors.md")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m models.baselines", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -371,6 +414,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=None, help="use only this many training clients (quick runs)")
     parser.add_argument("--heldout-clients", type=int, default=None, help="use only this many held-out clients")
     parser.add_argument("--full", action="store_true", help="no caps: all training and evaluation sentences")
+    parser.add_argument("--population", default="all", choices=("all", "donors", "federated"),
+                        help="whose text trains the models: all training clients (default) or only the donors "
+                             "(docs/donors.md); held-out evaluation is unchanged")
+    parser.add_argument("--vocab-source", default=None, choices=("all", "donors", "wordfreq"),
+                        help="vocabulary from all training clients' text, the donors' text, or public word "
+                             "frequencies (wordfreq); default: the population's (all -> all, else donors)")
     parser.add_argument("--no-tensorboard", action="store_true", help="skip TensorBoard logs")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -385,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
             patience=args.patience, max_minutes=args.max_minutes, quick=args.quick, fresh=args.fresh,
             batch_size=args.batch_size, lr=args.lr, seed=args.seed, clients=args.clients,
             heldout_clients=args.heldout_clients, full=args.full, tensorboard=not args.no_tensorboard,
-            verbose=not args.quiet,
+            verbose=not args.quiet, population=args.population, vocab_source=args.vocab_source,
         )
     except BaseException as exc:
         code = interrupts.stop_code(exc)

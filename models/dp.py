@@ -16,8 +16,14 @@ DP modes (how the Gaussian noise of DP-FedAvg is produced; Kairouz et al. 2021, 
     local        each device adds the full N(0, (z*C)^2): every single update is itself DP
 
 In every noisy mode the accountant treats a round as one Poisson-subsampled Gaussian mechanism
-with noise multiplier z (noise stddev / L2 sensitivity C) and sampling probability
-q = cohort size / population.
+with noise multiplier z (noise stddev / L2 sensitivity C) and sampling probability q. q < 1 only
+where the cohort really is a Poisson sample: each member drawn independently with probability q,
+secretly and before anything it does (the server's --selection-q: `poisson_selected`; the
+simulation's --sampling poisson). Without such a draw q = 1: every member is assumed to take part
+in every round (no amplification by sampling).
+
+delta is DEFAULT_DELTA = 1e-6 everywhere unless set. `guarantee_sentence` is the one place the
+guarantee is put into words, for the server's reports, the simulation's and the device's screen.
 
 DP-FTRL (models/dp_ftrl.py; Kairouz et al. 2021) needs no sampling, only a participation rule;
 its accounting is in the "DP-FTRL accounting" section below (`ftrl_epsilon`).
@@ -25,6 +31,8 @@ its accounting is in the "DP-FTRL accounting" section below (`ftrl_epsilon`).
 from __future__ import annotations
 
 import functools
+import hashlib
+import hmac
 import math
 from collections import Counter
 from typing import Iterable, Sequence
@@ -118,9 +126,21 @@ def central_noise_stddev(dp_mode: str, noise_multiplier: float, clip: float) -> 
     return float(noise_multiplier * clip) if dp_mode == "central" else 0.0
 
 
-def default_delta(population: int) -> float:
-    """delta = 1 / population^1.1 (a little below 1/n, the usual rule of thumb)."""
-    return 1.0 / max(2, int(population)) ** 1.1
+DEFAULT_DELTA = 1e-6  # the delta every report uses unless one is set (server dp_delta, tff_sim --delta)
+
+
+def poisson_selected(secret: bytes, member: str, q: float) -> bool:
+    """Whether `member` is in the Poisson sample of rate q drawn with `secret`:
+    HMAC-SHA256(secret, member) / 2^256 < q.
+
+    For a secret key unknown to members, HMAC is a pseudo-random function: each member is in the
+    sample independently with probability q, and the draw depends only on (secret, member), never
+    on when or whether the member shows up. A fresh secret per round makes rounds independent.
+    """
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q must be in [0, 1], got {q!r}")
+    digest = hmac.new(secret, member.encode("utf-8"), hashlib.sha256).digest()
+    return int.from_bytes(digest, "big") < q * 2.0 ** 256  # int < float compares exactly
 
 
 # --------------------------------------------------------------------------- accounting
@@ -333,7 +353,7 @@ class PrivacyLedger:
 # accounts that Gaussian exactly, its privacy loss distribution in closed form (gaussian_epsilon;
 # tighter than RDP's conversion).
 
-FTRL_DEFAULT_DELTA = 1e-6
+FTRL_DEFAULT_DELTA = DEFAULT_DELTA  # the same delta as DP-FedAvg (kept for its callers)
 FTRL_RULES = ("restart", "min_separation")
 
 
@@ -542,12 +562,73 @@ def ftrl_calibrate_noise_multiplier(target_epsilon: float, rounds: int, delta: f
     return hi * scale
 
 
+# --------------------------------------------------------------------------- the guarantee in words
+#
+# One sentence per report (server status and /v1/admin/privacy, the device's privacy screen through
+# /v1/model/info, the simulation's report): which mechanism, epsilon at which delta, which accountant,
+# whose data it covers, and what it assumes. Nothing else in the project words a guarantee.
+
+MECHANISMS = ("dp-ftrl", "dp-fedavg", "none")
+ACCOUNTANT_NAMES = {"rdp": "RDP", "pld": "PLD"}
+
+
+def mechanism_label(mechanism: str, sampling_probs: Iterable[float] = ()) -> str:
+    """"DP-FTRL", "DP-FedAvg with selection q = 0.01", "DP-FedAvg without sampling (no amplification)" or
+    "none". `sampling_probs`: the q of each DP-FedAvg round (1: no sampling); several: a mixed history."""
+    if mechanism not in MECHANISMS:
+        raise ValueError(f"mechanism must be one of {MECHANISMS}, got {mechanism!r}")
+    if mechanism == "none":
+        return "none"
+    if mechanism == "dp-ftrl":
+        return "DP-FTRL"
+    qs = sorted({float(q) for q in sampling_probs})
+    sampled = [q for q in qs if q < 1.0]
+    if not sampled:
+        return "DP-FedAvg without sampling (no amplification)"
+    label = "DP-FedAvg with selection q = " + ", ".join(f"{q:.3g}" for q in sampled)
+    if len(sampled) < len(qs):
+        label += " in some rounds and without sampling (no amplification) in others"
+    return label
+
+
+def format_epsilon(epsilon: float) -> str:
+    """epsilon for people: 3 significant digits, "inf" when unbounded."""
+    return "inf" if math.isinf(epsilon) else f"{epsilon:.3g}"
+
+
+def guarantee_sentence(mechanism: str, epsilon: float | None, delta: float, accountant: str, unit: str = "device",
+                       rounds: int = 0, *, sampling_probs: Iterable[float] = (),
+                       assumptions: Sequence[str] = ()) -> str:
+    """The guarantee in one sentence a user can read: mechanism (mechanism_label), epsilon at delta, the
+    accountant, what it covers (all the data of any one `unit`, over `rounds` released rounds) and what it
+    assumes (`assumptions`: short clauses, joined with "; ")."""
+    label = mechanism_label(mechanism, sampling_probs)
+    if mechanism == "none":
+        return (f"No differential privacy (mechanism none): models are trained without noise, so no epsilon bounds "
+                f"what they reveal about any one {unit}'s data.")
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+    acc = ACCOUNTANT_NAMES.get(accountant, accountant)
+    if rounds <= 0 or epsilon is None:
+        claim = f"no model has been released yet (epsilon 0 at delta {delta:.3g}, {acc} accountant)"
+    elif math.isinf(epsilon):
+        claim = (f"after {rounds} released round(s) the {acc} accountant bounds no finite epsilon at delta "
+                 f"{delta:.3g}, so there is no meaningful guarantee for any one {unit}'s data")
+    else:
+        claim = (f"after {rounds} released round(s), the released models are differentially private with epsilon "
+                 f"{format_epsilon(epsilon)} at delta {delta:.3g} ({acc} accountant) for all the data of any one "
+                 f"{unit}")
+    tail = f", assuming {'; '.join(assumptions)}" if assumptions else ""
+    return f"{label}: {claim}{tail}."
+
+
 __all__ = [
     "DP_MODES", "ACCOUNTANTS", "RDP_ORDERS",
     "l2_norm", "clip_by_global_norm", "add_gaussian_noise", "norm_tolerance",
-    "device_noise_stddev", "central_noise_stddev", "default_delta",
+    "device_noise_stddev", "central_noise_stddev", "DEFAULT_DELTA", "poisson_selected",
     "make_accountant", "round_event", "epsilon", "epsilon_for_rounds", "calibrate_noise_multiplier",
     "PrivacyLedger",
     "FTRL_DEFAULT_DELTA", "FTRL_RULES", "tree_depth", "ftrl_epoch_steps", "ftrl_single_tree_sensitivity_sq",
     "ftrl_sensitivity_sq", "make_ftrl_accountant", "gaussian_epsilon", "ftrl_event", "ftrl_epsilon", "ftrl_calibrate_noise_multiplier",
+    "MECHANISMS", "ACCOUNTANT_NAMES", "mechanism_label", "format_epsilon", "guarantee_sentence",
 ]

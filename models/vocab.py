@@ -48,6 +48,47 @@ class Vocabulary:
         ranked = sorted((item for item in counts.items() if item[1] >= min_count), key=lambda kv: (-kv[1], kv[0]))
         return cls([word for word, _ in ranked[:size]])
 
+    @classmethod
+    def from_wordfreq(cls, size: int = 10_000, lang: str = "en", punctuation: bool = True,
+                      wordlist: str = "best") -> "Vocabulary":
+        """`size` words from public word frequencies (the `wordfreq` package, offline): no user's text.
+
+        wordfreq's top list, most frequent first, mapped through this project's tokenizer
+        (models.tokenizer.tokenize: NFC, folded apostrophes, lowercase); an entry the tokenizer
+        splits ("u.s", "1st") gives its tokens in order, each once. wordfreq writes multi-digit
+        numbers as zeros ("00", "000"): those placeholders are skipped. wordfreq has no
+        punctuation, which a keyboard types in every message, so with `punctuation` the 32
+        ASCII marks (string.punctuation, as the tokenizer sees them: 31, "`" folds to "'") take the
+        last places of the `size`.
+        """
+        import string
+
+        from wordfreq import top_n_list
+
+        from models.tokenizer import tokenize
+
+        marks = list(dict.fromkeys(t for m in string.punctuation for t in tokenize(m))) if punctuation else []
+        room = size - len(marks)
+        if room < 0:
+            raise VocabularyError(f"a wordfreq vocabulary with punctuation needs size >= {len(marks)}")
+        words: list[str] = []
+        seen = set(marks) | set(SPECIAL_TOKENS)
+        n = max(2 * size, 1000)
+        while True:
+            ranked = top_n_list(lang, n, wordlist=wordlist)
+            for entry in ranked:
+                for tok in tokenize(entry):
+                    if tok in seen or (len(tok) > 1 and set(tok) == {"0"}):
+                        continue
+                    seen.add(tok)
+                    words.append(tok)
+                if len(words) >= room:
+                    break
+            if len(words) >= room or len(ranked) < n:
+                break
+            words, seen, n = [], set(marks) | set(SPECIAL_TOKENS), 2 * n  # the list ran short: ask for more
+        return cls([*words[:room], *marks])
+
     def __len__(self) -> int:
         return len(self.tokens)
 

@@ -17,10 +17,15 @@ class Settings:
     pretrain_examples: int = 64  # per client per round
     pretrain_max_train_clients: int | None = None
     pretrain_final_eval_sentences: int = 1000
+    # whose text is used where (docs/donors.md): "all" = TFF pre-trains on all training users and the
+    # fleet replays them too (today); "federated" = TFF pre-trains on the donors only (vocabulary too)
+    # and the fleet replays only the federated users, as in a deployment
+    population: str = "all"
     # the fleet and its rounds
     # 80 updates per round: DP noise on the mean is z * C * sqrt(goal / min_count) / goal = 0.013 per
     # weight, which the model absorbs (at 50 per round, 0.021, the noise made it diverge after 5 rounds
-    # with server momentum); 200 registered devices keep q = 0.4 and epsilon ~5.6 after 8 rounds
+    # with server momentum). No secret cohort draw (secure aggregation would need --selection-max-cohort): the
+    # server accounts q = 1 (no amplification) at delta 1e-6, epsilon ~17.9 (RDP) after 8 rounds
     devices: int = 200
     rounds: int = 8  # secure DP training rounds after the promotion
     round_goal: int = 80

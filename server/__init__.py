@@ -101,8 +101,11 @@ n_max}, threshold_fraction, neighbors, min_participants, stage_timeout_s, urls};
 public_key (signed by the key holder), keyholder_url, packing, upload_url}.
 Evaluate task: {type: "evaluate", round_id, candidate_version, baseline_version, model_urls, report_url, deadline}.
 Retry reasons: ineligible, not_initialized, training_stopped, no_round, aggregating, round_full, already_participated,
+awaiting_release (release gating: the last trained version is in its evaluation round; training resumes after),
 participation_limit (dp_mode ftrl: the device took part too recently for the participation rule; retry_after
-estimates when it may: the rounds still to be released times a recent round's length, at most retry_max_s).
+estimates when it may: the rounds still to be released times a recent round's length, at most retry_max_s),
+not_selected (selection_q: the device is outside this round's secret cohort draw; retry_after: when the round
+is expected to end).
 
 Update upload
 -------------
@@ -132,10 +135,17 @@ ceil(goal * over_admit); at goal, or at the deadline with >= min_count updates, 
 below min_count at the deadline it is abandoned and a new round opens on the same base.
 Mean: uniform for DP rounds, example-weighted otherwise, streamed into one float64 sum; trimmed_mean /
 median (dp_mode none or local only) read the stored updates chunk by chunk. Server optimizer turns the
-aggregate into a new version; DP rounds add (noise_multiplier, q = aggregated / registered devices) to the
-dp_accounting ledger and the round records the cumulative epsilon (delta = 1/population^1.1 by default).
+aggregate into a new version; DP rounds add (noise_multiplier, q) to the dp_accounting ledger and the round
+records the cumulative epsilon at dp_delta (1e-6 by default). q = selection_q when set: DP-FedAvg's cohort is
+then a secret Poisson draw (HMAC-SHA256 of the device id under a key from the round's secret seed < q * 2^256;
+strategy/dp.py), no goal or admission cap cuts it first-come (the round runs to its deadline) unless
+selection_max_cohort caps it (accounted at sensitivity 2C). Without selection_q, q = 1: no amplification.
+Every privacy report (/v1/admin/privacy, /v1/model/info, /v1/admin/status) names the mechanism and carries a
+`guarantee` sentence (models.dp.guarantee_sentence).
 Evaluation rounds send a staged candidate to candidate_eval_fraction of devices; it is promoted (as a new
-version) only if its recall >= the baseline's - promotion_tolerance. Promotion, rollback and admin pushes
+version) only if its recall >= the baseline's - promotion_tolerance. With release_gate eval (the default) a
+version a training round produced goes through the same evaluation before it is served: released (it becomes
+global) or held back with the reason (/v1/admin/versions release_state / release_reason). Promotion, rollback and admin pushes
 abandon the open training round (reason global_changed) and reset the optimizer state.
 
 Secure aggregation (secure_aggregation secagg | paillier; aggregator mean, clip_norm > 0): the server never

@@ -8,6 +8,9 @@ Every ServerConfig field is a flag (--round-goal 100, --dp-mode distributed, --n
 --init-bundle / --init-preset only act on a data dir that has no model yet.
 HTTPS: --tls-cert FILE --tls-key FILE, or --tls-self-signed (created once in the data dir; its path and
 SHA-256 fingerprint are printed for the devices' --ca-file / --pin-sha256).
+DP settings whose noise would swamp the model (a round's expected noise norm on the mean of min_count
+updates above --max-noise-to-clip, default 10, times the clip; server/dp_sanity.py) are refused at start-up
+with the numbers and the knobs to turn; --allow-noisy-dp starts anyway, with a warning.
 """
 from __future__ import annotations
 
@@ -116,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from server import bootstrap
+    from server import bootstrap, dp_sanity
     from server.app import create_app
     from server.services import build_services
 
@@ -127,12 +130,23 @@ def main(argv: list[str] | None = None) -> int:
             model_config, vocab, weights, info = bootstrap.from_bundle(args.init_bundle)
         else:
             model_config, vocab, weights, info = bootstrap.from_preset(args.init_preset, args.vocab_file, config.seed)
+        # the DP noise check before the model is stored: a refused start leaves the data dir as it was
+        if (refusal := dp_sanity.startup_refusal(config, model_config.num_parameters())) is not None:
+            print(f"python -m server: refusing to start: {refusal}", file=sys.stderr)
+            return 2
         models.initialize(model_config, vocab, weights, info)
-    elif models.initialized and (args.init_bundle or args.init_preset):
-        log.info("data dir already holds a model (config %s); --init-* ignored", models.model_config.config_hash())
-    elif not models.initialized:
-        log.warning("no model yet: devices are told to retry until an admin calls POST /v1/admin/init")
+    else:
+        if models.initialized and (args.init_bundle or args.init_preset):
+            log.info("data dir already holds a model (config %s); --init-* ignored", models.model_config.config_hash())
+        elif not models.initialized:
+            log.warning("no model yet: devices are told to retry until an admin calls POST /v1/admin/init")
+        if (refusal := dp_sanity.startup_refusal(config, models.dim if models.initialized else None)) is not None:
+            print(f"python -m server: refusing to start: {refusal}", file=sys.stderr)
+            return 2
 
+    if config.dp_mode in ("central", "distributed", "local") and config.selection_q is None:
+        log.warning("dp_mode %s without --selection-q: no secret cohort draw, so epsilon is accounted with no "
+                    "amplification by sampling (q = 1: every device in every round)", config.dp_mode)
     try:
         tls_files = _tls_files(config)
     except (ValueError, OSError, ssl.SSLError) as exc:

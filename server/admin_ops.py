@@ -1,7 +1,8 @@
 """Admin changes of the model line: start/stop training, push a model, discard the candidate, roll back.
 
 Every change of the global model creates a new version (versions only grow) and abandons the open
-training round, whose base is no longer the global model (RoundManager.set_global).
+training round, whose base is no longer the global model, and supersedes a trained version awaiting its
+release evaluation (RoundManager.set_global).
 """
 from __future__ import annotations
 
@@ -32,6 +33,10 @@ class AdminOps:
         with m.lock:
             with self.db.write():
                 self.db.set_meta("training_enabled", bool(enabled))
+                # a start clears why training stopped, and the held-back streak that may have stopped it
+                self.db.set_meta("training_stopped_reason", None if enabled else "stopped by an admin")
+                if enabled:
+                    self.db.set_meta("held_back_streak", 0)
                 doomed: Doomed = []
                 train = self.db.active_round("train")
                 if not enabled and train is not None and train.state == "open":
@@ -71,8 +76,10 @@ class AdminOps:
             m.ensure_rounds()
             ev = self.db.active_round("eval")
         log.info("model pushed as version %d (%s)", version, "global" if promote else "candidate")
+        # the open evaluation round may still be a trained version's (release gating): the candidate waits
         return {"version": version, "state": "global" if promote else "candidate",
-                "eval_round_id": ev.id if (ev and not promote) else None, "sha256": sha}
+                "eval_round_id": ev.id if (ev and not promote and ev.candidate_version == version) else None,
+                "sha256": sha}
 
     def _discard_candidate_rows(self, reason: str) -> Doomed:
         cand = self.models.candidate_version()
@@ -81,9 +88,11 @@ class AdminOps:
             return doomed
         row = self.db.get_model(cand)
         if row is not None and row["candidate_state"] == "pending":
-            self.db.update_model(cand, candidate_state="discarded")
+            why = "discarded by an admin" if reason == "discarded" else "superseded by a newer pushed candidate"
+            self.db.update_model(cand, candidate_state="discarded",
+                                 info=dict(row["info"], release={"state": "discarded", "reason": why}))
         ev = self.db.active_round("eval")
-        if ev is not None and ev.state == "open":
+        if ev is not None and ev.state == "open" and ev.candidate_version == cand:  # not a trained version's
             doomed = self.m.abandon_rows(ev, reason)
         self.db.set_meta("candidate_version", None)
         return doomed

@@ -12,15 +12,20 @@ import os
 from pathlib import Path
 from typing import Any
 
-from models.dp import ACCOUNTANTS, DP_MODES, FTRL_DEFAULT_DELTA, FTRL_RULES
+from models.dp import ACCOUNTANTS, DEFAULT_DELTA, DP_MODES, FTRL_RULES
+from models.dp_noise_check import DEFAULT_MAX_NOISE_TO_CLIP
 from models.fedavg import SERVER_OPTIMIZERS, FedAvgHyperparams, task_fields
 
 AGGREGATORS = ("mean", "trimmed_mean", "median")
 SERVER_DP_MODES = (*DP_MODES, "ftrl")  # ftrl: central DP-FTRL, tree-aggregated noise (server/strategy/dp.py FtrlDP)
 FTRL_OPTIMIZERS = ("sgd", "momentum")
 SECURE_AGGREGATION = ("none", "secagg", "paillier")
+SELECTION_DP_MODES = ("central", "distributed", "local")  # DP-FedAvg: the modes --selection-q applies to
+# An uncapped selection round's frozen goal and max_admitted: never reached, so the cohort is the draw.
+SELECTION_UNCAPPED = 1_000_000_000
 KEYHOLDER_TOKEN_ENV = "FK_KEYHOLDER_TOKEN"
 WIRE_DTYPES = ("float32", "float16", "int8", "int16")
+RELEASE_GATES = ("eval", "off")  # eval: a trained version is served only after an evaluation round passes it
 ADMIN_TOKEN_ENV = "FK_ADMIN_TOKEN"
 REGISTRATION_KEY_ENV = "FK_REGISTRATION_KEY"
 
@@ -69,7 +74,15 @@ class ServerConfig:
     dp_mode: str = "none"  # none | central | distributed | local (see models/dp.py) | ftrl (DP-FTRL, below)
     clip_norm: float = 1.0  # L2 bound on each device delta; 0 disables clipping (dp_mode none only)
     noise_multiplier: float = 0.0  # z: total noise stddev on the sum = z * clip_norm
-    dp_delta: float | None = None  # default: 1 / population^1.1 (DP-FTRL: 1e-6)
+    dp_delta: float = DEFAULT_DELTA  # the delta every epsilon is reported at (1e-6 unless set)
+    # DP-FedAvg (dp_mode central / distributed / local): the round's cohort is a secret Poisson draw, each
+    # device in it with probability selection_q (server/strategy/dp.py), and the accountant uses that q.
+    # None: no draw; the accountant then assumes every device in every round (q = 1, no amplification).
+    # With a draw the cohort is not cut first-come: round_goal and over_admit do not apply, the round runs to
+    # its deadline (released with >= min_count uploads). selection_max_cohort caps the cohort instead (needed
+    # by secure aggregation, which sizes its encoding for it); a capped cohort is accounted at sensitivity 2C.
+    selection_q: float | None = None
+    selection_max_cohort: int | None = None
     # DP-FTRL (dp_mode ftrl): the participation rule admission enforces and the accountant assumes
     ftrl_rule: str = "restart"  # restart: each device in <= 1 round per period, tree restarted | min_separation
     ftrl_restart_rounds: int = 10  # restart: the period (rounds released per tree)
@@ -78,6 +91,10 @@ class ServerConfig:
     ftrl_efficient: bool = True  # Honaker's efficient tree (TFF's default) or the plain binary tree
     accountant: str = "rdp"  # rdp | pld
     norm_sigmas: float = 6.0  # how far past E||noise|| an upload's norm may go before norm_exceeded
+    # DP noise check (models/dp_noise_check.py, server/dp_sanity.py): refuse to start when the expected norm of a
+    # round's noise on the mean (min_count updates) exceeds this many clips, unless allow_noisy_dp (then warn)
+    max_noise_to_clip: float = DEFAULT_MAX_NOISE_TO_CLIP
+    allow_noisy_dp: bool = False
 
     # --- secure aggregation (server/secagg/, server/paillier/): none | secagg (Bonawitz et al. masking) | paillier
     secure_aggregation: str = "none"
@@ -125,6 +142,10 @@ class ServerConfig:
     eval_deadline_s: float = 600.0
     promotion_tolerance: float = 0.0  # promote iff candidate recall >= global recall - tolerance
     promotion_loss_tolerance: float | None = None  # optional: and candidate loss <= global loss + this
+    # --- release gating: a version produced by training rounds is evaluated (an evaluation round against
+    # the served version, with the tolerances above) before it is served; off: served at once
+    release_gate: str = "eval"  # eval | off
+    max_rejected_versions: int = 0  # stop training after this many consecutive held-back versions (0: never)
 
     # --- pace steering (seconds a device is told to wait)
     retry_ineligible_s: int = 600
@@ -164,10 +185,24 @@ class ServerConfig:
         need(self.accountant in ACCOUNTANTS, f"accountant must be one of {ACCOUNTANTS}")
         need(self.clip_norm >= 0 and math.isfinite(self.clip_norm), "clip_norm must be >= 0")
         need(self.noise_multiplier >= 0, "noise_multiplier must be >= 0")
+        need(self.max_noise_to_clip > 0 and math.isfinite(self.max_noise_to_clip), "max_noise_to_clip must be > 0")
         if self.dp_mode != "none":
             need(self.clip_norm > 0, "DP modes need clip_norm > 0")
             need(self.noise_multiplier > 0, "DP modes need noise_multiplier > 0")
-        need(self.dp_delta is None or 0 < self.dp_delta < 1, "dp_delta must be in (0, 1)")
+        if self.dp_delta is None:  # a config file's explicit null: the default
+            self.dp_delta = DEFAULT_DELTA
+        need(0 < self.dp_delta < 1, "dp_delta must be in (0, 1)")
+        need(self.selection_q is None or 0 < self.selection_q <= 1, "selection_q must be in (0, 1]")
+        if self.selection_q is not None:
+            need(self.dp_mode in SELECTION_DP_MODES, "selection_q is DP-FedAvg's cohort draw (dp_mode central, "
+                 "distributed or local); DP-FTRL has its own participation rule")
+            need(self.selection_max_cohort is not None or self.secure_aggregation == "none",
+                 "secure aggregation sizes its encoding for a bounded cohort: with selection_q set "
+                 "selection_max_cohort")
+        need(self.selection_max_cohort is None or self.selection_q is not None,
+             "selection_max_cohort caps the cohort of selection_q: set selection_q")
+        need(self.selection_max_cohort is None or self.selection_max_cohort >= self.min_count,
+             "selection_max_cohort must be >= min_count")
         need(self.aggregator in AGGREGATORS, f"aggregator must be one of {AGGREGATORS}")
         need(0 <= self.trim_fraction < 0.5, "trim_fraction must be in [0, 0.5)")
         # Distributed noise only protects a sum, and central noise is calibrated to the mean's
@@ -195,6 +230,11 @@ class ServerConfig:
         need(0 <= self.candidate_eval_fraction <= 1, "candidate_eval_fraction must be in [0, 1]")
         need(1 <= self.eval_min_count <= self.eval_goal, "eval_min_count must be in [1, eval_goal]")
         need(self.promotion_tolerance >= 0, "promotion_tolerance must be >= 0")
+        need(self.release_gate in RELEASE_GATES, f"release_gate must be one of {RELEASE_GATES}")
+        need(self.max_rejected_versions >= 0, "max_rejected_versions must be >= 0 (0: never stop)")
+        # a gated version waits for devices to evaluate it: with none sampled, training would wait forever
+        need(self.release_gate == "off" or self.candidate_eval_fraction > 0,
+             "release_gate eval needs candidate_eval_fraction > 0")
         need(self.max_examples_per_update >= 1, "max_examples_per_update must be >= 1")
         need(self.tick_s > 0, "tick_s must be > 0")
         need(self.secure_aggregation in SECURE_AGGREGATION, f"secure_aggregation must be one of {SECURE_AGGREGATION}")
@@ -245,10 +285,13 @@ class ServerConfig:
 
     def round_params(self) -> dict[str, Any]:
         """The parameters frozen into a training round when it opens."""
+        # With a selection draw the cohort is the draw: no goal and no admission cap cut it first-come
+        # (only selection_max_cohort, accounted for); see selection_q above.
+        cohort = None if self.selection_q is None else self.selection_max_cohort or SELECTION_UNCAPPED
         return {
-            "goal": self.round_goal,
+            "goal": self.round_goal if cohort is None else cohort,
             "min_count": self.min_count,
-            "max_admitted": self.max_admitted,
+            "max_admitted": self.max_admitted if cohort is None else cohort,
             "deadline_s": self.deadline_s,
             **task_fields(self.fedavg),  # epochs, batch_size, learning_rate: the task's names for them
             "dp_mode": self.dp_mode,
@@ -270,12 +313,14 @@ class ServerConfig:
             **({"ftrl_rule": self.ftrl_rule, "ftrl_restart_rounds": self.ftrl_restart_rounds,
                 "ftrl_min_separation": self.ftrl_min_separation, "ftrl_max_participations": self.ftrl_max_participations,
                 "ftrl_efficient": self.ftrl_efficient} if self.dp_mode == "ftrl" else {}),
+            **({"selection_q": self.selection_q, "selection_max_cohort": self.selection_max_cohort}
+               if self.selection_q is not None else {}),
         }
 
     @property
-    def delta_default(self) -> float | None:
-        """The configured delta, else DP-FTRL's fixed default (None: 1 / population^1.1 at report time)."""
-        return self.dp_delta if self.dp_delta is not None else FTRL_DEFAULT_DELTA if self.dp_mode == "ftrl" else None
+    def delta_default(self) -> float:
+        """The delta every epsilon is reported at (dp_delta: 1e-6 unless set)."""
+        return self.dp_delta
 
     def eval_params(self) -> dict[str, Any]:
         return {

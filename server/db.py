@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS models (
     size            INTEGER NOT NULL,
     parent_version  INTEGER,            -- base of a round, candidate promoted, version rolled back to
     round_id        INTEGER,
-    candidate_state TEXT,               -- pushed models: pending | promoted | rejected | discarded
+    candidate_state TEXT,               -- pushed models: pending | promoted | rejected | discarded; trained
+                                        -- versions under release gating: pending | released | held_back | superseded
     was_global      INTEGER NOT NULL DEFAULT 0,  -- 1 once it has served as the global model
     opt_state_file  TEXT,               -- server optimizer state after producing this version
     note            TEXT,

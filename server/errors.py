@@ -41,6 +41,7 @@ REASONS: dict[str, int] = {
     "bad_report": 400,            # evaluation report for the wrong models or with invalid values
     # admin
     "already_initialized": 409,
+    "dp_too_noisy": 422,          # this model under the server's DP settings: round noise beyond --max-noise-to-clip
     "no_candidate": 409,
     "already_global": 409,        # rollback target is the current global model
     "not_a_global_version": 409,  # rollback target was never a global model

@@ -1,8 +1,9 @@
 """Evaluation rounds, the pure part: the evaluate task, report validation, the summary and the decision.
 
-A staged candidate is sent to a fraction of devices, which report recall and loss of the candidate and
-of the round's baseline; it is promoted only if it is not worse (promotion_tolerance, and optionally
-promotion_loss_tolerance). The durable side (rows, versions) is in server/rounds.py.
+A staged candidate (pushed by an admin, or, with release gating, a version a training round produced) is
+sent to a fraction of devices, which report recall and loss of the candidate and of the round's baseline
+(the served version); it is promoted / released only if it is not worse (promotion_tolerance, and
+optionally promotion_loss_tolerance). The durable side (rows, versions) is in server/round_close.py.
 """
 from __future__ import annotations
 
@@ -78,8 +79,22 @@ def summarize(reports: Iterable[dict[str, Any]]) -> dict[int, dict[str, float]]:
 
 
 def promote(cand: dict[str, float], base: dict[str, float], params: EvalParams) -> bool:
-    return cand["recall"] >= base["recall"] - params.promotion_tolerance and (
-        params.promotion_loss_tolerance is None or cand["loss"] <= base["loss"] + params.promotion_loss_tolerance)
+    return shortfall(cand, base, params) is None
 
 
-__all__ = ["evaluate_task", "in_sample", "promote", "report_sha", "summarize", "validate_results"]
+def shortfall(cand: dict[str, float], base: dict[str, float], params: EvalParams) -> str | None:
+    """Why the candidate regresses beyond the tolerances against the baseline (the served version), or None.
+
+    E.g. "recall 0.081 vs served 0.112 on 14 devices, tolerance 0.005": what a held-back version's row records.
+    """
+    devices = f"on {cand.get('devices', 0)} devices"
+    if cand["recall"] < base["recall"] - params.promotion_tolerance:
+        return (f"recall {cand['recall']:.3f} vs served {base['recall']:.3f} {devices}, "
+                f"tolerance {params.promotion_tolerance:g}")
+    tol = params.promotion_loss_tolerance
+    if tol is not None and cand["loss"] > base["loss"] + tol:
+        return f"loss {cand['loss']:.3f} vs served {base['loss']:.3f} {devices}, loss tolerance {tol:g}"
+    return None
+
+
+__all__ = ["evaluate_task", "in_sample", "promote", "report_sha", "shortfall", "summarize", "validate_results"]

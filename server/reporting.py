@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from models import dp
 from server.round import Round
 
 if TYPE_CHECKING:
@@ -29,7 +30,21 @@ def round_summary(manager: RoundManager, rnd: Round | None) -> dict[str, Any] | 
                outcome=rnd.outcome, params=rnd.params_dict)
     if rnd.protocol != "none":
         out["secure_aggregation"] = manager.strategy(rnd).protocol_summary(rnd)
+    if rnd.kind == "train":
+        out["mechanism"] = round_mechanism(rnd)
     return out
+
+
+def round_mechanism(rnd: Round) -> str:
+    """The privacy mechanism of a training round's release, as the privacy report names it
+    (models.dp.mechanism_label): DP-FTRL, DP-FedAvg with selection q / without sampling, or none."""
+    mode = rnd.params_dict.get("dp_mode", "none")
+    if mode == "none":
+        return "none"
+    if mode == "ftrl":
+        return dp.mechanism_label("dp-ftrl")
+    q = rnd.params_dict.get("selection_q")
+    return dp.mechanism_label("dp-fedavg", [1.0 if q is None else float(q)])
 
 
 class Reporter:
@@ -111,4 +126,4 @@ class Reporter:
         return self.m.metrics.render(gauges)
 
 
-__all__ = ["Reporter", "round_summary"]
+__all__ = ["Reporter", "round_summary", "round_mechanism"]

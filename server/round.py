@@ -81,6 +81,11 @@ class TrainParams(CohortParams):
     ftrl_min_separation: int = 0
     ftrl_max_participations: int = 1
     ftrl_efficient: bool = True
+    # DP-FedAvg's secret Poisson selection (server/strategy/dp.py): each device in the round's cohort with
+    # probability selection_q (None: no selection, accounted without amplification); selection_max_cohort:
+    # the cap on that cohort, if any (then one device may displace another: sensitivity 2C)
+    selection_q: float | None = None
+    selection_max_cohort: int | None = None
 
     @property
     def ftrl(self) -> FtrlRule:

@@ -1,10 +1,19 @@
 """Closing rounds into model versions: a training round's aggregate through the server optimizer, an
-evaluation round's decision (promote or reject the candidate). Every close is one transaction.
+evaluation round's decision (promote or reject a pushed candidate, release or hold back a trained
+version). Every close is one transaction.
 
 Aggregation runs in the round worker (RoundManager.tick): the strategy's finalize (the heavy math)
-runs outside the lock; the new version's file is durable before the transaction that makes it global,
-records the DP ledger event and closes the round. A crash before that commit leaves the round
-"aggregating": the next start aggregates it again, with the same updates, order and noise seed.
+runs outside the lock; the new version's file is durable before the transaction that makes it global
+(or, with release gating, stores it awaiting its evaluation), records the DP ledger event and closes the
+round. A crash before that commit leaves the round "aggregating": the next start aggregates it again,
+with the same updates, order and noise seed.
+
+Release gating (release_gate eval) and what belongs to a version:
+* the DP ledger event and DP-FTRL's tree are committed at aggregation whatever the evaluation decides:
+  the aggregate was released to the evaluating devices, and holding a version back is post-processing;
+* the server optimizer state after the step is the new version's (opt_state_file); the base's state stays
+  until the decision: released, the base's is deleted (as without gating); held back, the new version's
+  is deleted and the next round trains the served version from the served version's state.
 """
 from __future__ import annotations
 
@@ -15,13 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from server import evaluation
+from server import dp_sanity, evaluation
 from server.errors import SecureAggregationFailed
 from server.optimizers import ServerOptimizer
 from server.round import EvalParams, Round
 
 if TYPE_CHECKING:
-    from server.rounds import RoundManager
+    from server.rounds import Doomed, RoundManager
 
 log = logging.getLogger("server.rounds")
 
@@ -75,6 +84,7 @@ class RoundCloser:
                     m.abandon(rnd, exc.reason)
             return
         base = m.models.flat_weights(base_version).astype(np.float64)
+        gated = m.config.release_gate == "eval"
         optimizer = ServerOptimizer.from_config(m.config)
         base_row = db.get_model(base_version)
         if base_row.get("opt_state_file"):
@@ -102,6 +112,13 @@ class RoundCloser:
                        "aggregator": strategy.name, "examples": int(sum(r["num_examples"] for r in rows)),
                        "delta_norm": float(np.linalg.norm(delta)), "local_metrics": local_metrics,
                        "result_version": version}
+            noise = dp_sanity.round_noise_summary(rnd.train, n, m.dim, max_noise_to_clip=m.config.max_noise_to_clip,
+                                                  server_optimizer=m.config.server_optimizer,
+                                                  server_lr=m.config.server_lr)
+            if noise:
+                outcome["dp_noise"] = noise
+                if noise.get("too_noisy"):
+                    log.warning("round %d: %s", round_id, noise["message"])
             files = [r["file"] for r in rows]
             try:
                 dp_fields = m.account.record(strategy.ledger_event(rnd.train, n, population), population)
@@ -109,10 +126,13 @@ class RoundCloser:
                     released = strategy.commit_release(round_id, [r["device_id"] for r in rows])  # DP-FTRL's tree
                     db.add_model(version, source="round", file=rel, sha256=sha, size=size,
                                  parent_version=base_version, round_id=round_id, opt_state_file=opt_rel,
-                                 info={"round_id": round_id, "aggregated": n}, was_global=True)
-                    if base_row.get("opt_state_file"):
-                        db.update_model(base_version, opt_state_file=None)
-                    db.set_meta("global_version", version)
+                                 info={"round_id": round_id, "aggregated": n}, was_global=not gated,
+                                 candidate_state="pending" if gated else None)
+                    if gated:  # served only once its evaluation round passes it (decide_eval)
+                        db.set_meta("release_pending", version)
+                    else:
+                        self._drop_opt_state(base_row)
+                        db.set_meta("global_version", version)
                     db.update_round(round_id, state="closed", closed_at=time.time(), result_version=version,
                                     outcome=outcome, **dp_fields)
                     db.clear_update_files(round_id)
@@ -123,14 +143,19 @@ class RoundCloser:
             m.drop_state(round_id)
             if released is not None:
                 released()
-            if base_row.get("opt_state_file"):
-                m.store.delete(base_row["opt_state_file"])
             m.delete_round_files([(round_id, files)])
             m.ensure_rounds()
         m.metrics.inc("fk_rounds_finished_total", {"kind": "train", "state": "closed"})
         m.metrics.observe("fk_aggregation_seconds", time.perf_counter() - t0)
-        log.info("round %d aggregated %d updates (%s) into version %d%s", round_id, n, strategy.name, version,
-                 f", epsilon {dp_fields['epsilon']:.4g}" if dp_fields else "")
+        log.info("round %d aggregated %d updates (%s) into version %d%s%s", round_id, n, strategy.name, version,
+                 f", epsilon {dp_fields['epsilon']:.4g}" if dp_fields else "",
+                 ", awaiting its evaluation" if gated else "")
+
+    def _drop_opt_state(self, row: dict[str, Any]) -> None:
+        """Inside a transaction: the version's optimizer state is no longer needed (deleted after commit)."""
+        if row.get("opt_state_file"):
+            self.m.db.update_model(row["version"], opt_state_file=None)
+            self.m.retire_file(row["opt_state_file"])
 
     # ------------------------------------------------------------------ evaluation rounds
     def decide_eval(self, rnd: Round) -> None:
@@ -150,9 +175,14 @@ class RoundCloser:
             with db.write():
                 db.update_round(rnd.id, state="closed", closed_at=now, outcome=outcome)
             return
+        if row["source"] == "round":  # release gating: a trained version, not a pushed candidate
+            self._decide_release(rnd, row, cand, base, outcome)
+            return
         info = dict(row["info"], evaluation={"round_id": rnd.id, **outcome})
         if not promote:
             outcome["decision"] = "rejected"
+            info["release"] = {"state": "held_back",
+                               "reason": f"held back: {evaluation.shortfall(cand, base, rnd.params)}"}
             with db.write():
                 db.update_model(cand_v, candidate_state="rejected", info=info)
                 db.set_meta("candidate_version", None)
@@ -176,6 +206,52 @@ class RoundCloser:
         m.delete_round_files(doomed)
         log.info("candidate %d promoted as version %d: recall %.4f vs %.4f", cand_v, version, cand["recall"],
                  base["recall"])
+
+    def _decide_release(self, rnd: Round, row: dict[str, Any], cand: dict[str, Any], base: dict[str, Any],
+                        outcome: dict[str, Any]) -> None:
+        """Release a trained version (it becomes global) or hold it back; then the next training round opens."""
+        m, db = self.m, self.m.db
+        assert isinstance(rnd.params, EvalParams)
+        version, base_v = rnd.candidate_version, rnd.base_version
+        why = evaluation.shortfall(cand, base, rnd.params)
+        if why is None and m.models.global_version() != base_v:  # set_global supersedes first; belt and braces
+            why = f"the served version changed to {m.models.global_version()} during the evaluation"
+        evaluated = {"round_id": rnd.id, **outcome}
+        doomed: Doomed = []
+        with db.write():
+            db.set_meta("release_pending", None)
+            if why is None:
+                outcome.update(decision="released", result_version=version)
+                db.update_model(version, candidate_state="released",
+                                info=dict(row["info"], evaluation=evaluated, release={"state": "released"}))
+                db.set_meta("held_back_streak", 0)
+                self._drop_opt_state(db.get_model(base_v))  # training continues from the released version's
+                doomed = m.set_global(version)
+            else:
+                outcome.update(decision="held_back", reason=f"held back: {why}")
+                db.update_model(version, candidate_state="held_back", opt_state_file=None,
+                                info=dict(row["info"], evaluation=evaluated,
+                                          release={"state": "held_back", "reason": outcome["reason"]}))
+                m.retire_file(row["opt_state_file"])  # never a base: training continues from the served version
+                self._count_held_back(version, why)
+            db.update_round(rnd.id, state="closed", closed_at=time.time(), outcome=outcome,
+                            result_version=outcome.get("result_version"))
+        m.delete_round_files(doomed)
+        log.info("version %d %s: recall %.4f vs served %.4f (version %d)", version,
+                 "released" if why is None else f"held back ({why})", cand["recall"], base["recall"], base_v)
+        m.ensure_rounds()
+
+    def _count_held_back(self, version: int, why: str) -> None:
+        """Inside the decision's transaction: one more held-back version in a row; stop training at the limit."""
+        db, limit = self.m.db, self.m.config.max_rejected_versions
+        streak = int(db.get_meta("held_back_streak", 0) or 0) + 1
+        db.set_meta("held_back_streak", streak)
+        if limit and streak >= limit and db.get_meta("training_enabled", False):
+            reason = (f"stopped after {streak} consecutive held-back versions (max_rejected_versions {limit}); "
+                      f"the last, version {version}: {why}")
+            db.set_meta("training_enabled", False)
+            db.set_meta("training_stopped_reason", reason)
+            log.warning("training %s", reason)
 
 
 __all__ = ["RoundCloser", "mean_metrics"]

@@ -5,8 +5,12 @@ Rounds (a Gboard round, Bonawitz et al. 2019):
     open --(goal reached, or deadline with >= min_count)--> aggregating --> closed (new model version)
     open --(deadline with < min_count | training stopped | global model replaced)--> abandoned
 
-* A training round opens whenever training is enabled and no training round is open or
-  aggregating; its base is the global model of that moment and its parameters are frozen into it.
+* A training round opens whenever training is enabled, no training round is open or aggregating
+  and no trained version awaits its evaluation; its base is the global model of that moment and its
+  parameters are frozen into it.
+* Release gating (release_gate eval): the version a training round produces is not served at once;
+  an evaluation round compares it with the served version (server/round_close.py releases it or holds
+  it back), and only then does the next training round open: train -> evaluate -> train.
 * Its deadline starts at the first admission (an idle server does not abandon empty rounds).
 * Check-in admits eligible devices (charging, unmetered, idle) up to ceil(goal * over_admit);
   everyone else is told when to come back (pace steering).
@@ -82,6 +86,7 @@ class RoundManager:
         self._protocols: dict[str, SecureProtocol] = {}
         self.ftrl = FtrlTreeStore(config, db, store)  # DP-FTRL's noise tree and participations (dp_mode ftrl)
         self._background: list[Background] = [self.ftrl]
+        self._retired: list[str] = []  # model-side files (optimizer states) to delete once their rows let go
         self.account = PrivacyAccount(config, db, self.lock, self._strategy_for_params)
         self.closer = RoundCloser(self)
 
@@ -125,25 +130,39 @@ class RoundManager:
             self.delete_round_files(doomed)
 
     # ================================================================== rounds: creation
+    def _training_due(self) -> bool:
+        """Training is on, no training round is active and no trained version awaits its evaluation."""
+        m = self.models
+        return m.training_enabled() and m.release_pending() is None and self.db.active_round("train") is None
+
+    def _due_candidate(self) -> int | None:
+        """The version an evaluation round should open for now: a trained version awaiting release first
+        (training waits for it), else an admin's pending candidate; None when one is active or none waits."""
+        if self.db.active_round("eval") is not None:
+            return None
+        for cand in (self.models.release_pending(), self.models.candidate_version()):
+            row = self.db.get_model(cand) if cand is not None else None
+            if row is not None and row["candidate_state"] == "pending":
+                return cand
+        return None
+
     def ensure_rounds(self) -> None:
         """Open a training round / evaluation round where one is due (caller holds the lock)."""
         m = self.models
         if not m.initialized:
             return
-        if m.training_enabled() and self.db.active_round("train") is None:
+        if self._training_due():
             with self.db.write():
                 rid = self.db.create_round(kind="train", base_version=m.global_version(),
                                            params=self.config.round_params(), seed=secrets.randbits(63))
             log.info("opened training round %d on version %s", rid, m.global_version())
-        cand = m.candidate_version()
-        if cand is not None and self.db.active_round("eval") is None:
-            row = self.db.get_model(cand)
-            if row is not None and row["candidate_state"] == "pending":
-                with self.db.write():
-                    rid = self.db.create_round(kind="eval", base_version=m.global_version(),
-                                               candidate_version=cand, params=self.config.eval_params(),
-                                               seed=secrets.randbits(63))
-                log.info("opened evaluation round %d: candidate %d vs global %s", rid, cand, m.global_version())
+        cand = self._due_candidate()
+        if cand is not None:
+            with self.db.write():
+                rid = self.db.create_round(kind="eval", base_version=m.global_version(),
+                                           candidate_version=cand, params=self.config.eval_params(),
+                                           seed=secrets.randbits(63))
+            log.info("opened evaluation round %d: candidate %d vs global %s", rid, cand, m.global_version())
 
     def _retry(self, seconds: float, reason: str, device_id: str | None = None) -> dict[str, Any]:
         seconds = min(max(seconds, self.config.retry_min_s), self.config.retry_max_s)
@@ -182,6 +201,10 @@ class RoundManager:
                     and self.db.count_admitted(ev.id) < ev.params.max_admitted:
                 return self._answer_task(self._admit(ev, device_id, now))
             if train is None:
+                if self.models.training_enabled() and self.models.release_pending() is not None:
+                    # the next training round opens as soon as the evaluation round decides the last version
+                    # (it closes at its goal): come back soon, as while a round aggregates
+                    return self._retry(self.config.retry_min_s, "awaiting_release", device_id)
                 reason = "training_stopped" if not self.models.training_enabled() else "no_round"
                 return self._retry(self.config.retry_idle_s, reason, device_id)
             if train.state != "open":
@@ -433,21 +456,56 @@ class RoundManager:
         return [(rid, files)]
 
     def delete_round_files(self, doomed: Doomed) -> None:
+        """After a commit: delete the update files of `doomed` rounds and the model-side files retired."""
+        self.delete_retired_files()
         if self.config.keep_update_blobs:
             return
         for rid, files in doomed:
             self.store.delete_round_updates(rid, files)
 
+    def retire_file(self, rel: str | None) -> None:
+        """Inside a transaction that stops referencing `rel` (an optimizer state): delete it after the commit."""
+        if rel:
+            self._retired.append(rel)
+
+    def delete_retired_files(self) -> None:
+        """Delete retired files no row references (a rolled-back transaction still does: those stay)."""
+        if not self._retired:
+            return
+        live = self.db.live_model_files()
+        for rel in self._retired:
+            if rel not in live:
+                self.store.delete(rel)
+        self._retired.clear()
+
     def set_global(self, version: int) -> Doomed:
-        """Inside a transaction: make `version` global; the open training round no longer fits, so abandon it."""
+        """Inside a transaction: make `version` global; the open training round no longer fits, so abandon it,
+        and a trained version awaiting release (trained on the old global model) is superseded."""
         self.db.set_meta("global_version", version)
         self.db.update_model(version, was_global=1)
-        doomed: Doomed = []
+        doomed = self._supersede_release(version)
         train = self.db.active_round("train")
         if train is not None and train.state == "open" and train.base_version != version:
-            doomed = self.abandon_rows(train, "global_changed")
+            doomed += self.abandon_rows(train, "global_changed")
         self.models.cache_weights(None)
         return doomed
+
+    def _supersede_release(self, version: int) -> Doomed:
+        """Inside a transaction: drop the trained version awaiting release (another one became global)."""
+        pending = self.models.release_pending()
+        if pending is None or pending == version:
+            return []
+        row = self.db.get_model(pending)
+        reason = f"superseded: version {version} became global before the evaluation decided"
+        self.db.update_model(pending, candidate_state="superseded", opt_state_file=None,
+                             info=dict(row["info"], release={"state": "superseded", "reason": reason}))
+        self.retire_file(row["opt_state_file"])  # its optimizer state must never be a base's
+        self.db.set_meta("release_pending", None)
+        ev = self.db.active_round("eval")
+        log.info("version %d: %s", pending, reason)
+        if ev is not None and ev.candidate_version == pending and ev.state == "open":
+            return self.abandon_rows(ev, "global_changed")
+        return []
 
     # ================================================================== lifecycle
     def recover(self) -> None:
@@ -471,10 +529,7 @@ class RoundManager:
         """Deadlines, new rounds, pending aggregations. Takes the lock only when something is due."""
         now = time.time()
         due = any(r.past_deadline(now) for r in self.db.rounds_in_state("open"))
-        m = self.models
-        missing = m.initialized and (
-            (m.training_enabled() and self.db.active_round("train") is None)
-            or (m.candidate_version() is not None and self.db.active_round("eval") is None))
+        missing = self.models.initialized and (self._training_due() or self._due_candidate() is not None)
         if due or missing:
             with self.lock:
                 self._expire_due(time.time())

@@ -1,7 +1,8 @@
 """The status page: plain HTML with server-rendered SVG charts (no JavaScript, nothing from the internet).
 
 Shows rounds over time, participants and dropouts per round, model versions, recall (evaluation
-rounds and devices' local training metrics) and the cumulative epsilon. Counts only, never content.
+rounds and devices' local training metrics) and the cumulative epsilon, and release gating: the version
+awaiting its evaluation, held-back versions with the reason, why training stopped. Counts only, never content.
 """
 from __future__ import annotations
 
@@ -167,6 +168,28 @@ def _recall_key(metrics: dict[str, float]) -> str | None:
     return next((k for k in sorted(metrics) if "recall" in k), None)
 
 
+def _release_rows(release: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Summary rows of release gating (server/versions.py ModelVersions.release_status)."""
+    if not release:
+        return []
+    if release.get("gate") != "eval":
+        return [("Release gate", "off: each trained version is served at once")]
+    limit = release.get("max_rejected_versions") or 0
+    return [("Release gate", "eval: each trained version is evaluated against the served one first"),
+            ("Awaiting evaluation", f"version {release['awaiting_evaluation']}"
+             if release.get("awaiting_evaluation") is not None else "none"),
+            ("Held back in a row", f"{release.get('consecutive_held_back', 0)}"
+             + (f" (training stops at {limit})" if limit else ""))]
+
+
+def _version_state(v: dict[str, Any]) -> str:
+    """The versions table's state: the release state where the listing has it (admin_routes adds it)."""
+    state = v.get("release_state")
+    if state is not None:
+        return "global" if state == "served" else state.replace("_", " ")
+    return "global" if v["is_global"] else ("candidate" if v["is_candidate"] else (v["candidate_state"] or ""))
+
+
 def render(status: dict[str, Any], rounds: list[dict[str, Any]], versions: list[dict[str, Any]]) -> str:
     """The whole page. `rounds` are round summaries (any order), `versions` from list_versions()."""
     rounds = sorted(rounds, key=lambda r: r["id"])
@@ -219,10 +242,13 @@ def render(status: dict[str, Any], rounds: list[dict[str, Any]], versions: list[
     privacy = status.get("privacy") or {}
     devices = status.get("devices") or {}
     cur = status.get("current_round") or {}
+    release = status.get("release") or {}
+    stopped = release.get("training_stopped_reason") or "stopped"  # the reason is a sentence: "stopped after ..."
     summary_rows = [
         ("Global model version", status.get("global_version")),
         ("Candidate", status.get("candidate_version") or "none"),
-        ("Training", "running" if status.get("training_enabled") else "stopped"),
+        ("Training", "running" if status.get("training_enabled") else stopped),
+        *_release_rows(release),
         ("Registered devices", devices.get("registered")),
         ("Active devices (24 h)", devices.get("active_24h")),
         ("Current round", f"#{cur.get('id')} {cur.get('state')}: {cur.get('accepted')}/{cur.get('goal')} updates, "
@@ -256,9 +282,15 @@ def render(status: dict[str, Any], rounds: list[dict[str, Any]], versions: list[
     version_rows = "".join(
         f"<tr><td>{v['version']}</td><td>{_esc(v['source'])}</td>"
         f"<td>{'' if v['parent_version'] is None else v['parent_version']}</td>"
-        f"<td>{'global' if v['is_global'] else ('candidate' if v['is_candidate'] else (v['candidate_state'] or ''))}</td>"
-        f"<td>{fmt_time(v['created_at'])}</td><td>{_esc(v['note'] or '')}</td></tr>"
+        f"<td>{_esc(_version_state(v))}</td>"
+        f"<td>{fmt_time(v['created_at'])}</td><td>{_esc(v.get('release_reason') or v['note'] or '')}</td></tr>"
         for v in reversed(versions[-50:]))
+    held = [v for v in versions if v.get("release_state") == "held_back"]
+    held_rows = "".join(f"<tr><td>{v['version']}</td><td>{'' if v['parent_version'] is None else v['parent_version']}"
+                        f"</td><td>{_esc(v.get('release_reason') or '')}</td><td>{fmt_time(v['created_at'])}</td></tr>"
+                        for v in reversed(held[-50:]))
+    held_table = (f'<h2>Held-back versions</h2>\n<table id="held-back"><tr><th>version</th><th>trained from</th>'
+                  f'<th>reason</th><th>created</th></tr>{held_rows}</table>' if held else "")
 
     telemetry = status.get("telemetry") or {}
     tele_rows = []
@@ -311,6 +343,7 @@ svg .label {{ font-size: 11px; fill: #333; }} svg .axis {{ stroke: #555; }} svg 
 <h2>Model versions</h2>
 <table id="versions"><tr><th>version</th><th>source</th><th>parent</th><th>state</th><th>created</th><th>note</th></tr>
 {version_rows}</table>
+{held_table}
 <p><a href="/metrics">Prometheus metrics</a> · <a href="/docs">API docs</a> · <a href="/healthz">health</a></p>
 </body></html>
 """

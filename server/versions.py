@@ -1,7 +1,9 @@
 """The deployment's model identity (config + vocabulary, fixed by the first model) and its stored versions.
 
 Versions are wire blobs (kind weights) in the store, one row each in `models`; a small LRU keeps the
-latest few in memory so the current model is served without a disk read.
+latest few in memory so the current model is served without a disk read. With release gating a version a
+training round produced is stored unpublished (candidate_state pending, meta release_pending) until its
+evaluation round releases it (global) or holds it back (server/round_close.py).
 """
 from __future__ import annotations
 
@@ -86,6 +88,19 @@ class ModelVersions:
     def training_enabled(self) -> bool:
         return bool(self.db.get_meta("training_enabled", False))
 
+    # ------------------------------------------------------------------ release gating
+    def release_pending(self) -> int | None:
+        """The version a training round produced that awaits its evaluation round (release gating)."""
+        return self.db.get_meta("release_pending")
+
+    def release_status(self) -> dict[str, Any]:
+        """Release gating for the status views: the gate, the version awaiting evaluation, the held-back
+        streak, and why training stopped (if it did)."""
+        return {"gate": self.config.release_gate, "awaiting_evaluation": self.release_pending(),
+                "consecutive_held_back": int(self.db.get_meta("held_back_streak", 0) or 0),
+                "max_rejected_versions": self.config.max_rejected_versions,
+                "training_stopped_reason": self.db.get_meta("training_stopped_reason")}
+
     # ------------------------------------------------------------------ blobs and weights
     def model_blob(self, version: int) -> tuple[bytes, str]:
         """(wire bytes, sha256) of a stored version; small LRU so the current model is served from memory."""
@@ -139,4 +154,24 @@ class ModelVersions:
         return rel, sha, size
 
 
-__all__ = ["ModelVersions"]
+RELEASE_STATES = ("served", "awaiting_evaluation", "held_back", "superseded", "promoted", "discarded")
+
+
+def release_view(row: dict[str, Any], global_version: int | None) -> tuple[str, str | None]:
+    """(release state, reason) of a version row: served (the global model), awaiting_evaluation (a trained
+    version or pushed candidate in its evaluation round), held_back (it regressed; the reason says how),
+    superseded (served earlier, or replaced before its evaluation), promoted / discarded (pushed candidates)."""
+    reason = (row.get("info") or {}).get("release", {}).get("reason")
+    if row["version"] == global_version:
+        return "served", None
+    state = row.get("candidate_state")
+    if state == "pending":
+        return "awaiting_evaluation", None
+    if state in ("held_back", "rejected"):
+        return "held_back", reason
+    if state in ("promoted", "discarded"):
+        return state, reason
+    return "superseded", reason
+
+
+__all__ = ["ModelVersions", "RELEASE_STATES", "release_view"]

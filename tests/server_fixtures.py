@@ -29,7 +29,8 @@ TINY = preset("tiny")
 
 
 class ServerProcess:
-    """One server subprocess; `restart()` keeps the data dir (for crash tests)."""
+    """One server subprocess; `restart()` keeps the data dir (for crash tests). Runs with --release-gate off
+    unless `args` give --release-gate (tests/test_server_gating.py does)."""
 
     def __init__(self, data_dir: Path, args: Sequence[str], log_path: Path) -> None:
         self.data_dir = data_dir
@@ -59,8 +60,12 @@ class ServerProcess:
     def start(self, timeout: float = 60.0) -> "ServerProcess":
         port_file = self.data_dir.parent / f"{self.data_dir.name}.port"
         port_file.unlink(missing_ok=True)
+        # Release gating (an evaluation round before a trained version is served) is off unless a test asks for
+        # it: the other tests check rounds, privacy and transport, and expect each round's version served at once.
+        gate = [] if any(a.startswith("--release-gate") for a in self.args) else ["--release-gate", "off"]
         cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
-               "--data-dir", str(self.data_dir), "--admin-token", ADMIN_TOKEN, "--log-level", "warning", *self.args]
+               "--data-dir", str(self.data_dir), "--admin-token", ADMIN_TOKEN, "--log-level", "warning", *gate,
+               *self.args]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("FK_ADMIN_TOKEN", None)
         log = open(self.log_path, "ab")

@@ -49,7 +49,7 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     srv = ServerProcess(
         root / "srv",
         ["--init-preset", "tiny", "--vocab-file", str(root / "vocab.json"), "--round-goal", "1", "--min-count", "1",
-         "--dp-mode", "local", "--clip-norm", str(CLIP), "--noise-multiplier", str(NOISE_MULTIPLIER),
+         "--dp-mode", "local", "--clip-norm", str(CLIP), "--noise-multiplier", str(NOISE_MULTIPLIER), "--allow-noisy-dp",
          "--candidate-eval-fraction", "1.0", "--eval-goal", "1", "--eval-min-count", "1", "--learning-rate", "0.5"],
         root / "srv.log",
     ).start()

@@ -40,7 +40,7 @@ def _server(root: Path, vocab_messages, *args: str) -> ServerProcess:
 
 def test_fleet_runs_rounds_with_dropouts(tmp_path: Path) -> None:
     srv = _server(tmp_path, SAMPLE_MESSAGES, "--round-goal", "3", "--min-count", "2", "--deadline-s", "20",
-                  "--dp-mode", "distributed", "--clip-norm", "0.5", "--noise-multiplier", "0.5")
+                  "--dp-mode", "distributed", "--clip-norm", "0.5", "--noise-multiplier", "0.5", "--allow-noisy-dp")
     try:
         config = FleetConfig(server_url=srv.url, n_devices=6, rounds=2, duration_s=150, p_eligible=0.8, p_dropout=0.25,
                              initial_messages=5, step_s=0.1, max_wait_s=0.5, workers=3, seed=1)
@@ -149,7 +149,7 @@ def test_fleet_against_a_secagg_server_uses_a_thread_per_device(tmp_path: Path) 
     configured with 2 workers still completes secure rounds (it runs one thread per device)."""
     srv = _server(tmp_path, SAMPLE_MESSAGES, "--round-goal", "3", "--min-count", "3", "--deadline-s", "60",
                   "--secure-aggregation", "secagg", "--secagg-stage-s", "20", "--dp-mode", "distributed",
-                  "--clip-norm", "0.5", "--noise-multiplier", "0.3")
+                  "--clip-norm", "0.5", "--noise-multiplier", "0.3", "--allow-noisy-dp")
     try:
         events: list[str] = []
         config = FleetConfig(server_url=srv.url, n_devices=5, rounds=1, duration_s=150, p_eligible=1.0, p_dropout=0.0,

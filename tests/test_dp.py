@@ -84,9 +84,70 @@ def test_device_noise_per_mode():
         dp.device_noise_stddev("bogus", 1.0, 1.0, 1)
 
 
-def test_default_delta():
-    assert dp.default_delta(1000) == pytest.approx(1000 ** -1.1)
-    assert dp.default_delta(1000) < 1 / 1000
+def test_default_delta_is_one_in_a_million():
+    assert dp.DEFAULT_DELTA == 1e-6 and dp.FTRL_DEFAULT_DELTA == dp.DEFAULT_DELTA
+    assert not hasattr(dp, "default_delta")  # no population-dependent default left anywhere
+
+
+def test_poisson_selected_is_the_hmac_rule():
+    import hashlib
+    import hmac
+
+    key = b"round-secret"
+    for member in ("a", "device-17", "\u00e9t\u00e9"):
+        u = int.from_bytes(hmac.new(key, member.encode(), hashlib.sha256).digest(), "big") / 2 ** 256
+        for q in (0.0, 0.1, 0.5, 0.9, 1.0):
+            assert dp.poisson_selected(key, member, q) == (u < q)
+    assert dp.poisson_selected(key, "x", 1.0) and not dp.poisson_selected(key, "x", 0.0)
+    with pytest.raises(ValueError):
+        dp.poisson_selected(key, "x", 1.5)
+
+
+def test_poisson_selected_draws_at_rate_q_and_independently_per_key():
+    members = [f"d{i}" for i in range(20_000)]
+    a = [dp.poisson_selected(b"k1", m, 0.1) for m in members]
+    b = [dp.poisson_selected(b"k2", m, 0.1) for m in members]
+    n = len(members)
+    assert abs(sum(a) / n - 0.1) < 4 * math.sqrt(0.09 / n)  # Binomial(n, 0.1): within 4 sigma
+    both = sum(x and y for x, y in zip(a, b)) / n  # another round's key: an independent draw
+    assert abs(both - 0.01) < 4 * math.sqrt(0.0099 / n)
+
+
+def test_mechanism_label():
+    assert dp.mechanism_label("none") == "none"
+    assert dp.mechanism_label("dp-ftrl") == "DP-FTRL"
+    assert dp.mechanism_label("dp-fedavg", [0.01, 0.01]) == "DP-FedAvg with selection q = 0.01"
+    assert dp.mechanism_label("dp-fedavg", [1.0]) == "DP-FedAvg without sampling (no amplification)"
+    assert dp.mechanism_label("dp-fedavg") == "DP-FedAvg without sampling (no amplification)"
+    mixed = dp.mechanism_label("dp-fedavg", [0.2, 1.0])
+    assert "selection q = 0.2" in mixed and "no amplification" in mixed
+    with pytest.raises(ValueError):
+        dp.mechanism_label("fedsgd")
+
+
+def test_guarantee_sentence_names_mechanism_epsilon_delta_accountant_and_coverage():
+    s = dp.guarantee_sentence("dp-fedavg", 1.2345, 1e-6, "rdp", "device", 12, sampling_probs=[0.05],
+                              assumptions=["a trusted server", "a secret draw"])
+    assert s.startswith("DP-FedAvg with selection q = 0.05: after 12 released round(s)")
+    assert "epsilon 1.23 at delta 1e-06 (RDP accountant)" in s
+    assert "all the data of any one device" in s and s.endswith("assuming a trusted server; a secret draw.")
+    assert s.count(".") == s.count("1.23") + s.count("0.05") + 1  # one sentence
+    s = dp.guarantee_sentence("dp-fedavg", 30.0, 1e-5, "pld", "client", 3)
+    assert s.startswith("DP-FedAvg without sampling (no amplification):") and "epsilon 30 at delta 1e-05 (PLD" in s
+    assert "any one client" in s and "assuming" not in s
+    s = dp.guarantee_sentence("dp-ftrl", 2.0, 1e-6, "rdp", rounds=4, assumptions=["each device once per 4 rounds"])
+    assert s.startswith("DP-FTRL: after 4 released round(s)") and "epsilon 2 at delta 1e-06" in s
+
+
+def test_guarantee_sentence_edge_cases():
+    inf = dp.guarantee_sentence("dp-fedavg", math.inf, 1e-6, "rdp", rounds=2)
+    assert "no finite epsilon" in inf and "no meaningful guarantee" in inf
+    assert "no model has been released yet" in dp.guarantee_sentence("dp-fedavg", 0.0, 1e-6, "rdp", rounds=0)
+    none = dp.guarantee_sentence("none", None, 1e-6, "rdp")
+    assert none.startswith("No differential privacy (mechanism none)") and "epsilon" in none
+    with pytest.raises(ValueError):
+        dp.guarantee_sentence("dp-fedavg", 1.0, 0.0, "rdp", rounds=1)
+    assert dp.format_epsilon(math.inf) == "inf" and dp.format_epsilon(0.123456) == "0.123"
 
 
 def test_epsilon_grows_with_steps_and_falls_with_noise():
@@ -141,3 +202,22 @@ def test_pld_calibration_stays_bounded_and_below_rdp():
     z_pld = dp.calibrate_noise_multiplier(8.0, 0.2, 3, 1e-3, accountant="pld")
     assert 0 < z_pld <= z_rdp
     assert dp.epsilon(z_pld, 0.2, 3, 1e-3, accountant="pld") <= 8.0 + 1e-6
+
+
+def test_tff_sim_plans_default_to_delta_1e6_and_word_their_guarantee():
+    from tff_sim import privacy
+    from tff_sim.config import SimConfig
+
+    plan = privacy.plan(SimConfig(dp=True, noise_multiplier=1.0, rounds=5, clients_per_round=10), 100)
+    assert plan.delta == dp.DEFAULT_DELTA and plan.sampling == "poisson"
+    text = plan.guarantee(5)
+    want = dp.epsilon(1.0, 0.1, 5, 1e-6)
+    assert text.startswith("DP-FedAvg with selection q = 0.1: after 5 released round(s)")
+    assert f"epsilon {dp.format_epsilon(want)} at delta 1e-06 (RDP accountant)" in text and "any one client" in text
+    uniform = privacy.plan(SimConfig(dp=True, noise_multiplier=1.0, rounds=5, clients_per_round=10,
+                                     sampling="uniform"), 100)
+    assert "approximation" in uniform.guarantee(5)
+    ftrl = privacy.plan(SimConfig(dp=True, dp_mechanism="dp-ftrl", noise_multiplier=1.0, rounds=5,
+                                  clients_per_round=10, server_optimizer="sgd"), 100)
+    assert ftrl.delta == 1e-6 and ftrl.guarantee(5).startswith("DP-FTRL: after 5 released round(s)")
+    assert privacy.plan(SimConfig(dp=True, noise_multiplier=1.0, delta=1e-5), 100).delta == 1e-5  # settable

@@ -25,7 +25,8 @@ def session(tmp_path_factory: pytest.TempPathFactory):
     srv = ServerProcess(root / "srv", [
         "--init-preset", "tiny", "--vocab-file", str(root / "vocab.json"), "--round-goal", "3", "--min-count", "3",
         "--over-admit", "1.3333", "--secure-aggregation", "secagg", "--dp-mode", "distributed", "--clip-norm", "0.5",
-        "--noise-multiplier", "0.5", "--deadline-s", "120", "--secagg-stage-s", "90", "--tick-s", "0.05"],
+        "--noise-multiplier", "0.5", "--deadline-s", "120", "--secagg-stage-s", "90", "--tick-s", "0.05",
+        "--allow-noisy-dp"],
         root / "srv.log").start()
     bodies: list[bytes] = []
     lock = threading.Lock()

@@ -108,7 +108,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory):
     kh = KeyHolderProcess(root / "kh", min_count=3)
     srv = ServerProcess(root / "srv", ["--init-preset", "tiny", "--round-goal", "3", "--min-count", "3",
                                        "--over-admit", "1.0", "--secure-aggregation", "paillier", "--clip-norm", "1.0",
-                                       "--dp-mode", "distributed", "--noise-multiplier", "0.3",
+                                       "--dp-mode", "distributed", "--noise-multiplier", "0.3", "--allow-noisy-dp",
                                        "--paillier-keyholder-url", kh.url, "--paillier-keyholder-token", TOKEN,
                                        "--deadline-s", "120"], root / "srv.log").start()
     yield {"kh": kh, "srv": srv, "root": root}

@@ -179,7 +179,8 @@ def _run_round(srv, devices, seed: int) -> tuple[int, list[list[np.ndarray]]]:
 def test_server_enforces_the_participation_rule_across_a_restart_and_reports_its_epsilon(server_factory):
     z, k = 2.0, 2
     srv = server_factory("--round-goal", "2", "--min-count", "2", "--dp-mode", "ftrl", "--clip-norm", "1.0",
-                         "--noise-multiplier", str(z), "--ftrl-restart-rounds", str(k), "--deadline-s", "60")
+                         "--noise-multiplier", str(z), "--ftrl-restart-rounds", str(k), "--deadline-s", "60",
+                         "--allow-noisy-dp")
     _, base = srv.model()
     a, b, c, d = (srv.device() for _ in range(4))
     rid, deltas = _run_round(srv, [a, b], 40)
@@ -222,7 +223,8 @@ def test_server_enforces_the_participation_rule_across_a_restart_and_reports_its
 def test_server_enforces_min_separation_and_the_participation_cap(server_factory):
     srv = server_factory("--round-goal", "1", "--min-count", "1", "--dp-mode", "ftrl", "--clip-norm", "1.0",
                          "--noise-multiplier", "3.0", "--ftrl-rule", "min_separation", "--ftrl-min-separation", "1",
-                         "--ftrl-max-participations", "2", "--deadline-s", "60", "--retry-max-s", "3600")
+                         "--ftrl-max-participations", "2", "--deadline-s", "60", "--retry-max-s", "3600",
+                         "--allow-noisy-dp")
     a, b = srv.device(), srv.device()
     _run_round(srv, [a], 60)
     assert a.checkin()["reason"] == "participation_limit"  # one released round must come in between

@@ -123,7 +123,7 @@ def test_below_min_count_at_deadline_abandons_and_reopens(server_factory):
 def test_dp_round_uniform_average_and_epsilon(server_factory):
     clip, z, goal = 1.0, 1.0, 3
     srv = server_factory("--round-goal", str(goal), "--min-count", str(goal), "--dp-mode", "distributed",
-                         "--clip-norm", str(clip), "--noise-multiplier", str(z), "--deadline-s", "60")
+                         "--clip-norm", str(clip), "--noise-multiplier", str(z), "--deadline-s", "60", "--allow-noisy-dp")
     srv.wait_warm()  # /healthz turns "warm" once the accountant's start-up import is done
     _, base = srv.model()
     devices = [srv.device() for _ in range(4)]  # population 4 (one never trains)
@@ -147,8 +147,9 @@ def test_dp_round_uniform_average_and_epsilon(server_factory):
     want = expected_mean(base, deltas)
     for g, w in zip(weights, want):
         np.testing.assert_allclose(g, w, rtol=0, atol=2e-7)
-    assert rnd["noise_multiplier"] == z and rnd["sampling_prob"] == pytest.approx(goal / 4)
-    expected_eps = dp.epsilon(z, goal / 4, 1, dp.default_delta(4))
+    # no --selection-q: no secret cohort draw, so no amplification (q = 1, not goal / population), delta 1e-6
+    assert rnd["noise_multiplier"] == z and rnd["sampling_prob"] == 1.0 and rnd["delta"] == 1e-6
+    expected_eps = dp.epsilon(z, 1.0, 1, 1e-6)
     assert rnd["epsilon"] == pytest.approx(expected_eps, rel=1e-9)
     privacy = srv.admin_get("/v1/admin/privacy")
     assert privacy["epsilon"] == pytest.approx(expected_eps, rel=1e-9) and privacy["dp_rounds"] == 1
@@ -161,7 +162,7 @@ def test_dp_round_uniform_average_and_epsilon(server_factory):
 
 def test_central_dp_adds_seeded_noise_to_the_sum(server_factory):
     srv = server_factory("--round-goal", "2", "--min-count", "2", "--dp-mode", "central", "--clip-norm", "1.0",
-                         "--noise-multiplier", "0.5", "--deadline-s", "60")
+                         "--noise-multiplier", "0.5", "--deadline-s", "60", "--allow-noisy-dp")
     _, base = srv.model()
     devices = [srv.device() for _ in range(2)]
     rid = [d.task() for d in devices][0]["round_id"]

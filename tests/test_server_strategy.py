@@ -215,11 +215,58 @@ def test_secure_sum_hands_selection_to_its_protocol() -> None:
 def test_each_dp_release_is_one_ledger_event_and_plain_rounds_none() -> None:
     assert strategy_for(params()).ledger_event(params(), 10, 100) is None
     for mode in ("central", "distributed", "local"):
+        # without a secret draw nothing is sampled: q = 1 whatever the cohort / population (no amplification)
         p = params(dp_mode=mode)
-        event = strategy_for(p).ledger_event(p, 10, 40)
-        assert (event.noise_multiplier, event.sampling_prob) == (Z, 0.25)
-        assert strategy_for(p).ledger_event(p, 50, 40).sampling_prob == 1.0  # q is at most 1
-        assert strategy_for(p).ledger_event(p, 3, 0).sampling_prob == 1.0  # no registered devices yet
+        for n, population in ((10, 40), (50, 40), (3, 0)):
+            event = strategy_for(p).ledger_event(p, n, population)
+            assert (event.noise_multiplier, event.sampling_prob, event.accounted_multiplier) == (Z, 1.0, Z)
+        # with one, exactly the configured q; a capped cohort doubles the sensitivity (z / 2 accounted)
+        sel = params(dp_mode=mode, selection_q=0.03)
+        event = strategy_for(sel).ledger_event(sel, 10, 40)
+        assert (event.noise_multiplier, event.sampling_prob, event.accounted_multiplier) == (Z, 0.03, Z)
+        capped = params(dp_mode=mode, selection_q=0.03, selection_max_cohort=13)
+        event = strategy_for(capped).ledger_event(capped, 10, 40)
+        assert (event.sampling_prob, event.sensitivity, event.accounted_multiplier) == (0.03, 2.0, Z / 2)
+
+
+def test_selection_refuses_devices_outside_the_hmac_draw() -> None:
+    import hashlib
+    import hmac
+
+    from server.strategy.dp import NOT_SELECTED, selection_key
+
+    q = 0.3
+    p = params(dp_mode="central", selection_q=q)
+    rnd = dataclasses.replace(round_of(p, rid=11, seed=987654321), state="open", deadline=None)
+    s = strategy_for(p)
+    key = selection_key(rnd)
+    assert int.from_bytes(key[-16:-8], "big") == 987654321 and int.from_bytes(key[-8:], "big") == 11
+    ids = [f"dev-{i}" for i in range(400)]
+    refused = {d: s.admission_refusal(rnd, d) for d in ids}
+    for d in ids:
+        u = int.from_bytes(hmac.new(key, d.encode(), hashlib.sha256).digest(), "big") / 2 ** 256
+        if u < q:
+            assert refused[d] is None
+        else:  # come back once the round is expected to be over (a full deadline before the first admission)
+            assert refused[d][0] == NOT_SELECTED and refused[d][1] >= p.deadline_s
+    assert 0.2 < sum(r is None for r in refused.values()) / len(ids) < 0.4
+    # another round (another secret seed) draws afresh; DP-FTRL and no-selection rounds draw nothing
+    other = dataclasses.replace(rnd, seed=5)
+    assert [s.admission_refusal(other, d) is None for d in ids] != [refused[d] is None for d in ids]
+    plain = params(dp_mode="central")
+    assert all(strategy_for(plain).admission_refusal(round_of(plain), d) is None for d in ids)
+
+
+def test_assumptions_say_how_the_cohort_was_drawn() -> None:
+    sel = params(dp_mode="central", selection_q=0.05)
+    text = "; ".join(strategy_for(sel).assumptions(sel))
+    assert "trusted server" in text and "probability 0.05" in text and "never revealed" in text
+    plain = params(dp_mode="local")
+    text = "; ".join(strategy_for(plain).assumptions(plain))
+    assert "noised on each device" in text and "no amplification" in text
+    dist = params(dp_mode="distributed")
+    assert "without secure aggregation" in "; ".join(strategy_for(dist).assumptions(dist))
+    assert strategy_for(params()).assumptions(params()) == []
 
 
 def test_device_view_epsilon_only_for_device_noise() -> None:

@@ -19,7 +19,7 @@ FTRL = dict(preset="tiny", max_train_clients=8, clients_per_round=2, max_example
             eval_clients=2, eval_max_examples_per_client=32, final_eval_max_sentences=100, tensorboard=False,
             progress=False, plots=False, baselines=None, checkpoint_every=1, eval_every=0, rounds=5, dp=True,
             dp_mechanism="dp-ftrl", noise_multiplier=0.5, clip=0.3, server_optimizer="momentum", server_lr=1.0,
-            server_momentum=0.9)
+            server_momentum=0.9, allow_noisy_dp=True)
 
 
 class _Stop(Exception):

@@ -117,7 +117,7 @@ class _Stop(Exception):
 
 
 def test_dp_epsilon_is_finite_and_grows_and_resume_equals_uninterrupted(data, tmp_path):
-    cfg = SimConfig(**FAST, rounds=4, dp=True, noise_multiplier=0.8, clip=0.5, eval_every=0)
+    cfg = SimConfig(**FAST, rounds=4, dp=True, noise_multiplier=0.8, clip=0.5, eval_every=0, allow_noisy_dp=True)
     whole = run(cfg.replace(output=str(tmp_path / "whole")), data)
     eps = [[row[f"epsilon_{acc}"] for row in whole.history if row["round"] > 0] for acc in ("rdp", "pld")]
     for series in eps:

@@ -19,6 +19,8 @@ def _print_summary(summary: dict) -> None:
     if privacy:
         eps = ", ".join(f"{k} {v:.3g}" for k, v in privacy["final_epsilon"].items())
         print(f"  epsilon at delta {privacy['delta']:.2g}: {eps} (noise multiplier {privacy['noise_multiplier']:.4g})")
+        if privacy.get("guarantee"):
+            print(f"  {privacy['guarantee']}")
     if summary.get("push"):
         print(f"  push: {summary['push']}")
     print(f"  report: {summary['output']}/report.md   model: {summary['model_path']}")
@@ -45,9 +47,12 @@ def _run(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "matplotlib", "h5py"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from tff_sim.config import parse_args
+    from tff_sim.config import dp_noise_refusal, parse_args
 
     cfg = parse_args(argv)
+    if (refusal := dp_noise_refusal(cfg)) is not None:  # before TensorFlow loads: a refused run costs a second
+        print(f"python -m tff_sim: refusing to start: {refusal}", file=sys.stderr, flush=True)
+        return 2
     from tff_sim.reaper import install_atexit_reaper
 
     install_atexit_reaper()

@@ -57,7 +57,7 @@ class CanaryConfig:
     clip: float = 0.5
     noise_multiplier: float = 1.0
     extra_noise_multipliers: str = ""  # e.g. "0.3,0.1": further DP runs with these z (same clip)
-    delta: float | None = None  # default 1 / clients^1.1
+    delta: float | None = None  # default 1e-6 (models.dp.DEFAULT_DELTA)
     seed: int = 0
     eval_examples: int = 1000
     output: str = "runs/canary"
@@ -233,7 +233,7 @@ def run(cfg: CanaryConfig, log=print) -> dict[str, Any]:
     prefix_ids = vocab.encode(prefix)
     alphabet_ids = vocab.encode(alphabet)
     canary_idx = int(sum(alphabet.index(d) * 10 ** (cfg.secret_len - 1 - i) for i, d in enumerate(secret)))
-    delta = cfg.delta or dpm.default_delta(n)
+    delta = cfg.delta or dpm.DEFAULT_DELTA
     results: dict[str, Any] = {}
     runs = [("no_dp", None), ("dp", cfg.noise_multiplier)]
     runs += [(f"dp_z{z}", float(z)) for z in filter(None, cfg.extra_noise_multipliers.split(","))]

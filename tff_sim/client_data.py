@@ -47,6 +47,11 @@ class SimData:
     eval_clients: dict[str, ClientExamples]  # held-out clients for the periodic federated evaluation
     test_sentences: list[list[str]]  # training clients' test split (seen users), tokenized sentences
     heldout_sentences: list[list[str]]  # all text of the held-out clients (unseen users)
+    population_name: str = "all"  # whose text trains: all training clients, "donors" or "federated" (docs/donors.md)
+    vocab_source: str = "all"  # all | donors | wordfreq | bundle
+    donor_split: dict | None = None  # models.data.donors.donor_split_report of the dataset
+    initial_weights: list[np.ndarray] | None = None  # from --init-bundle (None: the seeded random init)
+    init_bundle: dict | None = None  # where the initial weights came from
 
     @property
     def population(self) -> int:
@@ -64,6 +69,11 @@ class SimData:
             "examples_per_client_min_median_max": [int(sizes.min()), float(np.median(sizes)), int(sizes.max())],
             "test_sentences": len(self.test_sentences),
             "heldout_sentences": len(self.heldout_sentences),
+            "population_name": self.population_name,
+            "vocab_source": self.vocab_source,
+            "vocab_hash": self.vocab.content_hash(),
+            "donor_split": self.donor_split,
+            **({"init_bundle": self.init_bundle} if self.init_bundle else {}),
         }
 
 
@@ -87,15 +97,54 @@ def prepare(
     eval_clients: int = 20,
     eval_max_examples_per_client: int = 128,
     final_eval_max_sentences: int | None = None,
+    population: str = "all",
+    vocab_source: str | None = None,
+    init_bundle: str | None = None,
 ) -> SimData:
-    """Load (or take) a dataset, build the vocabulary and model config, make the examples."""
+    """Load (or take) a dataset, build the vocabulary and model config, make the examples.
+
+    population: train on all training clients, only the "federated" ones or only the "donors"
+    (models/data/donors.py; max_train_clients picks clients first, the population is taken among
+    them). vocab_source: "all", "donors" or "wordfreq" (default: "all" for population "all", else
+    "donors"). init_bundle: a model bundle (e.g. models.baselines' server_trained/) whose vocabulary,
+    config (it must be this preset's) and weights the run starts from.
+    """
+    from models.data.donors import (build_vocab as build_source_vocab, check_population, default_vocab_source,
+                                    donor_split_report, select_population)
+
     ds = dataset if isinstance(dataset, FederatedDataset) else load_dataset(dataset, seed=data_seed)
     if max_train_clients is not None and max_train_clients < len(ds.train_ids):
         ds = ds.subset(n_clients=max_train_clients)
+    check_population(population)
+    split_report = donor_split_report(ds)
+    full, ds = ds, select_population(ds, population)
     base = preset(preset_name)
-    if vocab is None:
+    initial, init_info = None, None
+    if init_bundle is not None:
+        from models.bundle import load_bundle
+
+        if vocab is not None or vocab_source is not None or vocab_size is not None:
+            raise ValueError("--init-bundle brings its own vocabulary: drop --vocab-source / --vocab-size")
+        bundle = load_bundle(init_bundle)
+        vocab = bundle.vocab
+        want = preset(preset_name, vocab_size=len(vocab))
+        if bundle.config.config_hash() != want.config_hash():
+            raise ValueError(f"{init_bundle}: the bundle's model ({bundle.config.to_dict()}) is not preset "
+                             f"{preset_name!r} with its {len(vocab)}-token vocabulary; use its --preset")
+        initial = [np.array(w, dtype=np.float32, copy=True) for w in bundle.weights]
+        init_info = {"path": str(init_bundle), "model_version": bundle.model_version, "vocab_hash": vocab.content_hash(),
+                     "config_hash": bundle.config.config_hash(), "source": bundle.meta.get("source"),
+                     "population": (bundle.meta.get("run") or {}).get("population", "all")}
+        source = "bundle"
+    elif vocab is None:
         words = (vocab_size or base.vocab_size) - NUM_SPECIAL
-        vocab = build_vocab(ds, words)
+        source = vocab_source or default_vocab_source(population)
+        if source == "all" and population == "all":
+            vocab = build_vocab(ds, words)
+        else:
+            vocab = build_source_vocab(full, source, words)
+    else:
+        source = vocab_source or "given"
     config = preset(preset_name, vocab_size=len(vocab))
     seq_len = config.seq_len
 
@@ -125,6 +174,11 @@ def prepare(
         # so with the same dataset and vocabulary the figures are directly comparable.
         test_sentences=sample_sentences(tokenized(ds.all_test_sentences()), final_eval_max_sentences, ds.seed + 1),
         heldout_sentences=sample_sentences(tokenized(ds.heldout_sentences()), final_eval_max_sentences, ds.seed + 1),
+        population_name=population,
+        vocab_source=source,
+        donor_split=split_report,
+        initial_weights=initial,
+        init_bundle=init_info,
     )
 
 

@@ -16,6 +16,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Sequence
 
+from models.dp_noise_check import DEFAULT_MAX_NOISE_TO_CLIP
 from models.fedavg import SERVER_OPTIMIZERS, FedAvgHyperparams
 
 SAMPLING = ("auto", "uniform", "poisson", "shuffled", "cyclic")
@@ -29,12 +30,14 @@ TFF_LOOPS = ("iterator", "reduce")
 # left out of the run's identity (config_hash), so a resumed run may change them.
 _NON_IDENTITY = {
     "output", "fresh", "push", "admin_token", "push_path", "tensorboard", "progress", "checkpoint_every",
-    "plots", "baselines", "final_eval_max_sentences", "accountants",
+    "plots", "baselines", "final_eval_max_sentences", "accountants", "max_noise_to_clip", "allow_noisy_dp",
 }
 # Fields added after runs were made: left out of the identity while at these (their old, built-in)
 # values, so an existing run keeps its config hash and can still be resumed.
 _ADDED_LATER = {"beta1": 0.9, "beta2": 0.99, "eps": 1e-3, "dp_mechanism": "dp-fedavg", "ftrl_restart": "epoch",
-                "ftrl_efficient": True}
+                "ftrl_efficient": True, "population": "all", "vocab_source": None, "init_bundle": None}
+POPULATIONS = ("all", "donors", "federated")  # = models.data.POPULATIONS (docs/donors.md)
+VOCAB_SOURCES = ("all", "donors", "wordfreq")  # = models.data.VOCAB_SOURCES
 
 
 @dataclasses.dataclass
@@ -44,6 +47,9 @@ class SimConfig:
     data_seed: int = 0  # the dataset's split seed (the baselines use 0: keep it for comparable figures)
     max_train_clients: int | None = None  # train on a seeded subset of the training clients (None: all)
     max_examples_per_client: int = 64  # cap per client per round (Gboard caps examples per device too)
+    population: str = "all"  # all training clients | federated (not the donors) | donors (docs/donors.md)
+    vocab_source: str | None = None  # all | donors | wordfreq; None: all for population all, else donors
+    init_bundle: str | None = None  # start from this model bundle (its vocabulary and weights), e.g. a donor-trained one
     # model
     preset: str = "gboard"  # gboard (Hard et al. 2018, the baselines' preset) | small | tiny
     vocab_size: int | None = None  # words + 4 specials; None: the preset's
@@ -69,7 +75,7 @@ class SimConfig:
     dp: bool = False
     noise_multiplier: float | None = None  # None with --dp: calibrated from target_epsilon, else 1.0
     target_epsilon: float | None = None  # calibrate the noise multiplier for this epsilon after `rounds`
-    delta: float | None = None  # None: 1 / population^1.1
+    delta: float | None = None  # None: 1e-6 (models.dp.DEFAULT_DELTA)
     clip: float = 1.0  # fixed L2 clip of each client's update (initial clip when adaptive)
     adaptive_clip: bool = False  # quantile-based adaptive clipping (Andrew et al. 2019)
     target_quantile: float = 0.5
@@ -80,6 +86,10 @@ class SimConfig:
     dp_mechanism: str = "dp-fedavg"  # dp-fedavg (Poisson-sampled Gaussian) | dp-ftrl (tree aggregation)
     ftrl_restart: str = "epoch"  # epoch: reshuffle and restart the tree every epoch | none: one order cycled, one tree
     ftrl_efficient: bool = True  # Honaker's efficient tree (TFF's default) or the plain binary tree
+    # DP noise check (models/dp_noise_check.py): python -m tff_sim refuses a --dp run whose round noise on the mean
+    # (expected L2 norm) exceeds max_noise_to_clip x the clip, unless allow_noisy_dp (then it warns)
+    max_noise_to_clip: float = DEFAULT_MAX_NOISE_TO_CLIP
+    allow_noisy_dp: bool = False
     # evaluation and output
     eval_every: int = 10  # federated evaluation on held-out clients every N rounds (0: only at the end)
     eval_clients: int = 20  # held-out clients in the periodic federated evaluation (0: all)
@@ -110,6 +120,12 @@ class SimConfig:
         for name in ("rounds", "clients_per_round", "max_examples_per_client", "eval_max_examples_per_client"):
             positive(name)
         self.fedavg  # noqa: B018 - builds (so validates) the FedAvg hyperparameters
+        if self.population not in POPULATIONS:
+            raise ValueError(f"population must be one of {POPULATIONS}, got {self.population!r}")
+        if self.vocab_source is not None and self.vocab_source not in VOCAB_SOURCES:
+            raise ValueError(f"vocab_source must be one of {VOCAB_SOURCES}, got {self.vocab_source!r}")
+        if self.init_bundle is not None and (self.vocab_source is not None or self.vocab_size is not None):
+            raise ValueError("init_bundle brings its own vocabulary: drop vocab_source / vocab_size")
         if self.sampling not in SAMPLING:
             raise ValueError(f"sampling must be one of {SAMPLING}, got {self.sampling!r}")
         if self.tff_loop not in TFF_LOOPS:
@@ -132,6 +148,8 @@ class SimConfig:
             raise ValueError("give either noise_multiplier or target_epsilon, not both")
         if self.clip <= 0:
             raise ValueError("clip must be > 0")
+        if not self.max_noise_to_clip > 0:
+            raise ValueError("max_noise_to_clip must be > 0")
         if not 0 < self.target_quantile < 1:
             raise ValueError("target_quantile must be in (0, 1)")
         if self.eval_every < 0 or self.eval_clients < 0 or self.checkpoint_every < 0:
@@ -266,6 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--preset", choices=("tiny", "small", "gboard"), help=f"model size (default {default('preset')})")
     g.add_argument("--vocab-size", type=int, help="vocabulary incl. 4 special tokens (default: the preset's)")
+    g.add_argument("--population", choices=POPULATIONS,
+                   help="train on all training clients, only the federated ones (not the donors) or only the "
+                   "donors; held-out evaluation is unchanged (docs/donors.md; default all)")
+    g.add_argument("--vocab-source", choices=VOCAB_SOURCES,
+                   help="vocabulary from all training clients' text, the donors' text or public word frequencies "
+                   "(wordfreq); default: all for --population all, else donors")
+    g.add_argument("--init-bundle", help="start from this model bundle's weights and vocabulary (e.g. "
+                   "models.baselines --population donors' <out>/server_trained); its preset must be --preset")
     g = p.add_argument_group("federated training")
     g.add_argument("--rounds", type=int, help=f"default {default('rounds')}")
     g.add_argument("--clients-per-round", type=int, help=f"default {default('clients_per_round')}")
@@ -292,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(g, "dp", "DP-FedAvg: clip each client's update, average unweighted, add Gaussian noise")
     g.add_argument("--noise-multiplier", type=float, help="noise stddev / clip (default 1.0 unless --target-epsilon)")
     g.add_argument("--target-epsilon", type=float, help="calibrate the noise multiplier to reach this epsilon after --rounds")
-    g.add_argument("--delta", type=float, help="default 1/population^1.1")
+    g.add_argument("--delta", type=float, help="delta of the reported epsilon (default 1e-6)")
     g.add_argument("--clip", type=float, help=f"L2 clip of client updates (initial clip if adaptive; default {default('clip')})")
     _bool_flag(g, "adaptive-clip", "adapt the clip to a quantile of update norms (Andrew et al. 2019)")
     g.add_argument("--target-quantile", type=float, help=f"default {default('target_quantile')}")
@@ -310,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dp-ftrl: epoch = a fresh shuffled client order and a new tree every epoch; none = one "
                    f"shuffled order cycled, one tree, accounted by min separation (default {default('ftrl_restart')})")
     _bool_flag(g, "ftrl-efficient", "dp-ftrl: Honaker's efficient tree estimator (TFF's default; --no-ftrl-efficient: plain tree)")
+    g.add_argument("--max-noise-to-clip", type=float,
+                   help="refuse a --dp run whose round noise (expected L2 norm on the mean) exceeds this many clips "
+                   f"(models/dp_noise_check.py; default {default('max_noise_to_clip')})")
+    _bool_flag(g, "allow-noisy-dp", "run a --dp run even when its noise would swamp the model (warns)")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval-every", type=int, help=f"federated eval every N rounds (default {default('eval_every')})")
     g.add_argument("--eval-clients", type=int, help=f"held-out clients per periodic eval, 0 = all (default {default('eval_clients')})")
@@ -345,3 +375,46 @@ def parse_args(argv: Sequence[str] | None = None) -> SimConfig:
     if data.get("baselines") == "":
         data["baselines"] = None
     return SimConfig.from_dict(data)
+
+
+def dp_noise_report(cfg: SimConfig, dim: int | None = None, noise_multiplier: float | None = None):
+    """The DP noise check of a --dp run (models/dp_noise_check.py), or None (no --dp, or a noise multiplier that
+    is only calibrated from --target-epsilon once the population is known: pass it as `noise_multiplier`).
+
+    dim: the model's weights (default: the preset at --vocab-size, an upper bound when the data's vocabulary is
+    smaller). TFF's DP mean adds N(0, (zC)^2) to the sum and divides by clients_per_round ("central"); DP-FTRL's
+    tree is taken to span --rounds leaves (an epoch's tree has at most that many).
+    """
+    from models import dp_noise_check
+    from models.config import preset
+
+    if not cfg.dp:
+        return None
+    z = noise_multiplier if noise_multiplier is not None else cfg.noise_multiplier
+    if z is None:
+        if cfg.target_epsilon is not None:
+            return None
+        z = 1.0  # privacy.plan's default
+    dim = dim or preset(cfg.preset, cfg.vocab_size).num_parameters()
+    ftrl = cfg.dp_mechanism == "dp-ftrl"
+    return dp_noise_check.check(
+        "ftrl" if ftrl else "central", z, cfg.clip, cfg.clients_per_round, dim,
+        server_lr=cfg.server_lr if cfg.server_optimizer in ("sgd", "momentum", "nesterov") else None,
+        max_noise_to_clip=cfg.max_noise_to_clip, ftrl_rounds=cfg.rounds if ftrl else None,
+        ftrl_efficient=cfg.ftrl_efficient, knobs=dp_noise_check.SIM_KNOBS)
+
+
+def dp_noise_refusal(cfg: SimConfig, dim: int | None = None, noise_multiplier: float | None = None) -> str | None:
+    """None: run (a too-noisy run with allow_noisy_dp is logged as a warning); else the refusal message."""
+    import logging
+
+    report = dp_noise_report(cfg, dim, noise_multiplier)
+    if report is None:
+        return None
+    if report.ok:
+        logging.getLogger("tff_sim").info("%s", report.message)
+        return None
+    if cfg.allow_noisy_dp:
+        logging.getLogger("tff_sim").warning("%s -- running anyway (--allow-noisy-dp)", report.message)
+        return None
+    return report.message

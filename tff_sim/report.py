@@ -248,7 +248,7 @@ def write_report(out: Path, summary: dict[str, Any], history: Sequence[dict[str,
             f"- Clipping: {'adaptive (target quantile ' + str(cfg['target_quantile']) + ')' if cfg['adaptive_clip'] else 'fixed'}, "
             f"clip {cfg['clip']}; noise source: {cfg['dp_noise']}",
             f"- User-level epsilon after {summary['rounds_done']} rounds: {eps_text}",
-        ]
+        ] + ([f"- Guarantee: {privacy['guarantee']}"] if privacy.get("guarantee") else [])
     lines += ["", "## Results (top-1 / top-3 recall of the next word, %)", "",
               "| model | split | top-1 | top-3 | perplexity | tokens |", "|---|---|---|---|---|---|"]
     for split in ("test", "heldout"):

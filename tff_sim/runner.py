@@ -14,7 +14,7 @@ import numpy as np
 
 from models import interrupts
 from tff_sim import checkpoint, client_data, privacy, report, sampling
-from tff_sim.config import SimConfig
+from tff_sim.config import SimConfig, dp_noise_refusal
 
 log = logging.getLogger("tff_sim")
 
@@ -48,6 +48,9 @@ def load_data(cfg: SimConfig) -> client_data.SimData:
         eval_clients=cfg.eval_clients,
         eval_max_examples_per_client=cfg.eval_max_examples_per_client,
         final_eval_max_sentences=cfg.final_eval_max_sentences,
+        population=cfg.population,
+        vocab_source=cfg.vocab_source,
+        init_bundle=cfg.init_bundle,
     )
 
 
@@ -91,6 +94,10 @@ def run(cfg: SimConfig, data: client_data.SimData | None = None,
     model_config = data.model_config
     plan = privacy.plan(cfg, data.population)
     z = plan.noise_multiplier if plan else None
+    if plan:  # the calibrated z and this vocabulary's exact model size: the start-up check could know neither
+        refusal = dp_noise_refusal(cfg, dim=model_config.num_parameters(), noise_multiplier=z)
+        if refusal is not None:
+            raise SystemExit(f"python -m tff_sim: refusing to run: {refusal}")
     sampling_mode = cfg.sampling_mode
     log.info("data: %s", data.summary())
     if plan and plan.mechanism == "dp-ftrl":
@@ -113,7 +120,7 @@ def run(cfg: SimConfig, data: client_data.SimData | None = None,
     log.info("phase: building the federated process (TensorFlow tracing)")
     learning = process.build_learning_process(cfg, model_config, noise_multiplier=z,
                                               restart_period=plan.restart_period if plan else None)
-    w0 = process.initial_weights(model_config, cfg.seed)
+    w0 = data.initial_weights if data.initial_weights is not None else process.initial_weights(model_config, cfg.seed)
     log.info("phase: starting TFF's worker and initialising the server state")
     state = process.initialize(learning, w0)
     history: list[dict[str, Any]] = []
@@ -246,7 +253,8 @@ def finish(cfg: SimConfig, data: client_data.SimData, out: Path, weights: list[n
         "resumed_from": resumed_from,
     }
     if plan:
-        summary["privacy"] = {**plan.to_dict(), "final_epsilon": plan.epsilon(len(trained))}
+        summary["privacy"] = {**plan.to_dict(), "final_epsilon": plan.epsilon(len(trained)),
+                              "guarantee": plan.guarantee(len(trained))}
     baselines = report.load_baselines(cfg.baselines)
     if baselines:
         summary["baselines"] = baselines

@@ -21,6 +21,7 @@ from kivy.uix.textinput import TextInput
 from kivy.graphics import Color, Rectangle
 
 from device_app.personalize import describe_gain, describe_serving
+from device_app.reports import describe_privacy
 from device_app.ui.keyboard import KeyGrid, SuggestionStrip
 
 BG = (0.09, 0.10, 0.12, 1)
@@ -95,11 +96,12 @@ class StatusScreen(Screen):
         ("last_round", "Last round joined"),
         ("contributions", "Contributions"),
         ("epsilon", "Population epsilon"),
+        ("guarantee", "Privacy guarantee"),
         ("messages", "Messages on device"),
         ("pending", "Waiting uploads"),
         ("outcome", "Last check-in"),
     )
-    LINES = {"gain": 3}  # global / +cache / +fine-tuning / served, one per line
+    LINES = {"gain": 3, "guarantee": 8}  # gain: global / +cache / +fine-tuning / served; guarantee: one sentence
     SWITCHES = (
         ("participate", "Take part in training"),
         ("charging", "Charging"),
@@ -195,12 +197,11 @@ class StatusScreen(Screen):
         last = status.get("last_round")
         v["last_round"].text = "none" if not last else f"round {last['round_id']} (base v{last['base_version']})"
         v["contributions"].text = f"{status.get('contributions', 0)} updates, {status.get('evaluations', 0)} evaluations"
-        eps = status.get("population_epsilon")
-        privacy = status.get("privacy") or {}
-        if eps is None:
-            v["epsilon"].text = "unknown"
-        else:
-            v["epsilon"].text = f"{eps:.3g} ({privacy.get('dp_mode', '?')})" if eps != float("inf") else f"inf ({privacy.get('dp_mode', '?')})"
+        privacy = dict(status.get("privacy") or {})
+        if status.get("population_epsilon") is not None:
+            privacy.setdefault("epsilon", status["population_epsilon"])
+        # epsilon at its delta, the accountant, the mechanism, and the server's one-sentence guarantee
+        v["epsilon"].text, v["guarantee"].text = describe_privacy(privacy)
         v["messages"].text = str(status.get("messages", 0))
         v["pending"].text = str(len(status.get("pending_uploads") or []))
         outcome = status.get("last_outcome")

@@ -5,6 +5,8 @@
     ds.clients["<id>"].train / .test         # raw text items, oldest first
     ds.all_train_sentences()                 # training clients' train items
     ds.dropped                               # what the filters removed, and the rules
+    ds.donor_ids, ds.federated_ids           # the training clients split: donors | federated (donors.py)
+    select_population(ds, "federated")       # only those training clients ("all": ds itself)
 
 Split rules (80/20 by time, no train copy of a test item, seeded held-out clients) are
 in models/data/split.py; each loader's filters are in its module docstring.
@@ -17,7 +19,8 @@ from typing import Any
 from models.data.chitchat import load_chitchat
 from models.data.shakespeare import load_shakespeare
 from models.data.textfiles import load_text_files, load_text_folder
-from models.data.types import ClientData, FederatedDataset
+from models.data.donors import VOCAB_SOURCES, donor_split_report, select_population
+from models.data.types import DEFAULT_DONOR_FRACTION, POPULATIONS, ClientData, FederatedDataset
 
 DATASETS = ("chitchat", "shakespeare")
 
@@ -41,6 +44,11 @@ __all__ = [
     "ClientData",
     "FederatedDataset",
     "DATASETS",
+    "DEFAULT_DONOR_FRACTION",
+    "POPULATIONS",
+    "VOCAB_SOURCES",
+    "donor_split_report",
+    "select_population",
     "load_dataset",
     "load_chitchat",
     "load_shakespeare",

@@ -16,13 +16,16 @@ The rules (the same for every dataset):
   * Held-out clients: `heldout_fraction` of the remaining clients (rounded), chosen by a
     seeded sha256 ranking of their ids (see types.seeded_order): the same seed gives the
     same set in every process; a different seed gives a different set.
+  * Donors: `donor_fraction` of the training (not held-out) clients, chosen the same way
+    with another salt (types.choose_donors); the rest are the federated population.
+    See models/data/donors.py and docs/donors.md.
 """
 from __future__ import annotations
 
 from collections import Counter
 from typing import Any, Mapping, Sequence
 
-from models.data.types import ClientData, FederatedDataset, seeded_order
+from models.data.types import DEFAULT_DONOR_FRACTION, ClientData, FederatedDataset, choose_donors, seeded_order  # noqa: F401
 
 DEFAULT_TEST_FRACTION = 0.2
 DEFAULT_HELDOUT_FRACTION = 0.1
@@ -66,6 +69,7 @@ def build_federated(
     seed: int = 0,
     dropped: dict[str, Any] | None = None,
     info: dict[str, Any] | None = None,
+    donor_fraction: float = DEFAULT_DONOR_FRACTION,
 ) -> FederatedDataset:
     """Apply the split rules above to already-filtered, time-ordered items per client.
 
@@ -111,6 +115,7 @@ def build_federated(
         heldout_ids=heldout,
         dropped=report,
         seed=seed,
+        donor_fraction=donor_fraction,
         info={
             "test_fraction": test_fraction,
             "min_items": min_items,

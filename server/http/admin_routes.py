@@ -11,13 +11,16 @@ from starlette.concurrency import run_in_threadpool
 from models.config import ModelConfig
 from models.vocab import Vocabulary, VocabularyError
 from server import metrics as prom
-from server import status_page
+from server import dp_sanity, status_page
 from server.bootstrap import random_weights
 from server.contract import BODY_READ_REASONS, WIRE_REASONS, ApiInt, refusals
 from server.errors import Rejection
 from server.http.auth_deps import AuthDeps
 from server.http.helpers import DRAIN_LIMIT, RAW_BODY, json_safe, read_body
 from server.services import Services
+from server.versions import release_view
+
+ReleaseState = Literal["served", "awaiting_evaluation", "held_back", "superseded", "promoted", "discarded"]
 
 
 class RollbackRequest(BaseModel):
@@ -31,6 +34,64 @@ class InitRequest(BaseModel):
     config: dict[str, Any]
     vocab: dict[str, Any]
     seed: int = Field(0, ge=0, le=2 ** 32 - 1)  # numpy's generators take no negative seed
+
+
+class VersionView(BaseModel):
+    """One stored version (more fields may follow: extra keys are allowed)."""
+
+    model_config = ConfigDict(extra="allow")
+    version: int
+    source: str
+    parent_version: int | None = None
+    was_global: bool
+    is_global: bool
+    is_candidate: bool
+    candidate_state: str | None = None
+    release_state: ReleaseState = Field(description="served: the global model; awaiting_evaluation: in its "
+                                        "evaluation round; held_back: regressed against the served version "
+                                        "(release_reason says how); superseded: served earlier, or replaced before "
+                                        "its evaluation; promoted / discarded: pushed candidates")
+    release_reason: str | None = Field(None, description='e.g. "held back: recall 0.081 vs served 0.112 on 14 '
+                                                         'devices, tolerance 0.005"')
+
+
+class VersionsAnswer(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    global_version: int | None
+    candidate_version: int | None
+    awaiting_evaluation: int | None = Field(description="the trained version awaiting its release evaluation")
+    versions: list[VersionView]
+
+
+class ReleaseStatus(BaseModel):
+    """Release gating: versions produced by training rounds are evaluated before they are served."""
+
+    gate: Literal["eval", "off"]
+    awaiting_evaluation: int | None
+    consecutive_held_back: int
+    max_rejected_versions: int = Field(description="training stops after this many held-back versions in a row "
+                                                   "(0: never)")
+    training_stopped_reason: str | None = Field(description="why training is stopped (None: running, or never "
+                                                            "started)")
+
+
+class StatusAnswer(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    release: ReleaseStatus
+
+
+def versions_with_release(services: Services) -> list[dict[str, Any]]:
+    """The version listing with each version's release state and reason (server/versions.release_view)."""
+    g = services.models.global_version()
+    out = []
+    for v in services.reporter.list_versions():
+        state, reason = release_view(v, g)
+        out.append(v | {"release_state": state, "release_reason": reason})
+    return out
+
+
+def status_with_release(services: Services) -> dict[str, Any]:
+    return services.reporter.status() | {"release": services.models.release_status()}
 
 
 def add_ops_routes(app: FastAPI, services: Services, deps: AuthDeps) -> None:
@@ -57,16 +118,17 @@ def add_ops_routes(app: FastAPI, services: Services, deps: AuthDeps) -> None:
     @app.get("/status", tags=["ops"], response_class=HTMLResponse, dependencies=status_auth)
     def status_html() -> HTMLResponse:
         """The status page (HTML + inline SVG). Admin token unless the server runs with --public-status."""
-        return HTMLResponse(status_page.render(reporter.status(), reporter.list_rounds(200), reporter.list_versions()))
+        return HTMLResponse(status_page.render(status_with_release(services), reporter.list_rounds(200),
+                                               versions_with_release(services)))
 
 
 def add_admin_routes(app: FastAPI, services: Services, deps: AuthDeps) -> None:
     manager, reporter, models, ops = services.manager, services.reporter, services.models, services.admin
     admin = [Depends(deps.admin)]
 
-    @app.get("/v1/admin/status", tags=["admin"], dependencies=admin)
+    @app.get("/v1/admin/status", tags=["admin"], dependencies=admin, response_model=StatusAnswer)
     def admin_status() -> dict[str, Any]:
-        return json_safe(reporter.status())
+        return json_safe(status_with_release(services))
 
     @app.get("/v1/admin/config", tags=["admin"], dependencies=admin)
     def admin_config() -> dict[str, Any]:
@@ -84,10 +146,11 @@ def add_admin_routes(app: FastAPI, services: Services, deps: AuthDeps) -> None:
             raise Rejection("unknown_round", f"no round {round_id}")
         return json_safe(reporter.round_summary(rnd))
 
-    @app.get("/v1/admin/versions", tags=["admin"], dependencies=admin)
+    @app.get("/v1/admin/versions", tags=["admin"], dependencies=admin, response_model=VersionsAnswer)
     def admin_versions() -> dict[str, Any]:
-        return json_safe({"global_version": models.global_version(),
-                          "candidate_version": models.candidate_version(), "versions": reporter.list_versions()})
+        """Every stored version with its release state (served / awaiting_evaluation / held_back + reason / ...)."""
+        return json_safe({"global_version": models.global_version(), "candidate_version": models.candidate_version(),
+                          "awaiting_evaluation": models.release_pending(), "versions": versions_with_release(services)})
 
     @app.get("/v1/admin/privacy", tags=["admin"], dependencies=admin)
     def admin_privacy(accountant: Literal["rdp", "pld"] | None = None) -> dict[str, Any]:
@@ -120,7 +183,7 @@ def add_admin_routes(app: FastAPI, services: Services, deps: AuthDeps) -> None:
         return ops.rollback(body.version, body.note)
 
     @app.post("/v1/admin/init", tags=["admin"], dependencies=admin, status_code=201,
-              responses=refusals("already_initialized", "bad_request"))
+              responses=refusals("already_initialized", "bad_request", "dp_too_noisy"))
     def admin_init(body: InitRequest) -> dict[str, Any]:
         """Initialise an empty server: model config + vocabulary JSON, numpy random weights (push real ones next)."""
         try:
@@ -131,6 +194,9 @@ def add_admin_routes(app: FastAPI, services: Services, deps: AuthDeps) -> None:
         if len(vocab) != model_config.vocab_size:
             raise Rejection("bad_request", f"vocabulary has {len(vocab)} tokens, config says {model_config.vocab_size}",
                             status=422)
+        refusal = dp_sanity.startup_refusal(manager.config, model_config.num_parameters())
+        if refusal is not None:  # the start-up check, postponed until the model's size is known
+            raise Rejection("dp_too_noisy", refusal, status=422)
         version = models.initialize(model_config, vocab, random_weights(model_config, body.seed),
                                     {"init": "admin", "seed": body.seed})
         manager.tick()

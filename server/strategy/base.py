@@ -5,11 +5,13 @@ In the spirit of Flower's Strategy, a strategy owns the round's algorithm; the r
 
     configure_train(rnd, ctx) -> task dict       what an admitted device is told to do
     admission_open / may_reanswer / runs_own_deadlines    selection rules of the round's protocol
+    admission_refusal(rnd, device_id)            a device that may not join (DP-FedAvg's draw, DP-FTRL's rule)
     decode_upload(body, rnd, ctx) -> DecodedUpdate   validate + decode one upload (raises Rejection)
     weight(params, num_examples)                 the update's weight in the mean
     new_state / rebuild / accept                 per-round running state (called under the round lock)
     finalize(state, rows, rnd, ctx) -> delta     the round's aggregate (flat float64)
     ledger_event(params, n, population)          what the round adds to the privacy ledger
+    assumptions(params)                          what that privacy guarantee assumes, in words
 
 Template methods (configure_train, decode_upload, finalize) call the hooks `upload_bound`,
 `mechanism`, `decode`, `aggregate` through `self`, so a wrapper (server/strategy/dp.py) that overrides
@@ -78,8 +80,14 @@ class LedgerEvent:
     """One Gaussian-mechanism release for the privacy accountant (models.dp.PrivacyLedger)."""
 
     noise_multiplier: float
-    sampling_prob: float
+    sampling_prob: float  # Poisson sampling probability the accountant may assume (1: no amplification)
     ftrl: FtrlRule | None = None  # DP-FTRL: a leaf of the noise tree, accounted under this participation rule
+    sensitivity: float = 1.0  # the release's L2 sensitivity in units of the clip (2: one device may displace another)
+
+    @property
+    def accounted_multiplier(self) -> float:
+        """The Gaussian's noise multiplier relative to its sensitivity: what the accountant composes."""
+        return self.noise_multiplier / self.sensitivity
 
 
 class SecureProtocol(Protocol):
@@ -240,6 +248,10 @@ class Strategy(abc.ABC):
     def ledger_event(self, params: TrainParams, n_aggregated: int, population: int) -> LedgerEvent | None:
         """What releasing this round's aggregate costs in privacy (None: not a DP release)."""
         return None
+
+    def assumptions(self, params: TrainParams) -> list[str]:
+        """What the round's privacy guarantee assumes, as short clauses (models.dp.guarantee_sentence)."""
+        return []
 
     def commit_release(self, round_id: int, device_ids: list[str]) -> Callable[[], None] | None:
         """Inside the round's closing transaction, after `finalize`: persist what releasing the aggregate

@@ -16,16 +16,36 @@ cohort of min_count devices, a noise multiplier z and clip C:
                   (models/dp_ftrl.py, nodes N(0, (zC)^2)) to the sum   tree is released once (FtrlDP below)
 
 A new mechanism is one more subclass here and one entry in server/strategy/factory.py.
+
+Cohort selection of DP-FedAvg (central, distributed, local; TrainParams.selection_q, --selection-q q).
+The accountant composes Poisson-subsampled Gaussians (models/dp.py); amplification by sampling needs the
+cohort to be a Poisson sample, drawn before and independently of check-in, eligibility and data. So:
+
+  * with selection_q, device d is in round r's cohort iff HMAC-SHA256(key_r, d) / 2^256 < q
+    (models.dp.poisson_selected), key_r from the round's secret seed (rounds.seed: drawn with `secrets` at
+    round creation, kept in the database, never served). `admission_refusal` turns every other device away
+    with retry reason "not_selected" until the round is expected to end; the ledger event has q.
+  * the draw is the cohort: config.round_params freezes goal = max_admitted = "uncapped", so no device is
+    kept out because others checked in first, and the round aggregates at its deadline (>= min_count
+    uploads). A cap or an early close at a goal would let one device's presence displace another's update
+    (add/remove sensitivity 2C, not C). With selection_max_cohort (needed by secure aggregation) the cap
+    exists and the ledger event says so: sensitivity 2, i.e. noise multiplier z / 2 for the accountant.
+  * without selection_q nothing is sampled: the ledger event has q = 1, every device assumed in every round
+    (no amplification), and the report says so.
+
+Assumptions the accounting does not cover (documented, not enforced): whether a round is released at all
+(>= min_count uploads) and the mean's divisor (the number of uploads) are treated as public.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Protocol
+import time
+from typing import Any, Callable, Iterable, Protocol
 
 import numpy as np
 
 from models import dp
-from server.round import Round, TrainParams
+from server.round import FtrlRule, Round, TrainParams
 from server.strategy.base import Aggregate, DecodedUpdate, LedgerEvent, RoundContext, Strategy, UploadBound
 
 
@@ -41,11 +61,68 @@ class FtrlTree(Protocol):
     def refusal(self, rnd: Round, device_id: str) -> tuple[str, float] | None: ...
 
 
+NOT_SELECTED = "not_selected"
+SELECTION_DOMAIN = b"fk-dp-fedavg-selection\0"
+
+
+def selection_key(rnd: Round) -> bytes:
+    """The HMAC key of a round's cohort draw: from its secret seed (never served) and its id."""
+    return SELECTION_DOMAIN + int(rnd.seed).to_bytes(8, "big") + int(rnd.id).to_bytes(8, "big")
+
+
+def selected(rnd: Round, device_id: str) -> bool:
+    """Whether `device_id` is in the round's cohort (always, without selection_q)."""
+    q = rnd.train.selection_q
+    return q is None or dp.poisson_selected(selection_key(rnd), device_id, float(q))
+
+
+def round_end_wait(rnd: Round, now: float | None = None) -> float:
+    """Seconds until the round is expected to end (its deadline; before the first admission, a full
+    deadline), divided by 0.8 so that the round manager's -20% jitter still lands after it."""
+    now = time.time() if now is None else now
+    remaining = rnd.deadline - now if rnd.deadline is not None else rnd.params.deadline_s
+    return max(0.0, remaining) / 0.8
+
+
+def ftrl_rule_clause(rule: FtrlRule) -> str:
+    """DP-FTRL's participation rule (what admission enforces and the accountant assumes) as a clause."""
+    if rule.rule == "restart":
+        return (f"each device in at most one round per {rule.restart_rounds}-round period (admission enforces it; "
+                "the noise tree restarts after every period)")
+    return (f"each device in at most {rule.max_participations} round(s), at least {rule.min_separation} released "
+            "rounds strictly between two of them (admission enforces it; one tree, no restarts)")
+
+
+def ftrl_assumptions(rule: FtrlRule) -> list[str]:
+    """What DP-FTRL's guarantee assumes (models.dp.guarantee_sentence's clauses)."""
+    return [ftrl_rule_clause(rule), "a trusted server that sees each clipped update and adds the tree noise with a "
+            "secret seed", "no amplification by sampling"]
+
+
+def selection_clauses(sampling_probs: Iterable[float], cap: int | None = None) -> list[str]:
+    """How DP-FedAvg's rounds drew their cohorts (q = 1: no draw), as guarantee clauses."""
+    qs = sorted({float(q) for q in sampling_probs})
+    out = []
+    if any(q >= 1.0 for q in qs):
+        out.append("every device in every round" + (" without a draw" if len(qs) > 1 else "")
+                   + " (the server draws no random cohort, so no amplification by sampling)")
+    sampled = [q for q in qs if q < 1.0]
+    if sampled:
+        out.append("each round's cohort is a secret random draw, each device in it with probability "
+                   + " or ".join(f"{q:.3g}" for q in sampled) + " whatever it does, the draw never revealed"
+                   + (f", at most {cap} devices admitted (accounted at twice the sensitivity)" if cap else ""))
+    return out
+
+
 class DPStrategy(Strategy):
     """A DP mechanism around `inner`: overrides the privacy hooks, delegates the rest."""
 
     # whose uploads the server may see one by one: the note of the per-upload (local) epsilon report
     device_view_note = ""
+    # DP-FedAvg's cohort draw (selection_q) applies; DP-FTRL has its own participation rule instead
+    draws_cohort = True
+    # who is trusted with what: the first clause of the guarantee's assumptions
+    trust = ""
 
     def __init__(self, inner: Strategy) -> None:
         self.inner = inner
@@ -78,7 +155,25 @@ class DPStrategy(Strategy):
         return agg
 
     def ledger_event(self, params: TrainParams, n_aggregated: int, population: int) -> LedgerEvent:
-        return LedgerEvent(float(params.noise_multiplier), min(1.0, n_aggregated / max(population, 1)))
+        """(z, q): q = selection_q with a draw, else 1 (no amplification); sensitivity 2 under a cohort cap."""
+        if params.selection_q is None:
+            return LedgerEvent(float(params.noise_multiplier), 1.0)
+        return LedgerEvent(float(params.noise_multiplier), float(params.selection_q),
+                           sensitivity=2.0 if params.selection_max_cohort is not None else 1.0)
+
+    def admission_refusal(self, rnd: Round, device_id: str) -> tuple[str, float] | None:
+        """Devices outside the round's secret draw come back when it is expected to end."""
+        if self.draws_cohort and not selected(rnd, device_id):
+            return NOT_SELECTED, round_end_wait(rnd)
+        return self.inner.admission_refusal(rnd, device_id)
+
+    def assumptions(self, params: TrainParams) -> list[str]:
+        trust = self.trust_clause(params)
+        q = 1.0 if params.selection_q is None else float(params.selection_q)
+        return ([trust] if trust else []) + selection_clauses([q], params.selection_max_cohort)
+
+    def trust_clause(self, params: TrainParams) -> str:
+        return self.trust
 
     # ------------------------------------------------------------------ delegated to the wrapped strategy
     def protocol_task(self, rnd: Round, bound: UploadBound | None) -> dict[str, Any] | None:
@@ -86,9 +181,6 @@ class DPStrategy(Strategy):
 
     def admission_open(self, rnd: Round) -> bool:
         return self.inner.admission_open(rnd)
-
-    def admission_refusal(self, rnd: Round, device_id: str) -> tuple[str, float] | None:
-        return self.inner.admission_refusal(rnd, device_id)
 
     def commit_release(self, round_id: int, device_ids: list[str]) -> Callable[[], None] | None:
         return self.inner.commit_release(round_id, device_ids)
@@ -119,6 +211,7 @@ class CentralDP(DPStrategy):
     """Devices clip; the server adds N(0, (zC)^2) to the sum. Needs a strategy that releases a sum."""
 
     mechanism = "central"
+    trust = "a trusted server that sees each clipped update and adds the noise with a secret seed"
 
     def __init__(self, inner: Strategy) -> None:
         if not inner.releases_sum:
@@ -138,6 +231,7 @@ class FtrlDP(DPStrategy):
     the accountant assumes (TrainParams.ftrl)."""
 
     mechanism = "ftrl"
+    draws_cohort = False
 
     def __init__(self, inner: Strategy, tree: FtrlTree | None) -> None:
         if not inner.releases_sum:
@@ -162,7 +256,11 @@ class FtrlDP(DPStrategy):
         return self.tree.commit(self._pending, round_id, device_ids)
 
     def ledger_event(self, params: TrainParams, n_aggregated: int, population: int) -> LedgerEvent:
-        return LedgerEvent(float(params.noise_multiplier), min(1.0, n_aggregated / max(population, 1)), params.ftrl)
+        # q is not used by DP-FTRL's accounting (no sampling): 1, like DP-FedAvg without a draw
+        return LedgerEvent(float(params.noise_multiplier), 1.0, params.ftrl)
+
+    def assumptions(self, params: TrainParams) -> list[str]:
+        return ftrl_assumptions(params.ftrl)
 
 
 class DistributedDP(DPStrategy):
@@ -175,12 +273,20 @@ class DistributedDP(DPStrategy):
     def device_noise_stddev(self, params: TrainParams) -> float:
         return float(params.noise_multiplier * params.clip_norm / math.sqrt(max(1, params.min_count)))
 
+    def trust_clause(self, params: TrainParams) -> str:
+        if params.secure_aggregation != "none":
+            return (f"the server sees only the securely aggregated sum of at least {params.min_count} noised "
+                    "updates")
+        return (f"only the released models are seen (without secure aggregation the server sees each upload, "
+                f"whose own guarantee is the per-upload epsilon), at least {params.min_count} updates per round")
+
 
 class LocalDP(DPStrategy):
     """Each device adds the full N(0, (zC)^2): every upload is private on its own."""
 
     mechanism = "local"
     device_view_note = "the guarantee of local mode"
+    trust = "updates noised on each device (what one upload reveals on its own is the per-upload epsilon)"
 
     def device_noise_stddev(self, params: TrainParams) -> float:
         return float(params.noise_multiplier * params.clip_norm)
@@ -209,4 +315,6 @@ def device_view_epsilon(strategy: Strategy, params: TrainParams, delta: float) -
                                   + strategy.device_view_note}
 
 
-__all__ = ["DPStrategy", "CentralDP", "FtrlDP", "FtrlTree", "DistributedDP", "LocalDP", "device_view_epsilon"]
+__all__ = ["DPStrategy", "CentralDP", "FtrlDP", "FtrlTree", "DistributedDP", "LocalDP", "device_view_epsilon",
+           "NOT_SELECTED", "selection_key", "selected", "round_end_wait", "ftrl_rule_clause",
+           "ftrl_assumptions", "selection_clauses"]
