@@ -78,21 +78,12 @@ class Scorer:
         self._train: dict[str, list[list[str]]] = {}
         self._kn: dict[tuple[str, str], dict[str, float]] = {}
 
-    def population_ids(self, population: str) -> list[str]:
-        ds = self.ds
-        if population == "all":
-            return list(ds.train_ids)
-        ids = getattr(ds, f"{population}_ids", None)
-        if ids is None:
-            raise SystemExit(f"this dataset split has no '{population}' population (models/data)")
-        return list(ids)
-
     def train_text(self, population: str) -> list[list[str]]:
         from models.central import token_lists
 
         if population not in self._train:
             ds = self.ds
-            self._train[population] = token_lists(t for cid in self.population_ids(population)
+            self._train[population] = token_lists(t for cid in self.ds.population_ids(population)
                                                   for t in ds.clients[cid].train)
         return self._train[population]
 

@@ -11,8 +11,8 @@
 
 The device data dir defaults to $FK_DEVICE_DIR or ~/.fk-device. The bundled initial model
 (used until the server's global model arrives, and offline) is --bundle, $FK_INITIAL_BUNDLE,
-or the first bundle found in device_app/assets/initial_model and artifacts/baselines/server_trained
-(what ./scripts/demo.sh trains).
+or the first bundle found in device_app/assets/initial_model and models/pretrained/small (the committed
+default: trained on the donors' text only, `python -m models.pretrained`).
 
 Transport security: plain http:// is refused to any host but this machine (127.0.0.1, ::1,
 localhost). Over https the device verifies the server with the system CAs, --ca-file PEM (chain

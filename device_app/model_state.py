@@ -33,6 +33,7 @@ from device_app.typing_cache import TypingCache
 from models.bundle import Bundle, BundleError, load_bundle, save_bundle
 from models.config import ModelConfig
 from models.personal_cache import DEFAULT_WEIGHT, blend
+from models.pretrained import default_bundle_path
 from models.suggest import Suggester
 from models.vocab import Vocabulary
 
@@ -43,7 +44,7 @@ _REPO_ROOT = Path(__file__).resolve().parents[1]
 # Where a bundled initial model may live, first found wins (see find_initial_bundle).
 DEFAULT_INITIAL_BUNDLES = (
     _REPO_ROOT / "device_app" / "assets" / "initial_model",  # shipped with the app, if the build adds one
-    _REPO_ROOT / "artifacts" / "baselines" / "server_trained",  # what ./scripts/demo.sh trains centrally
+    default_bundle_path(),  # the committed default: small CIFG trained on the donors' text (models/pretrained.py)
 )
 
 
