@@ -161,7 +161,7 @@ class PrivacyAccount:
                    delta=delta, dp_rounds=len(rounds), noise_multiplier=z, participation_rule=rule.rule,
                    **{f"ftrl_{k}": v for k, v in rule.epsilon_args().items()},
                    guarantee=dp.guarantee_sentence("dp-ftrl", eps, delta, accountant, "device", len(rounds),
-                                                   assumptions=ftrl_assumptions(rule)))
+                                                   assumptions=ftrl_assumptions(rule, params.secure_aggregation)))
         out.pop("sampling_prob", None)
         if report["dp_rounds"]:  # Gaussian-mechanism rounds too (the data dir changed dp_mode)
             out.update(gaussian_dp_rounds=report["dp_rounds"], gaussian_epsilon=report["epsilon"],

@@ -1,10 +1,13 @@
 """The demo orchestrator (scripts/demo.py, scripts/supervisor.py): its process handling, and the whole job end to end.
 
 Fast: settings, process-group stop, the sweep of leftover descendants.
-Slow (CI, `scripts/test.sh --all`): `scripts/demo.py --quick` from start to the keyboard screenshot;
-Ctrl-C (SIGINT) during TFF pre-training and SIGTERM during the fleet's rounds, each followed by a
-scan for orphans: no process the demo started (server, tff_sim and its worker_binary, fleet) is
-left running.
+Fast: the default DP-FTRL settings pass the server's noise check and fill their rounds; a missing
+starting model fails with the command that builds it.
+Slow (CI, `scripts/test.sh --all`): `scripts/demo.py --quick` from the shipped model to the keyboard
+screenshot (the served model is never worse than the start; DP-FTRL, epsilon, delta and the guarantee
+in summary.json); `--quick --tff-pretrain` up to the promotion of the pushed TFF model; Ctrl-C
+(SIGINT) during TFF pre-training and SIGTERM during the fleet's rounds, each followed by a scan for
+orphans: no process the demo started (server, tff_sim and its worker_binary, fleet) is left running.
 """
 from __future__ import annotations
 
@@ -19,8 +22,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from models.pretrained import default_bundle_path
 from scripts.admin_client import server_supports_secagg
 from scripts.demo_settings import QUICK, Settings, build_parser
+from scripts.errors import DemoError
 from scripts.supervisor import Supervisor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,15 +61,47 @@ def alive(pids: list[int]) -> list[int]:
 
 
 def test_quick_settings_and_flags():
-    args = build_parser().parse_args(["--quick", "--rounds", "5", "--nesterov", "false"])
-    assert args.quick and args.rounds == 5 and args.nesterov is False
+    args = build_parser().parse_args(["--quick", "--rounds", "5", "--tff-pretrain", "--allow-noisy-dp", "false"])
+    assert args.quick and args.tff_pretrain and args.rounds == 5 and args.allow_noisy_dp is False
     default = Settings()
-    assert default.preset == "small" and default.rounds >= 3
+    assert default.init_bundle == "" and default.population == "federated" and default.rounds >= 3
+    assert default.server_optimizer in ("sgd", "momentum") and not default.allow_noisy_dp  # DP-FTRL's steps
     quick = Settings(**{**default.public(), **QUICK})
-    assert quick.preset == "tiny" and quick.devices <= 10 and quick.rounds <= 2
+    assert quick.devices <= 10 and quick.rounds <= 2 and quick.allow_noisy_dp
+    assert quick.preset == "tiny"  # --quick --tff-pretrain
+    for s in (default, quick):  # a restart period needs K x round_goal distinct devices
+        assert s.ftrl_restart_rounds * s.round_goal <= s.devices
+        assert s.ftrl_restart_rounds * s.round_goal <= 0.9 * s.devices or s is quick
     # the fleet stops after the promotion (2 versions) plus the DP rounds; secagg detection answers
     ok, note = server_supports_secagg()
     assert isinstance(ok, bool) and "secure aggregation" in note
+
+
+def test_default_dp_ftrl_settings_pass_the_servers_noise_check():
+    from models import dp
+    from models.config import preset
+    from models.dp_noise_check import SERVER_KNOBS, check
+
+    s = Settings()
+    dim = preset("small").num_parameters()
+    r = check("ftrl", s.noise_multiplier, s.clip_norm, s.min_count, dim, min_count=s.min_count, server_lr=s.server_lr,
+              ftrl_rounds=s.ftrl_restart_rounds, knobs=SERVER_KNOBS)
+    assert r.ok, r.message
+    eps = dp.ftrl_epsilon(s.noise_multiplier, s.rounds, 1e-6, "restart", "rdp", rounds_per_epoch=s.ftrl_restart_rounds)
+    assert 0 < eps < 30  # what the README and the settings' comment say (17.9)
+
+
+def test_missing_starting_model_names_the_command_that_builds_it(tmp_path, monkeypatch):
+    from scripts import demo
+
+    with pytest.raises(DemoError, match="no model bundle"):
+        demo.resolve_bundle(str(tmp_path / "nowhere"))
+    monkeypatch.setattr("models.pretrained.DEFAULT_BUNDLE", tmp_path / "missing")
+    with pytest.raises(DemoError, match=r"python -m models\.pretrained"):
+        demo.resolve_bundle("")
+    res = subprocess.run([sys.executable, str(DEMO), "--init-bundle", str(tmp_path / "nowhere"), "--out",
+                          str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "no model bundle" in res.stderr, res.stderr
 
 
 def test_supervisor_stops_the_whole_process_group(tmp_path):
@@ -114,7 +151,12 @@ def _start_demo(out: Path, *extra: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+needs_bundle = pytest.mark.skipif(not (default_bundle_path() / "meta.json").exists(),
+                                  reason=f"no default model at {default_bundle_path()}: .venv/bin/python -m models.pretrained")
+
+
 @pytest.mark.slow
+@needs_bundle
 def test_demo_quick_runs_the_whole_job(tmp_path):
     out = tmp_path / "demo"
     proc = _start_demo(out)
@@ -126,17 +168,63 @@ def test_demo_quick_runs_the_whole_job(tmp_path):
     print(stdout[-6000:])
     assert proc.returncode == 0, stdout[-4000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["exit_code"] == 0
-    assert len(summary["rounds"]) == summary["settings"]["rounds"] == 2
-    assert all(r["aggregated"] >= summary["settings"]["min_count"] for r in summary["rounds"])
-    eps = [r["epsilon"] for r in summary["rounds"]]
+    assert summary["exit_code"] == 0 and summary["flow"] == "init-bundle"
+    assert summary["starting_model"]["path"] == str(default_bundle_path()) and summary["starting_model"]["version"] == 1
+    assert summary["server"]["config"]["dp_mode"] == "ftrl" and summary["server"]["config"]["release_gate"] == "eval"
+    rounds = summary["rounds"]
+    assert len(rounds) == summary["settings"]["rounds"] == 2
+    assert all(r["aggregated"] >= summary["settings"]["min_count"] for r in rounds)
+    assert all(r["mechanism"] == "DP-FTRL" for r in rounds)
+    eps = [r["epsilon"] for r in rounds]
     assert eps == sorted(eps) and eps[0] > 0  # the ledger only grows
+    # release gating: every trained version was evaluated against the served one before it was served
+    assert all(r["release"] in ("served", "held back") and r["eval_round"] for r in rounds)
+    served = summary["served"]
+    assert served["start"] == 1 and served["final"] in [1, *served["released"]]
+    chain = {1: None} | {r["version"]: r for r in rounds if r["release"] == "served"}
+    v = served["final"]
+    while v != served["start"]:  # the final served model is not worse than the start, release by release
+        r = chain[v]
+        assert r["eval"]["candidate_recall"] >= r["eval"]["baseline_recall"]
+        assert r["eval"]["baseline_version"] == r["base_version"]
+        v = r["base_version"]
+    for r in rounds:
+        if r["release"] == "held back":
+            assert r["release_reason"] and r["version"] != served["final"]
+            assert r["release_state"] == "held_back"  # /v1/admin/versions agrees
+    assert summary["versions"][str(served["final"])]["release_state"] == "served"
+    privacy = summary["privacy"]
+    assert privacy["mechanism"] == "DP-FTRL" and privacy["epsilon"] == eps[-1] and privacy["delta"] == 1e-6
+    assert "DP-FTRL" in privacy["guarantee"] and "epsilon" in privacy["guarantee"]
     recall = summary["recall"]
-    assert recall["1"]["top1_recall"] < recall[str(summary["promotion"]["candidate"])]["top1_recall"]  # TFF helped
+    assert recall["1"]["top1_recall"] > 0.05  # the shipped model is trained, served from the first second
     assert (out / "keyboard.png").stat().st_size > 1000 and (out / "status.html").exists()
     assert summary["personalization"]["gain"]["train_messages"] > 0
-    for line in ("== 1/5", "== 2/5", "== 3/5", "== 4/5", "== 5/5", "status page:", "keyboard rendered offscreen"):
+    for line in ("== 1/5", "== 2/5", "== 3/5", "== 4/5", "== 5/5", "status page:", "keyboard rendered offscreen",
+                 "guarantee: DP-FTRL", "served model: version"):
         assert line in stdout
+    assert processes_mentioning(str(out)) == []
+
+
+@pytest.mark.slow
+def test_demo_quick_tff_pretrain_pushes_and_promotes(tmp_path):
+    """The earlier flow stays demonstrated: TFF pre-trains from random weights, pushes a candidate, the
+    fleet's evaluation round promotes it."""
+    out = tmp_path / "demo"
+    proc = _start_demo(out, "--tff-pretrain", "--stop-after", "promotion")
+    try:
+        stdout, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    print(stdout[-4000:])
+    assert proc.returncode == 0, stdout[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["flow"] == "tff-pretrain" and summary["pretrain"]["push"]["version"] == 2
+    assert summary["promotion"]["candidate"] == 2 and summary["promotion"]["global_version"] == 3
+    recall = summary["recall"]
+    assert recall["1"]["top1_recall"] < recall["2"]["top1_recall"]  # TFF helped
+    assert "pushed: candidate version 2" in stdout
     assert processes_mentioning(str(out)) == []
 
 
@@ -145,7 +233,9 @@ def test_demo_quick_runs_the_whole_job(tmp_path):
                          ids=["sigint-during-tff", "sigterm-during-fleet"])
 def test_interrupted_demo_leaves_no_processes(tmp_path, sig, when):
     out = tmp_path / "demo"
-    proc = _start_demo(out)
+    if when == "fleet" and not (default_bundle_path() / "meta.json").exists():
+        pytest.skip(f"no default model at {default_bundle_path()}: .venv/bin/python -m models.pretrained")
+    proc = _start_demo(out, *(["--tff-pretrain"] if when == "tff" else []))
     me = psutil.Process(proc.pid)
     seen: set[int] = set()
     deadline = time.monotonic() + 300

@@ -93,10 +93,13 @@ def ftrl_rule_clause(rule: FtrlRule) -> str:
             "rounds strictly between two of them (admission enforces it; one tree, no restarts)")
 
 
-def ftrl_assumptions(rule: FtrlRule) -> list[str]:
-    """What DP-FTRL's guarantee assumes (models.dp.guarantee_sentence's clauses)."""
-    return [ftrl_rule_clause(rule), "a trusted server that sees each clipped update and adds the tree noise with a "
-            "secret seed", "no amplification by sampling"]
+def ftrl_assumptions(rule: FtrlRule, secure_aggregation: str = "none") -> list[str]:
+    """What DP-FTRL's guarantee assumes (models.dp.guarantee_sentence's clauses). With secure aggregation the
+    server sees only the round's sum, but it still adds the noise: the guarantee trusts it to do so."""
+    seen = ("sees only the securely aggregated sum of the clipped updates" if secure_aggregation != "none"
+            else "sees each clipped update")
+    return [ftrl_rule_clause(rule), f"a trusted server that {seen} and adds the tree noise with a secret seed",
+            "no amplification by sampling"]
 
 
 def selection_clauses(sampling_probs: Iterable[float], cap: int | None = None) -> list[str]:
@@ -260,7 +263,7 @@ class FtrlDP(DPStrategy):
         return LedgerEvent(float(params.noise_multiplier), 1.0, params.ftrl)
 
     def assumptions(self, params: TrainParams) -> list[str]:
-        return ftrl_assumptions(params.ftrl)
+        return ftrl_assumptions(params.ftrl, params.secure_aggregation)
 
 
 class DistributedDP(DPStrategy):
