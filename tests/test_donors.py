@@ -237,7 +237,7 @@ def test_fleet_cli_and_demo_pass_the_population(tmp_path, monkeypatch):
     assert args.population == "federated"
     assert device_parser().parse_args(["--headless", "--fleet", "3"]).population == "all"
 
-    assert Settings().population == "all"  # the demo's default is unchanged
+    assert Settings().population == "federated"  # the demo replays only the federated users (its start: donors)
     dargs = build_parser().parse_args(["--population", "federated", "--out", str(tmp_path / "run")])
     settings = Settings(**{**Settings().public(), **QUICK, "population": dargs.population})
     d = demo.Demo(dargs, settings)
