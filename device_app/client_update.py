@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from device_app.local_training import TrainingCancelled, compute_delta, examples_for, privatize, trainer_for
+from models import dp_ftrl
 from models.config import ModelConfig
 from models.fedavg import FedAvgHyperparams
 from models.vocab import Vocabulary
@@ -52,6 +53,16 @@ def local_examples(messages: Iterable[str], vocab: Vocabulary, seq_len: int, max
     return x, y
 
 
+def adaptive_clip_bit(task: Any, norm_before_clip: float) -> dict[str, float]:
+    """DP-FTRL's adaptive clipping (server/ftrl.py): when the task carries the round's quantile estimate, the
+    one bit the server counts, whether this delta's norm before clipping was <= it; else nothing."""
+    raw = getattr(task, "raw", None) or {}
+    estimate = raw.get("clip_estimate")
+    if estimate is None:
+        return {}
+    return {dp_ftrl.BELOW_ESTIMATE_METRIC: 1.0 if norm_before_clip <= float(estimate) else 0.0}
+
+
 def train_round(task: Any, examples: Examples, base: Sequence[np.ndarray], config: ModelConfig, *,
                 rng: np.random.Generator, progress: Progress | None = None,
                 should_stop: Callable[[], bool] | None = None) -> ClientOutput:
@@ -65,10 +76,11 @@ def train_round(task: Any, examples: Examples, base: Sequence[np.ndarray], confi
                                        seed=int(rng.integers(2**31)), progress=progress, should_stop=should_stop)
     private = privatize(compute_delta(result.weights, base), task.clip_norm, task.noise_stddev, rng)
     metrics = {"loss_first_epoch": result.loss_first_epoch, "loss_last_epoch": result.loss_last_epoch,
-               "train_seconds": result.seconds}
+               "train_seconds": result.seconds, **adaptive_clip_bit(task, private.norm_before_clip)}
     return ClientOutput(delta=private.delta, config=config, num_examples=int(result.num_examples),
                         metrics={k: float(v) for k, v in metrics.items() if np.isfinite(v)},
                         privacy=private.summary(), training=result.summary())
 
 
-__all__ = ["ClientOutput", "Examples", "TrainingCancelled", "client_hyperparams", "local_examples", "train_round"]
+__all__ = ["ClientOutput", "Examples", "TrainingCancelled", "adaptive_clip_bit", "client_hyperparams", "local_examples",
+           "train_round"]

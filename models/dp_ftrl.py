@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -208,6 +208,17 @@ class FtrlParams:
         return adaptive_value_noise_multiplier(self.noise_multiplier, self.adaptive.count_stddev)
 
 
+# A device's adaptive-clipping bit travels in its update's metrics under this name: 1 when its delta's L2
+# norm before clipping was <= the round's quantile estimate, else 0.
+BELOW_ESTIMATE_METRIC = "below_clip_estimate"
+
+
+def below_count(bits: Iterable[float | None]) -> float:
+    """Adaptive clipping's count: sum of (bit - 1/2) over the round's updates. A missing or invalid bit
+    (a device that did not report one) adds 0, as if that update sat exactly at the estimate."""
+    return float(sum(float(b) - 0.5 for b in bits if b in (0, 1)))
+
+
 def adaptive_value_noise_multiplier(noise_multiplier: float, count_stddev: float) -> float:
     """z_v with z_v^-2 + (2*sigma_count)^-2 = z^-2, so values + count together are a z-mechanism
     (TFF's adaptive_clip_noise_params; the count's sensitivity is 1/2)."""
@@ -270,15 +281,36 @@ def aggregate(state: FtrlState, params: FtrlParams, updates: Sequence[Sequence[n
         total += flatten(clipped)
         if state.estimate is not None:
             below += (1.0 if norm <= state.estimate else 0.0) - 0.5
-    rounds_done = state.rounds_done + 1
     cumsum, tree = tree_cumsum_and_update(state.tree)
     noised = (total + cumsum) - state.tree.previous  # TreeResidualSumQuery's a + b - c, in float32
     tree = dataclasses.replace(tree, previous=cumsum)
     mean = (noised / np.float32(params.clients_per_round)).astype(np.float32)
+    new_state, metrics = advance(state, params, tree, below, params.clients_per_round)
+    return mean, new_state, metrics
+
+
+def release_noise(state: FtrlState, params: FtrlParams, below: float, count_denominator: float
+                  ) -> tuple[np.ndarray, FtrlState, dict[str, float]]:
+    """A server's round without the updates in hand: the residual noise to add to the round's sum of
+    clipped updates (float32; the same noise `aggregate` adds), and the next state.
+
+    below: sum over the round's updates of (1 if its norm was <= state.estimate else 0) - 1/2 (adaptive
+    clipping; 0 otherwise); count_denominator: what the count is divided by (the number of updates)."""
+    residual, tree = tree_residual(state.tree)
+    new_state, metrics = advance(state, params, tree, below, count_denominator)
+    return residual, new_state, metrics
+
+
+def advance(state: FtrlState, params: FtrlParams, tree: TreeNoiseState, below: float, count_denominator: float
+            ) -> tuple[FtrlState, dict[str, float]]:
+    """The state after a round whose value noise was drawn from `state.tree` (giving `tree`): the adaptive
+    quantile estimate moves by the tree-noised count of updates below it (geometric update, Andrew et al.),
+    and when the restart period ends the trees restart, adopting the estimate as the clip in use."""
+    rounds_done = state.rounds_done + 1
     estimate, count_tree = state.estimate, state.count_tree
     if params.adaptive is not None and count_tree is not None and estimate is not None:
         count_noise, count_tree = tree_residual(count_tree)
-        fraction = float(np.float32(below) + count_noise[0]) / params.clients_per_round + 0.5
+        fraction = float(np.float32(below) + count_noise[0]) / count_denominator + 0.5
         fraction = min(1.0, max(0.0, fraction))
         estimate = float(estimate * math.exp(-params.adaptive.learning_rate * (fraction - params.adaptive.target_quantile)))
     clip = state.clip
@@ -288,9 +320,8 @@ def aggregate(state: FtrlState, params: FtrlParams, updates: Sequence[Sequence[n
             count_tree = tree_restart(count_tree)
         tree = tree_restart(tree, stddev=clip * params.value_noise_multiplier)
     metrics = {"clip": state.clip, **({"estimate_clip": estimate} if estimate is not None else {})}
-    new_state = dataclasses.replace(state, rounds_done=rounds_done, clip=clip, tree=tree, estimate=estimate,
-                                    count_tree=count_tree)
-    return mean, new_state, metrics
+    return dataclasses.replace(state, rounds_done=rounds_done, clip=clip, tree=tree, estimate=estimate,
+                               count_tree=count_tree), metrics
 
 
 def server_update(weights: np.ndarray, momentum: np.ndarray, update: np.ndarray, lr: float,
@@ -364,6 +395,6 @@ def state_from_arrays(arrays: dict[str, np.ndarray]) -> FtrlState:
 __all__ = [
     "TreeNoiseState", "gaussian_node", "tree_init", "tree_restart", "tree_cumsum_and_update", "tree_residual",
     "restart_due", "noise_for_round", "AdaptiveClip", "FtrlParams", "FtrlState", "adaptive_value_noise_multiplier",
-    "init", "aggregate", "server_update", "ftrl_round", "ftrl_weights", "flatten", "unflatten",
+    "BELOW_ESTIMATE_METRIC", "below_count", "init", "aggregate", "release_noise", "advance", "server_update", "ftrl_round", "ftrl_weights", "flatten", "unflatten",
     "state_to_arrays", "state_from_arrays",
 ]

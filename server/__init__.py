@@ -13,6 +13,7 @@ Every ServerConfig field (server/config.py) is a flag: --round-goal, --min-count
 --server-lr, --candidate-eval-fraction, --promotion-tolerance, --secure-aggregation {none,secagg,paillier},
 --secagg-threshold, --secagg-neighbors, --secagg-stage-s, --paillier-keyholder-url, --rr-p-first,
 --ftrl-rule {restart,min_separation}, --ftrl-restart-rounds, --ftrl-min-separation, --ftrl-max-participations,
+--ftrl-adaptive-clip (--ftrl-target-quantile, --ftrl-clip-lr, --ftrl-clip-count-stddev),
 --public-status (/status and /metrics without the admin token), ...;
 --config FILE.json sets many at once. Paillier's key holder is its own process: python -m server.keyholder.
 Admin token: --admin-token, else $FK_ADMIN_TOKEN, else generated into <data-dir>/admin_token.
@@ -170,6 +171,12 @@ noise is a function of the secret seed (the first DP-FTRL round's) and the draw 
 aggregated again after a crash releases the same sum. The tree's z, clip and rule are fixed for a data dir.
 The rule costs liveness: with restart, a period needs ftrl_restart_rounds * round_goal distinct devices
 (choose ftrl_restart_rounds <= eligible devices / round_goal), or rounds run short and are abandoned.
+Adaptive clipping (--ftrl-adaptive-clip, TFF's tree_adaptive; not with secure aggregation): clip_norm is
+the initial clip; each task carries the clip in use and the quantile estimate (clip_estimate), each device
+reports one bit in its update's metrics (below_clip_estimate: its norm before clipping <= the estimate), the
+estimate moves every round by the count plus tree noise (stddev ftrl_clip_count_stddev, default round_goal
+/ 20) toward ftrl_target_quantile of the norms, and the clip in use becomes the estimate when the trees
+restart. Updates get noise multiplier z_v with z_v^-2 + (2 sigma)^-2 = z^-2: the ledger's z covers both.
 
 Crash safety: an accepted update's file is fsynced and renamed, then its row commits (fsync), then the
 200 goes out. After kill -9 the open round resumes with every accepted update (the running sum is

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from models.dp import ACCOUNTANTS, DEFAULT_DELTA, DP_MODES, FTRL_RULES
+from models.dp_ftrl import adaptive_value_noise_multiplier
 from models.dp_noise_check import DEFAULT_MAX_NOISE_TO_CLIP
 from models.fedavg import SERVER_OPTIMIZERS, FedAvgHyperparams, task_fields
 
@@ -89,6 +90,12 @@ class ServerConfig:
     ftrl_min_separation: int = 0  # min_separation: rounds strictly between two rounds of a device (one tree)
     ftrl_max_participations: int = 1  # min_separation: rounds a device may ever take part in
     ftrl_efficient: bool = True  # Honaker's efficient tree (TFF's default) or the plain binary tree
+    # DP-FTRL adaptive clipping (TFF's tree_adaptive; server/ftrl.py): clip_norm is the initial clip; the clip
+    # follows the target quantile of the devices' update norms, changing only when the trees restart
+    ftrl_adaptive_clip: bool = False
+    ftrl_target_quantile: float = 0.5
+    ftrl_clip_lr: float = 0.2  # geometric step of the quantile estimate per round
+    ftrl_clip_count_stddev: float | None = None  # noise on the count below the estimate (None: round_goal / 20)
     accountant: str = "rdp"  # rdp | pld
     norm_sigmas: float = 6.0  # how far past E||noise|| an upload's norm may go before norm_exceeded
     # DP noise check (models/dp_noise_check.py, server/dp_sanity.py): refuse to start when the expected norm of a
@@ -216,6 +223,19 @@ class ServerConfig:
         need(self.ftrl_restart_rounds >= 1, "ftrl_restart_rounds must be >= 1")
         need(self.ftrl_min_separation >= 0 and self.ftrl_max_participations >= 1,
              "ftrl_min_separation must be >= 0 and ftrl_max_participations >= 1")
+        if self.ftrl_adaptive_clip:
+            need(self.dp_mode == "ftrl", "ftrl_adaptive_clip needs dp_mode ftrl")
+            need(self.secure_aggregation == "none",
+                 "ftrl_adaptive_clip needs each device's below-the-estimate bit, which secure aggregation would have "
+                 "to sum securely too: not supported; use a fixed clip with secure aggregation")
+            need(0 < self.ftrl_target_quantile < 1, "ftrl_target_quantile must be in (0, 1)")
+            need(self.ftrl_clip_lr > 0, "ftrl_clip_lr must be > 0")
+            need(self.ftrl_clip_count_stddev is None or self.ftrl_clip_count_stddev > 0,
+                 "ftrl_clip_count_stddev must be > 0")
+            need(self.clip_norm > 0, "ftrl_adaptive_clip needs an initial clip_norm > 0")
+            need(self.noise_multiplier == 0 or self.noise_multiplier < 2 * self.clip_count_stddev,
+                 f"ftrl_clip_count_stddev {self.clip_count_stddev:g} leaves no noise for the updates at noise "
+                 f"multiplier {self.noise_multiplier:g} (needs z < 2 * count stddev)")
         if self.dp_mode == "ftrl":
             need(self.server_optimizer in FTRL_OPTIMIZERS,
                  "DP-FTRL's server step is SGD over the tree residuals (FTRL) or heavy-ball momentum (DP-FTRLM): "
@@ -268,6 +288,19 @@ class ServerConfig:
         )
 
     @property
+    def clip_count_stddev(self) -> float:
+        """DP-FTRL adaptive clipping's count noise: as set, else TFF's default of 1/20 of the cohort."""
+        return float(self.ftrl_clip_count_stddev if self.ftrl_clip_count_stddev is not None else self.round_goal / 20)
+
+    @property
+    def value_noise_multiplier(self) -> float:
+        """The noise multiplier on the updates (TrainParams.value_noise_multiplier: less than z when adaptive
+        clipping gives part of the budget to its count)."""
+        if not (self.dp_mode == "ftrl" and self.ftrl_adaptive_clip) or self.noise_multiplier == 0:
+            return float(self.noise_multiplier)
+        return adaptive_value_noise_multiplier(float(self.noise_multiplier), self.clip_count_stddev)
+
+    @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
 
@@ -313,6 +346,9 @@ class ServerConfig:
             **({"ftrl_rule": self.ftrl_rule, "ftrl_restart_rounds": self.ftrl_restart_rounds,
                 "ftrl_min_separation": self.ftrl_min_separation, "ftrl_max_participations": self.ftrl_max_participations,
                 "ftrl_efficient": self.ftrl_efficient} if self.dp_mode == "ftrl" else {}),
+            **({"ftrl_adaptive_clip": True, "ftrl_target_quantile": self.ftrl_target_quantile,
+                "ftrl_clip_lr": self.ftrl_clip_lr, "ftrl_clip_count_stddev": self.clip_count_stddev,
+                "ftrl_initial_clip": self.clip_norm} if self.ftrl_adaptive_clip else {}),
             **({"selection_q": self.selection_q, "selection_max_cohort": self.selection_max_cohort}
                if self.selection_q is not None else {}),
         }

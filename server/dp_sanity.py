@@ -38,7 +38,7 @@ def config_noise_report(config: Any, dim: int, cohort: int | None = None) -> Noi
     if config.dp_mode == "none":
         return None
     return dp_noise_check.check(
-        config.dp_mode, config.noise_multiplier, config.clip_norm, int(cohort or config.min_count), int(dim),
+        config.dp_mode, config.value_noise_multiplier, config.clip_norm, int(cohort or config.min_count), int(dim),
         min_count=config.min_count, server_lr=_server_lr(config.server_optimizer, config.server_lr),
         max_noise_to_clip=getattr(config, "max_noise_to_clip", DEFAULT_MAX_NOISE_TO_CLIP),
         ftrl_rounds=_ftrl_rounds(config.ftrl_rule, config.ftrl_restart_rounds),
@@ -52,7 +52,7 @@ def startup_refusal(config: Any, dim: int | None) -> str | None:
     limit = getattr(config, "max_noise_to_clip", DEFAULT_MAX_NOISE_TO_CLIP)
     if dim is None:
         largest = dp_noise_check.max_dim_within_limit(
-            config.dp_mode, config.noise_multiplier, config.min_count, min_count=config.min_count,
+            config.dp_mode, config.value_noise_multiplier, config.min_count, min_count=config.min_count,
             server_lr=_server_lr(config.server_optimizer, config.server_lr), max_noise_to_clip=limit,
             ftrl_rounds=_ftrl_rounds(config.ftrl_rule, config.ftrl_restart_rounds),
             ftrl_efficient=bool(config.ftrl_efficient))
@@ -87,7 +87,8 @@ def round_noise_summary(params: Any, n_aggregated: int, dim: int, *,
         return {}
     lr = _server_lr(server_optimizer, server_lr) if server_optimizer and server_lr else None
     report = dp_noise_check.check(
-        mode, params.noise_multiplier, params.clip_norm, int(n_aggregated), int(dim),
+        mode, getattr(params, "value_noise_multiplier", params.noise_multiplier), params.clip_norm,
+        int(n_aggregated), int(dim),
         min_count=int(params.min_count), server_lr=lr, max_noise_to_clip=max_noise_to_clip,
         ftrl_rounds=_ftrl_rounds(params.ftrl_rule, params.ftrl_restart_rounds) if mode == "ftrl" else None,
         ftrl_efficient=bool(getattr(params, "ftrl_efficient", True)), knobs=SERVER_KNOBS)

@@ -15,6 +15,14 @@ took part in which released round, from which admission enforces the participati
   would break TrainParams.ftrl (reason "participation_limit", with the seconds until it may come back).
 * Parameters. The tree's noise multiplier, clip and rule are fixed for a data dir: `recover` refuses
   to start with others (the accounting assumes one z and one rule throughout).
+* Adaptive clipping (--ftrl-adaptive-clip; TFF's tree_adaptive, models.dp_ftrl.advance). Each round's task
+  carries the clip in use and the quantile estimate; a device reports in its update's metrics whether its
+  delta's norm before clipping was <= the estimate ("below_clip_estimate": 1 or 0; the server sees each
+  clipped update anyway, so secure aggregation is refused with it). The estimate moves every round by the
+  count of such devices plus the count tree's noise; the clip in use (and the value tree's node noise,
+  z_v * clip) changes only when the trees restart. Values (z_v) and count (stddev sigma) together are one
+  z-mechanism (z_v^-2 + (2 sigma)^-2 = z^-2), which is what the ledger accounts. The state file keeps the
+  clip, the estimate and the count tree; `current` tells a new round its clip and estimate.
 """
 from __future__ import annotations
 
@@ -47,11 +55,28 @@ DIR = "ftrl"
 REFUSAL = "participation_limit"
 
 
+def initial_clip(p: TrainParams) -> float:
+    """The configured clip: the clip of every round, or with adaptive clipping the first tree's."""
+    return float(p.ftrl_initial_clip if p.ftrl_adaptive_clip and p.ftrl_initial_clip is not None else p.clip_norm)
+
+
 def tree_params(p: TrainParams) -> dict[str, Any]:
     """What one tree (and its accounting) is built from; fixed for a data dir."""
-    return {"noise_multiplier": float(p.noise_multiplier), "clip_norm": float(p.clip_norm), "rule": p.ftrl_rule,
-            "restart_rounds": p.ftrl_restart_rounds, "min_separation": p.ftrl_min_separation,
-            "max_participations": p.ftrl_max_participations, "efficient": bool(p.ftrl_efficient)}
+    out = {"noise_multiplier": float(p.noise_multiplier), "clip_norm": initial_clip(p), "rule": p.ftrl_rule,
+           "restart_rounds": p.ftrl_restart_rounds, "min_separation": p.ftrl_min_separation,
+           "max_participations": p.ftrl_max_participations, "efficient": bool(p.ftrl_efficient)}
+    if p.ftrl_adaptive_clip:  # older data dirs (fixed clip) keep their recorded parameters
+        out["adaptive"] = {"target_quantile": float(p.ftrl_target_quantile), "learning_rate": float(p.ftrl_clip_lr),
+                           "count_stddev": float(p.ftrl_clip_count_stddev)}
+    return out
+
+
+def ftrl_params(p: TrainParams, count_denominator: float = 1.0) -> dp_ftrl.FtrlParams:
+    """models.dp_ftrl's parameters of the server's tree (the mean's division is the strategy's, not the tree's)."""
+    adaptive = dp_ftrl.AdaptiveClip(float(p.ftrl_target_quantile), float(p.ftrl_clip_lr),
+                                    float(p.ftrl_clip_count_stddev)) if p.ftrl_adaptive_clip else None
+    return dp_ftrl.FtrlParams(float(p.noise_multiplier), max(1.0, float(count_denominator)), initial_clip(p),
+                              restart_period=p.ftrl.restart_period, efficient=bool(p.ftrl_efficient), adaptive=adaptive)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,23 +112,32 @@ class FtrlTreeStore:
         with np.load(self.store.path(rec["file"])) as data:
             return dp_ftrl.state_from_arrays({k: data[k] for k in data.files})
 
-    def noise(self, rnd: Round, dim: int) -> tuple[np.ndarray, Pending]:
+    def current(self, p: TrainParams) -> tuple[float, float | None]:
+        """(the clip in use, the quantile estimate) a new round is given: the tree's, else the configured clip."""
+        state = self.load()
+        if state is None:
+            return initial_clip(p), (initial_clip(p) if p.ftrl_adaptive_clip else None)
+        return float(state.clip), state.estimate
+
+    def noise(self, rnd: Round, dim: int, below: float = 0.0, count: int = 1) -> tuple[np.ndarray, Pending]:
+        """The residual noise of the round's leaf (models.dp_ftrl.release_noise) and the pending next state;
+        `below` and `count` feed adaptive clipping (below_count of the round's updates, their number)."""
         p = rnd.train
         params = tree_params(p)
         rec = self.record()
         state = self.load()
         if rec is not None and rec["params"] != params:
             raise RuntimeError(f"round {rnd.id}'s DP-FTRL parameters {params} differ from the tree's {rec['params']}")
+        fp = ftrl_params(p, count)
         if state is None:
-            tree = dp_ftrl.tree_init(dim, p.noise_multiplier * p.clip_norm, int(rnd.seed), efficient=p.ftrl_efficient)
-            leaves = 0
-        else:
-            tree, leaves = state.tree, state.rounds_done
-            if tree.dim != dim:
-                raise RuntimeError(f"the DP-FTRL tree has dimension {tree.dim}, the model {dim}")
-        leaf = leaves + 1
-        residual, tree = dp_ftrl.noise_for_round(tree, leaf, p.ftrl.restart_period)
-        arrays = dp_ftrl.state_to_arrays(dp_ftrl.FtrlState(leaf, float(p.clip_norm), tree, np.zeros(0, np.float32)))
+            state = dp_ftrl.init(fp, dim, int(rnd.seed))
+        elif state.tree.dim != dim:
+            raise RuntimeError(f"the DP-FTRL tree has dimension {state.tree.dim}, the model {dim}")
+        if (state.estimate is not None) != p.ftrl_adaptive_clip:
+            raise RuntimeError("the DP-FTRL tree's clipping (fixed or adaptive) differs from the round's")
+        residual, state, _ = dp_ftrl.release_noise(state, fp, below, max(1, count))
+        leaf = state.rounds_done
+        arrays = dp_ftrl.state_to_arrays(dataclasses.replace(state, momentum=np.zeros(0, np.float32)))
         rel = f"{DIR}/tree-{leaf:06d}-{secrets.token_hex(4)}.npz"
         self.store.write_atomic(rel, lambda f: np.savez(f, **arrays))
         return residual, Pending(rel, leaf, params, rec["file"] if rec else None)
@@ -168,4 +202,4 @@ class FtrlTreeStore:
                     log.info("removed unreferenced DP-FTRL tree file %s", rel)
 
 
-__all__ = ["FtrlTreeStore", "Pending", "REFUSAL", "SCHEMA", "tree_params"]
+__all__ = ["FtrlTreeStore", "Pending", "REFUSAL", "SCHEMA", "tree_params", "ftrl_params", "initial_clip"]

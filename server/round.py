@@ -10,6 +10,8 @@ import dataclasses
 import json
 from typing import Any, Mapping
 
+from models.dp_ftrl import adaptive_value_noise_multiplier
+
 
 @dataclasses.dataclass(frozen=True)
 class CohortParams:
@@ -41,17 +43,6 @@ class FtrlRule:
             return {"rounds_per_epoch": self.restart_rounds}
         return {"min_separation": self.min_separation, "max_participations": self.max_participations}
 
-    def describe(self) -> str:
-        """One sentence: what the guarantee covers and assumes."""
-        if self.rule == "restart":
-            who = (f"each device in at most one round per {self.restart_rounds}-round period (admission enforces it; "
-                   "the noise tree restarts after every period)")
-        else:
-            who = (f"each device in at most {self.max_participations} round(s), at least {self.min_separation} "
-                   "released rounds strictly between two of them (admission enforces it; one tree, no restarts)")
-        return (f"Device-level DP of every model the server releases, assuming {who}, a trusted server that "
-                "sees each clipped update and adds the tree noise with a secret seed, and no sampling amplification.")
-
 
 @dataclasses.dataclass(frozen=True)
 class TrainParams(CohortParams):
@@ -81,6 +72,15 @@ class TrainParams(CohortParams):
     ftrl_min_separation: int = 0
     ftrl_max_participations: int = 1
     ftrl_efficient: bool = True
+    # dp_mode ftrl with adaptive clipping (server/ftrl.py, models.dp_ftrl.advance): the clip in use
+    # (clip_norm, changed only at tree restarts) and the quantile estimate devices compare their update's norm
+    # with (clip_estimate) are the tree's at the round's creation; ftrl_initial_clip is the configured clip
+    ftrl_adaptive_clip: bool = False
+    ftrl_target_quantile: float = 0.5
+    ftrl_clip_lr: float = 0.2
+    ftrl_clip_count_stddev: float = 0.0
+    ftrl_initial_clip: float | None = None
+    clip_estimate: float | None = None
     # DP-FedAvg's secret Poisson selection (server/strategy/dp.py): each device in the round's cohort with
     # probability selection_q (None: no selection, accounted without amplification); selection_max_cohort:
     # the cap on that cohort, if any (then one device may displace another: sensitivity 2C)
@@ -91,6 +91,14 @@ class TrainParams(CohortParams):
     def ftrl(self) -> FtrlRule:
         return FtrlRule(self.ftrl_rule, self.ftrl_restart_rounds, self.ftrl_min_separation,
                         self.ftrl_max_participations)
+
+    @property
+    def value_noise_multiplier(self) -> float:
+        """The noise multiplier on the updates: all of z, or with adaptive clipping what the count leaves
+        (models.dp_ftrl.adaptive_value_noise_multiplier: values and count together are a z-mechanism)."""
+        if not self.ftrl_adaptive_clip:
+            return float(self.noise_multiplier)
+        return adaptive_value_noise_multiplier(float(self.noise_multiplier), float(self.ftrl_clip_count_stddev))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -152,9 +152,11 @@ class RoundManager:
         if not m.initialized:
             return
         if self._training_due():
+            base = self.config.round_params()
+            params = self._strategy_for_params(parse_params("train", base)).open_params(base)  # type: ignore[arg-type]
             with self.db.write():
                 rid = self.db.create_round(kind="train", base_version=m.global_version(),
-                                           params=self.config.round_params(), seed=secrets.randbits(63))
+                                           params=params, seed=secrets.randbits(63))
             log.info("opened training round %d on version %s", rid, m.global_version())
         cand = self._due_candidate()
         if cand is not None:

@@ -151,22 +151,24 @@ def _start_demo(out: Path, *extra: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-needs_bundle = pytest.mark.skipif(not (default_bundle_path() / "meta.json").exists(),
-                                  reason=f"no default model at {default_bundle_path()}: .venv/bin/python -m models.pretrained")
-
-
-@pytest.mark.slow
-@needs_bundle
-def test_demo_quick_runs_the_whole_job(tmp_path):
-    out = tmp_path / "demo"
-    proc = _start_demo(out)
+def _run_demo(out: Path, *extra: str, timeout: float = 600) -> str:
+    """Runs `demo.py --quick` to its end (its whole process group killed if it outlives `timeout`); its
+    output, after asserting it exited 0."""
+    proc = _start_demo(out, *extra)
     try:
-        stdout, _ = proc.communicate(timeout=600)
+        stdout, _ = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     print(stdout[-6000:])
     assert proc.returncode == 0, stdout[-4000:]
+    return stdout
+
+
+@pytest.mark.slow
+def test_demo_quick_runs_the_whole_job(tmp_path):
+    out = tmp_path / "demo"
+    stdout = _run_demo(out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["exit_code"] == 0 and summary["flow"] == "init-bundle"
     assert summary["starting_model"]["path"] == str(default_bundle_path()) and summary["starting_model"]["version"] == 1
@@ -211,14 +213,7 @@ def test_demo_quick_tff_pretrain_pushes_and_promotes(tmp_path):
     """The earlier flow stays demonstrated: TFF pre-trains from random weights, pushes a candidate, the
     fleet's evaluation round promotes it."""
     out = tmp_path / "demo"
-    proc = _start_demo(out, "--tff-pretrain", "--stop-after", "promotion")
-    try:
-        stdout, _ = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    print(stdout[-4000:])
-    assert proc.returncode == 0, stdout[-4000:]
+    stdout = _run_demo(out, "--tff-pretrain", "--stop-after", "promotion")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["flow"] == "tff-pretrain" and summary["pretrain"]["push"]["version"] == 2
     assert summary["promotion"]["candidate"] == 2 and summary["promotion"]["global_version"] == 3
@@ -233,8 +228,6 @@ def test_demo_quick_tff_pretrain_pushes_and_promotes(tmp_path):
                          ids=["sigint-during-tff", "sigterm-during-fleet"])
 def test_interrupted_demo_leaves_no_processes(tmp_path, sig, when):
     out = tmp_path / "demo"
-    if when == "fleet" and not (default_bundle_path() / "meta.json").exists():
-        pytest.skip(f"no default model at {default_bundle_path()}: .venv/bin/python -m models.pretrained")
     proc = _start_demo(out, *(["--tff-pretrain"] if when == "tff" else []))
     me = psutil.Process(proc.pid)
     seen: set[int] = set()

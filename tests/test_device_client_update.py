@@ -59,6 +59,19 @@ def test_train_round_returns_a_clipped_delta_with_its_counts(bundle: Bundle) -> 
     assert out.training["steps"] == -(-out.num_examples // 8)
 
 
+def test_train_round_reports_the_adaptive_clip_bit_only_when_asked(bundle: Bundle) -> None:
+    """DP-FTRL adaptive clipping: the one bit the server counts is whether the norm before clipping was
+    <= the task's estimate; without an estimate nothing extra leaves the device."""
+    examples = _examples(bundle)
+    base = list(bundle.weights)
+    rng = lambda: np.random.default_rng(0)  # noqa: E731 - the same training both times
+    low = train_round(_task(clip_norm=0.05, raw={"clip_estimate": 1e-6}), examples, base, bundle.config, rng=rng())
+    high = train_round(_task(clip_norm=0.05, raw={"clip_estimate": 1e6}), examples, base, bundle.config, rng=rng())
+    assert low.metrics["below_clip_estimate"] == 0.0 and high.metrics["below_clip_estimate"] == 1.0
+    assert low.metadata()["metrics"]["below_clip_estimate"] == 0.0  # it travels with the delta
+    np.testing.assert_array_equal(low.delta[0], high.delta[0])  # the bit changes nothing else
+
+
 def test_train_round_is_reproducible_from_the_seed_and_noises_as_told(bundle: Bundle) -> None:
     examples, base = _examples(bundle), list(bundle.weights)
     a = train_round(_task(noise_stddev=0.01), examples, base, bundle.config, rng=np.random.default_rng(5))

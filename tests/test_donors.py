@@ -195,9 +195,11 @@ def test_tff_sim_population_vocab_source_and_init_bundle(tmp_path):
     vocab = build_vocab(ds, "donors", 300)
     config = preset("tiny", vocab_size=len(vocab))
     weights = get_weights(build_model(config, seed=5))
-    save_bundle(tmp_path / "bundle", config, vocab, weights, model_version=0, meta={"source": "test"})
+    save_bundle(tmp_path / "bundle", config, vocab, weights, model_version=0,
+                meta={"source": "test", "data": {"population": "donors"}})  # models.pretrained's meta
     init = client_data.prepare(ds, preset_name="tiny", population="federated", init_bundle=str(tmp_path / "bundle"))
     assert init.vocab == vocab and init.vocab_source == "bundle" and init.model_config == config
+    assert init.summary()["init_bundle"]["population"] == "donors"  # whose text trained the starting model
     assert all(np.array_equal(a, b) for a, b in zip(init.initial_weights, weights))
     with pytest.raises(ValueError, match="preset"):
         client_data.prepare(ds, preset_name="small", init_bundle=str(tmp_path / "bundle"))

@@ -60,3 +60,33 @@ def test_small_run_dp_lowers_exposure(tmp_path) -> None:
     saved = json.loads((tmp_path / "canary" / "canary.json").read_text())
     assert saved["canary"].startswith("my pin number is") and saved["results"]["dp"]["rank"] == res["dp"]["rank"]
     assert "| FedAvg, no DP |" in (tmp_path / "canary" / "canary.md").read_text()
+
+
+def test_epoch_cohorts_take_each_user_at_most_once_per_epoch() -> None:
+    from tff_sim.canary import epoch_cohorts
+
+    cohorts = epoch_cohorts(23, 5, 13, seed=3)  # 4 rounds an epoch; 3 users sit each epoch out
+    assert len(cohorts) == 13 and all(len(c) == 5 for c in cohorts)
+    for e in range(0, 12, 4):
+        epoch = np.concatenate(cohorts[e:e + 4])
+        assert len(set(epoch.tolist())) == 20  # no user twice in an epoch
+    assert epoch_cohorts(23, 5, 13, seed=3)[7].tolist() == cohorts[7].tolist()  # seeded
+    with pytest.raises(ValueError):
+        epoch_cohorts(4, 5, 1, seed=0)
+
+
+def test_small_run_dp_ftrl_lowers_exposure(tmp_path) -> None:
+    from tff_sim.canary import run
+
+    # 10 users in rounds of 5: 2 rounds an epoch, the canary's user in 10 of the 20 rounds
+    cfg = CanaryConfig(preset="tiny", clients=10, clients_per_round=5, rounds=20, copies=30, seed=0,
+                       mechanism="dp-ftrl", output=str(tmp_path / "canary"))
+    report = run(cfg, log=lambda msg: None)
+    res = report["results"]
+    assert report["canary_user_rounds"] == 10
+    assert res["dp"]["mechanism"] == "dp-ftrl" and res["dp"]["rounds_per_epoch"] == 2
+    from models.dp import ftrl_epsilon
+
+    assert res["dp"]["epsilon"] == pytest.approx(ftrl_epsilon(1.0, 20, 1e-6, "restart", rounds_per_epoch=2))
+    assert res["no_dp"]["exposure"] > 4.0 and res["no_dp"]["exposure"] > res["dp"]["exposure"] + 1.0, res
+    assert "| DP-FTRL, z = 1 |" in (tmp_path / "canary" / "canary.md").read_text()

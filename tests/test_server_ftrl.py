@@ -6,6 +6,8 @@ last tests run a real `python -m server` (tests/server_fixtures.py), restarted i
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import sqlite3
 import threading
@@ -48,14 +50,15 @@ def tree(tmp_path) -> FtrlTreeStore:
     return FtrlTreeStore(config, Db(config.sqlite_path), Store(tmp_path))
 
 
-def _release(tree: FtrlTreeStore, rnd: Round, updates: list[np.ndarray], devices: list[str]) -> np.ndarray:
+def _release(tree: FtrlTreeStore, rnd: Round, updates: list[np.ndarray], devices: list[str],
+             rows: list[dict] | None = None) -> np.ndarray:
     """One round through the wrapper: the released (noised) sum, committed as round_close does."""
     strategy = strategy_for(rnd.train, None, tree)
     assert isinstance(strategy, FtrlDP) and strategy.mechanism == "ftrl"
     acc = MeanAccumulator(DIM)
     for u in updates:
         acc.add([u], 1.0)
-    agg = strategy.aggregate(acc, [{}] * len(updates), rnd, RoundContext(TINY, DIM, 1 << 20, lambda rel: None))
+    agg = strategy.aggregate(acc, rows or [{}] * len(updates), rnd, RoundContext(TINY, DIM, 1 << 20, lambda rel: None))
     with tree.db.write():
         cleanup = strategy.commit_release(rnd.id, devices)
     cleanup()
@@ -80,6 +83,54 @@ def test_noise_is_models_dp_ftrl_tree_residual_and_the_tree_restarts(tree) -> No
         assert tree.leaves() == t
         assert (tree.load().tree.draws, tree.load().tree.levels) == (want_tree.draws, want_tree.levels)
     assert len(list(tree.store.path("ftrl").iterdir())) == 1  # older states deleted once superseded
+
+
+def test_adaptive_clip_follows_models_dp_ftrl_and_changes_only_at_restarts(tree) -> None:
+    """The server's adaptive DP-FTRL (devices report the bit, the server counts it) releases what
+    models.dp_ftrl.aggregate (TFF's tree_adaptive, which sees the unclipped updates) releases."""
+    rng = np.random.default_rng(1)
+    p = params(ftrl_adaptive_clip=True, ftrl_clip_count_stddev=1.0, ftrl_initial_clip=CLIP, ftrl_clip_lr=0.5)
+    fp = dp_ftrl.FtrlParams(Z, 3, CLIP, restart_period=2, adaptive=dp_ftrl.AdaptiveClip(0.5, 0.5, 1.0))
+    state = dp_ftrl.init(fp, DIM, 4321)
+    strategy = strategy_for(p, None, tree)
+    clips = []
+    for t in range(1, 6):
+        # what a new round is frozen with: the tree's clip in use and quantile estimate
+        opened = strategy.open_params({**dataclasses.asdict(p)})
+        assert (opened["clip_norm"], opened["clip_estimate"]) == (state.clip, state.estimate)
+        rnd = round_of(dataclasses.replace(p, clip_norm=opened["clip_norm"], clip_estimate=opened["clip_estimate"]),
+                       rid=10 + t, seed=4321 if t == 1 else 999 + t)
+        clips.append(state.clip)
+        raw = [(rng.standard_normal(DIM) * 0.02).astype(np.float32) for _ in range(3)]  # norms ~0.14 < CLIP
+        clipped = [dp.clip_by_global_norm([u], state.clip)[0][0] for u in raw]
+        bits = [{"metrics": json.dumps({dp_ftrl.BELOW_ESTIMATE_METRIC: float(dp.l2_norm(u) <= state.estimate)})}
+                for u in raw]
+        total = _release(tree, rnd, clipped, [f"d{t}{i}" for i in range(3)], bits)
+        mean, state, _ = dp_ftrl.aggregate(state, fp, [[-u] for u in raw])
+        np.testing.assert_allclose(-total / 3, mean, rtol=0, atol=1e-5)
+        assert tree.current(p) == (state.clip, pytest.approx(state.estimate, rel=1e-12))
+    # every norm is below the estimate: it falls every round, the clip in use only after each restart (2 rounds)
+    assert clips[0] == clips[1] == CLIP and clips[2] == clips[3] < CLIP and clips[4] < clips[3]
+    assert tree.record()["params"]["adaptive"] == {"target_quantile": 0.5, "learning_rate": 0.5, "count_stddev": 1.0}
+
+
+def test_adaptive_clip_count_ignores_missing_bits() -> None:
+    assert dp_ftrl.below_count([1.0, 0.0, 1, None, "x", 0.5]) == 0.5  # only 0/1 bits count, each minus 1/2
+
+
+def test_adaptive_clip_config_rules() -> None:
+    base = dict(dp_mode="ftrl", noise_multiplier=1.0, clip_norm=0.5, ftrl_adaptive_clip=True, round_goal=80,
+                min_count=10, server_optimizer="sgd")
+    config = ServerConfig(**base)
+    assert config.clip_count_stddev == 4.0  # TFF's default: 1/20 of the cohort
+    assert config.value_noise_multiplier == pytest.approx((1.0 - 1 / 64) ** -0.5)
+    assert config.round_params()["ftrl_initial_clip"] == 0.5
+    with pytest.raises(ValueError, match="secure aggregation"):
+        ServerConfig(**base, secure_aggregation="secagg")
+    with pytest.raises(ValueError, match="needs z < 2"):
+        ServerConfig(**base, ftrl_clip_count_stddev=0.4)
+    with pytest.raises(ValueError, match="needs dp_mode ftrl"):
+        ServerConfig(**{**base, "dp_mode": "central", "server_optimizer": "sgd"})
 
 
 def test_a_rerun_before_the_commit_draws_the_same_noise(tree) -> None:
@@ -236,3 +287,28 @@ def test_server_enforces_min_separation_and_the_participation_cap(server_factory
     assert privacy["participation_rule"] == "min_separation" and "at most 2 round(s)" in privacy["guarantee"]
     assert privacy["epsilon"] == pytest.approx(
         dp.ftrl_epsilon(3.0, 3, 1e-6, "min_separation", "rdp", min_separation=1, max_participations=2), rel=1e-12)
+
+
+def test_server_adapts_the_clip_from_the_devices_bits(server_factory):
+    """Adaptive DP-FTRL end to end: the task carries the estimate; devices whose norms are below it pull the
+    estimate down every round, and the clip in use follows at the tree's restart (every 2 rounds)."""
+    srv = server_factory("--round-goal", "2", "--min-count", "2", "--dp-mode", "ftrl", "--clip-norm", "1.0",
+                         "--noise-multiplier", "0.5", "--ftrl-restart-rounds", "2", "--ftrl-adaptive-clip",
+                         "--ftrl-clip-count-stddev", "0.5", "--ftrl-clip-lr", "0.5", "--deadline-s", "60",
+                         "--allow-noisy-dp")
+    devices = [srv.device() for _ in range(6)]
+    seen, rounds = [], []
+    for r in range(3):
+        pair = devices[2 * r:2 * r + 2]
+        tasks = [d.task() for d in pair]
+        seen.append((tasks[0]["clip_norm"], tasks[0]["clip_estimate"]))
+        for i, d in enumerate(pair):
+            body = encode_delta(dyadic_delta(70 + 2 * r + i), srv.model()[0], metrics={"below_clip_estimate": 1.0})
+            assert d.upload(tasks[0]["round_id"], body).status_code == 200
+        rounds.append(srv.wait_round(tasks[0]["round_id"]))
+        assert rounds[-1]["state"] == "closed"
+    (c1, e1), (c2, e2), (c3, e3) = seen
+    assert c1 == c2 == e1 == 1.0 and e2 < e1  # the estimate moved after round 1, the clip did not
+    assert c3 == e3 < e2  # the trees restarted after round 2: the clip in use is now the estimate
+    # each round's frozen parameters say which clip its devices used (reports and the noise check read them)
+    assert [(r["params"]["clip_norm"], r["params"]["clip_estimate"]) for r in rounds] == seen

@@ -6,10 +6,16 @@ secret one user typed, and does DP-FedAvg stop it?
 
 A random canary sentence "my pin number is D D D D" (D random digits of the vocabulary; the format has
 |R| = 10^4 candidates) is inserted `copies` times into one simulated user's training messages. The
-same federation is trained twice from the same initial weights with the same client samples (Poisson,
-q = clients_per_round / clients): once without DP (plain FedAvg, example-weighted) and once with
-DP-FedAvg (each update clipped to L2 norm `clip`, Gaussian noise z * clip on the sum, fixed
-denominator q * N; Andrew/McMahan et al.), and epsilon is accounted with models.dp (RDP).
+same federation is trained twice from the same initial weights with the same cohorts: once without DP
+(plain FedAvg, example-weighted) and once with DP, by `--mechanism`:
+
+  dp-fedavg  Poisson cohorts (q = clients_per_round / clients); each update clipped to L2 norm `clip`,
+             Gaussian noise z * clip on the sum, fixed denominator q * N (Andrew/McMahan et al.);
+             epsilon of the subsampled Gaussian (models.dp, RDP).
+  dp-ftrl    no sampling: each epoch shuffles the users into rounds of clients_per_round (every user at
+             most once per epoch, the server's "restart" participation rule); clipped updates summed
+             with DP-FTRL's tree noise (models.dp_ftrl, trees restarted every epoch, Kairouz et al. 2021);
+             epsilon of the tree-aggregation mechanism (models.dp.ftrl_epsilon, RDP).
 
 Exposure. Every candidate c of the format gets its log-perplexity under the trained model,
 -sum log p(token | prefix) over the secret tokens (the shared prefix adds the same to all). The
@@ -36,7 +42,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from models import fedavg
+from models import dp_ftrl, fedavg
+from models.dp import l2_norm
 
 PREFIX = ("my", "pin", "number", "is")
 
@@ -56,6 +63,7 @@ class CanaryConfig:
     max_examples_per_client: int = 64
     clip: float = 0.5
     noise_multiplier: float = 1.0
+    mechanism: str = "dp-fedavg"  # or "dp-ftrl" (see the module doc)
     extra_noise_multipliers: str = ""  # e.g. "0.3,0.1": further DP runs with these z (same clip)
     delta: float | None = None  # default 1e-6 (models.dp.DEFAULT_DELTA)
     seed: int = 0
@@ -106,9 +114,36 @@ def trie_log_perplexities(model: Any, prefix_ids: Sequence[int], alphabet_ids: S
 # --------------------------------------------------------------------------- training
 
 
+MECHANISMS = ("dp-fedavg", "dp-ftrl")
+
+
 def _sample_rounds(n: int, q: float, rounds: int, seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng([seed, 77])
     return [np.flatnonzero(rng.random(n) < q) for _ in range(rounds)]
+
+
+def epoch_cohorts(n: int, per_round: int, rounds: int, seed: int) -> list[np.ndarray]:
+    """DP-FTRL's cohorts: each epoch a fresh shuffle cut into n // per_round rounds of per_round users (the
+    rest sit the epoch out), so every user takes part at most once per epoch."""
+    if not 1 <= per_round <= n:
+        raise ValueError(f"clients_per_round must be in [1, {n}], got {per_round}")
+    rng = np.random.default_rng([seed, 78])
+    per_epoch = n // per_round
+    cohorts: list[np.ndarray] = []
+    while len(cohorts) < rounds:
+        order = rng.permutation(n)
+        cohorts += [np.sort(order[i * per_round:(i + 1) * per_round]) for i in range(per_epoch)]
+    return cohorts[:rounds]
+
+
+def rounds_per_epoch(n: int, per_round: int) -> int:
+    return n // per_round
+
+
+def _ftrl_params(cfg: CanaryConfig, n: int) -> dp_ftrl.FtrlParams:
+    return dp_ftrl.FtrlParams(noise_multiplier=cfg.noise_multiplier, clients_per_round=cfg.clients_per_round,
+                              clip=cfg.clip, restart_period=rounds_per_epoch(n, cfg.clients_per_round),
+                              server_lr=cfg.server_lr)
 
 
 def _train(trainer, init: list[np.ndarray], clients: list[tuple[np.ndarray, np.ndarray]], samples: list[np.ndarray],
@@ -118,16 +153,32 @@ def _train(trainer, init: list[np.ndarray], clients: list[tuple[np.ndarray, np.n
     rng = np.random.default_rng([cfg.seed, 99])
     expected = cfg.clients_per_round
     stats = {"clipped_fraction": [], "participants": []}
+    ftrl = dp and cfg.mechanism == "dp-ftrl"
+    if ftrl:
+        ftrl_params = _ftrl_params(cfg, len(clients))
+        ftrl_state = dp_ftrl.init(ftrl_params, sum(w.size for w in weights), cfg.seed)
     for r, chosen in enumerate(samples):
+        if ftrl:
+            updates = []  # TFF's sign: initial - trained; dp_ftrl clips, sums and adds the tree noise
+            for c in chosen:
+                new, _, _ = trainer.train(weights, _client_batches(clients[int(c)], cfg, r, int(c)))
+                update = [w - t for w, t in zip(weights, new)]
+                if all(np.isfinite(u).all() for u in update):
+                    updates.append(update)
+                else:
+                    stats["non_finite_updates"] = stats.get("non_finite_updates", 0) + 1
+            clipped = sum(l2_norm(u) > ftrl_state.clip for u in updates)
+            weights, ftrl_state, _ = dp_ftrl.ftrl_round(weights, ftrl_state, ftrl_params, updates)
+            stats["participants"].append(int(len(chosen)))
+            stats["clipped_fraction"].append(clipped / max(1, len(chosen)))
+            if progress:
+                progress(r + 1, len(samples))
+            continue
         total = [np.zeros_like(w, dtype=np.float64) for w in weights]
         weight_sum = 0.0
         clipped = 0
         for c in chosen:
-            x, y = clients[c]
-            order = np.random.default_rng([cfg.seed, r, int(c)]).permutation(len(x))[: cfg.max_examples_per_client]
-            batches = [(x[order][i:i + cfg.batch_size], y[order][i:i + cfg.batch_size])
-                       for i in range(0, len(order), cfg.batch_size)]
-            new, n_ex, _ = trainer.train(weights, batches)
+            new, n_ex, _ = trainer.train(weights, _client_batches(clients[int(c)], cfg, r, int(c)))
             delta = [d.astype(np.float64) for d in fedavg.client_delta(new, weights)]
             if not all(np.isfinite(d).all() for d in delta):  # a diverged client: its update is dropped
                 stats["non_finite_updates"] = stats.get("non_finite_updates", 0) + 1
@@ -159,6 +210,15 @@ def _train(trainer, init: list[np.ndarray], clients: list[tuple[np.ndarray, np.n
     return weights, {"mean_participants": float(np.mean(stats["participants"])),
                      "mean_clipped_fraction": float(np.mean(stats["clipped_fraction"])) if dp else None,
                      "non_finite_updates": stats.get("non_finite_updates", 0)}
+
+
+def _client_batches(client: tuple[np.ndarray, np.ndarray], cfg: CanaryConfig, r: int, c: int
+                    ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A client's round-r batches: a seeded shuffle of its examples, capped at max_examples_per_client."""
+    x, y = client
+    order = np.random.default_rng([cfg.seed, r, c]).permutation(len(x))[: cfg.max_examples_per_client]
+    return [(x[order][i:i + cfg.batch_size], y[order][i:i + cfg.batch_size])
+            for i in range(0, len(order), cfg.batch_size)]
 
 
 def _evaluate(model, weights, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
@@ -220,11 +280,15 @@ def run(cfg: CanaryConfig, log=print) -> dict[str, Any]:
         heldout_y.append(ty)
     ex, ey = np.concatenate(heldout_x)[: cfg.eval_examples], np.concatenate(heldout_y)[: cfg.eval_examples]
     n = len(clients)
+    if cfg.mechanism not in MECHANISMS:
+        raise ValueError(f"mechanism must be one of {MECHANISMS}, got {cfg.mechanism!r}")
     q = min(1.0, cfg.clients_per_round / n)
-    samples = _sample_rounds(n, q, cfg.rounds, cfg.seed)
+    ftrl = cfg.mechanism == "dp-ftrl"
+    samples = epoch_cohorts(n, cfg.clients_per_round, cfg.rounds, cfg.seed) if ftrl else \
+        _sample_rounds(n, q, cfg.rounds, cfg.seed)
     canary_rounds = int(sum(canary_index in s for s in samples))
     log(f"{n} users, vocab {len(vocab)}, model {cfg.preset} ({config.num_parameters()} parameters); canary "
-        f"{' '.join(canary_tokens)!r} x{cfg.copies} in user {user}, who is sampled in {canary_rounds} of {cfg.rounds} rounds")
+        f"{' '.join(canary_tokens)!r} x{cfg.copies} in user {user}, who takes part in {canary_rounds} of {cfg.rounds} rounds ({cfg.mechanism} cohorts)")
 
     tf.keras.utils.set_random_seed(cfg.seed)
     init = get_weights(build_model(config, seed=cfg.seed))
@@ -256,8 +320,12 @@ def run(cfg: CanaryConfig, log=print) -> dict[str, Any]:
                  "candidates_log_perplexity": {"min": float(scores.min()), "median": float(np.median(scores)),
                                                "max": float(scores.max())},
                  "utility": _evaluate(scorer, weights, ex, ey), "train_seconds": time.perf_counter() - t0, **stats}
-        if use_dp:
-            entry.update(noise_multiplier=z, clip=cfg.clip, sampling_prob=q, delta=delta,
+        if use_dp and ftrl:
+            k = rounds_per_epoch(n, cfg.clients_per_round)
+            entry.update(noise_multiplier=z, clip=cfg.clip, mechanism=cfg.mechanism, rounds_per_epoch=k, delta=delta,
+                         epsilon=dpm.ftrl_epsilon(z, cfg.rounds, delta, "restart", "rdp", rounds_per_epoch=k))
+        elif use_dp:
+            entry.update(noise_multiplier=z, clip=cfg.clip, mechanism=cfg.mechanism, sampling_prob=q, delta=delta,
                          epsilon=dpm.epsilon(z, q, cfg.rounds, delta, "rdp"))
         results[name] = entry
         log(f"  {name}: canary rank {rank} of {len(scores)}, exposure {exposure:.2f} bits"
@@ -284,9 +352,11 @@ def run(cfg: CanaryConfig, log=print) -> dict[str, Any]:
 def markdown(report: dict[str, Any]) -> str:
     cfg = report["config"]
     r = report["results"]
+    ftrl = cfg.get("mechanism", "dp-fedavg") == "dp-ftrl"
     rows = []
     labels = [("untrained", "untrained model"), ("no_dp", "FedAvg, no DP")]
-    labels += [(k, f"DP-FedAvg, z = {r[k]['noise_multiplier']:g}") for k in r if k.startswith("dp")]
+    labels += [(k, f"{'DP-FTRL' if ftrl else 'DP-FedAvg'}, z = {r[k]['noise_multiplier']:g}")
+               for k in r if k.startswith("dp")]
     for name, label in labels:
         e = r[name]
         util = e.get("utility") or {}
@@ -298,7 +368,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Canary `{report['canary']}` inserted {cfg['copies']} times into one of {report['users']} users' "
         f"messages ({cfg['dataset']}, `{cfg['preset']}` model, {report['parameters']:,} parameters); "
-        f"{cfg['rounds']} rounds, ~{cfg['clients_per_round']} users per round (Poisson), the canary's user "
+        f"{cfg['rounds']} rounds, {'' if ftrl else '~'}{cfg['clients_per_round']} users per round "
+        f"({'epoch shuffles, each user at most once per epoch' if ftrl else 'Poisson'}), the canary's user "
         f"sampled in {report['canary_user_rounds']} rounds.",
         "",
         f"Rank among all {report['candidates']:,} candidates `{' '.join(report['canary'].split()[:-cfg['secret_len']])} "
@@ -309,9 +380,13 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
         *rows,
         "",
-        f"DP-FedAvg: clip {cfg['clip']}, Gaussian noise z * clip on the sum of the clipped updates, fixed "
-        f"denominator q * N; delta {r['dp']['delta']:.2g} (RDP accounting, q = {r['dp']['sampling_prob']:.3f}, "
-        f"{cfg['rounds']} rounds).",
+        (f"DP-FTRL: clip {cfg['clip']}, tree-aggregation noise (nodes N(0, (z * clip)^2)) on the sums of the "
+         f"clipped updates, trees restarted every epoch of {r['dp']['rounds_per_epoch']} rounds, denominator "
+         f"{cfg['clients_per_round']}; delta {r['dp']['delta']:.2g} (RDP accounting of the tree-aggregation "
+         f"mechanism, {cfg['rounds']} rounds, no sampling)." if ftrl else
+         f"DP-FedAvg: clip {cfg['clip']}, Gaussian noise z * clip on the sum of the clipped updates, fixed "
+         f"denominator q * N; delta {r['dp']['delta']:.2g} (RDP accounting, q = {r['dp']['sampling_prob']:.3f}, "
+         f"{cfg['rounds']} rounds)."),
         "",
     ])
 
@@ -322,7 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for f in dataclasses.fields(CanaryConfig):
         flag = "--" + f.name.replace("_", "-")
         typ = {"int": int, "float": float, "str": str}.get(str(f.type).replace(" | None", ""), str)
-        ap.add_argument(flag, dest=f.name, type=typ, default=None)
+        ap.add_argument(flag, dest=f.name, type=typ, default=None,
+                        **({"choices": MECHANISMS} if f.name == "mechanism" else {}))
     args = ap.parse_args(argv)
     cfg = CanaryConfig(**{k: v for k, v in vars(args).items() if v is not None})
     report = run(cfg)
@@ -336,4 +412,4 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["CanaryConfig", "rank_and_exposure", "trie_log_perplexities", "run", "markdown", "main"]
+__all__ = ["CanaryConfig", "MECHANISMS", "epoch_cohorts", "rank_and_exposure", "trie_log_perplexities", "run", "markdown", "main"]

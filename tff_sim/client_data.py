@@ -77,6 +77,14 @@ class SimData:
         }
 
 
+def _trained_population(meta: dict) -> str:
+    """Whose text trained a bundle: tff_sim's exports say it under "run", models.pretrained under "data"."""
+    for key in ("run", "data"):
+        if isinstance(meta.get(key), dict) and meta[key].get("population"):
+            return str(meta[key]["population"])
+    return "all"
+
+
 def tokenized(texts: Iterable[str]) -> list[list[str]]:
     return [tokens for text in texts for tokens in tokenize_sentences(text)]
 
@@ -134,7 +142,7 @@ def prepare(
         initial = [np.array(w, dtype=np.float32, copy=True) for w in bundle.weights]
         init_info = {"path": str(init_bundle), "model_version": bundle.model_version, "vocab_hash": vocab.content_hash(),
                      "config_hash": bundle.config.config_hash(), "source": bundle.meta.get("source"),
-                     "population": (bundle.meta.get("run") or {}).get("population", "all")}
+                     "population": _trained_population(bundle.meta)}
         source = "bundle"
     elif vocab is None:
         words = (vocab_size or base.vocab_size) - NUM_SPECIAL

@@ -169,7 +169,13 @@ class Strategy(abc.ABC):
                 "noise_stddev": bound.noise_stddev if bound is not None else 0.0,
                 "upload_url": f"/v1/rounds/{rnd.id}/update", "upload_dtypes": list(p.upload_dtypes),
                 "max_upload_bytes": ctx.max_upload_bytes, "max_examples": p.max_examples_per_update,
-                "secure_aggregation": self.protocol_task(rnd, bound)}
+                "secure_aggregation": self.protocol_task(rnd, bound),
+                **({"clip_estimate": p.clip_estimate} if p.clip_estimate is not None else {})}
+
+    def open_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The parameters a new training round is frozen with (config.round_params()); a wrapper fills in
+        what only it knows at the round's creation (DP-FTRL's adaptive clip in use and quantile estimate)."""
+        return params
 
     def upload_bound(self, params: TrainParams) -> UploadBound | None:
         """Clipping without noise when the round clips at all."""

@@ -38,30 +38,41 @@ Assumptions the accounting does not cover (documented, not enforced): whether a 
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from typing import Any, Callable, Iterable, Protocol
 
 import numpy as np
 
-from models import dp
-from server.round import FtrlRule, Round, TrainParams
+from models import dp, dp_ftrl
+from server.round import FtrlRule, Round, TrainParams, parse_params
 from server.strategy.base import Aggregate, DecodedUpdate, LedgerEvent, RoundContext, Strategy, UploadBound
 
 
 class FtrlTree(Protocol):
     """DP-FTRL's durable noise tree and participation record (server/ftrl.py), as FtrlDP sees it."""
 
-    def noise(self, rnd: Round, dim: int) -> tuple[np.ndarray, Any]:
+    def noise(self, rnd: Round, dim: int, below: float = 0.0, count: int = 1) -> tuple[np.ndarray, Any]:
         """(the residual noise of the round's leaf, float32; the pending next tree state), writing nothing
-        the database points at: a re-run after a crash draws the same noise."""
+        the database points at: a re-run after a crash draws the same noise. `below` / `count`: adaptive
+        clipping's count of updates below the estimate (sum of bit - 1/2) and the number of updates."""
         ...
 
     def commit(self, pending: Any, round_id: int, device_ids: list[str]) -> Callable[[], None]: ...
+    def current(self, p: TrainParams) -> tuple[float, float | None]: ...
     def refusal(self, rnd: Round, device_id: str) -> tuple[str, float] | None: ...
 
 
 NOT_SELECTED = "not_selected"
+
+
+def _metric(row: dict[str, Any], name: str) -> Any:
+    """One value of an update row's metrics (JSON text in the database, a dict in memory), or None."""
+    metrics = row.get("metrics") or {}
+    if isinstance(metrics, str):
+        metrics = json.loads(metrics)
+    return metrics.get(name) if isinstance(metrics, dict) else None
 SELECTION_DOMAIN = b"fk-dp-fedavg-selection\0"
 
 
@@ -179,6 +190,9 @@ class DPStrategy(Strategy):
         return self.trust
 
     # ------------------------------------------------------------------ delegated to the wrapped strategy
+    def open_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        return self.inner.open_params(params)
+
     def protocol_task(self, rnd: Round, bound: UploadBound | None) -> dict[str, Any] | None:
         return self.inner.protocol_task(rnd, bound)
 
@@ -247,8 +261,18 @@ class FtrlDP(DPStrategy):
 
     def aggregate(self, state: Any, rows: list[dict[str, Any]], rnd: Round, ctx: RoundContext) -> Aggregate:
         agg = self.inner.aggregate(state, rows, rnd, ctx)
-        residual, self._pending = self.tree.noise(rnd, ctx.dim)
+        below = dp_ftrl.below_count(_metric(row, dp_ftrl.BELOW_ESTIMATE_METRIC) for row in rows) \
+            if rnd.train.ftrl_adaptive_clip else 0.0
+        residual, self._pending = self.tree.noise(rnd, ctx.dim, below, len(rows))
         return Aggregate(agg.total - residual.astype(np.float64), agg.divisor)
+
+    def open_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """With adaptive clipping: the tree's clip in use and quantile estimate (changed only between rounds)."""
+        params = self.inner.open_params(params)
+        if not params.get("ftrl_adaptive_clip"):
+            return params
+        clip, estimate = self.tree.current(parse_params("train", params))  # type: ignore[arg-type]
+        return {**params, "clip_norm": clip, "clip_estimate": estimate}
 
     def admission_refusal(self, rnd: Round, device_id: str) -> tuple[str, float] | None:
         return self.tree.refusal(rnd, device_id) or self.inner.admission_refusal(rnd, device_id)
@@ -263,7 +287,11 @@ class FtrlDP(DPStrategy):
         return LedgerEvent(float(params.noise_multiplier), 1.0, params.ftrl)
 
     def assumptions(self, params: TrainParams) -> list[str]:
-        return ftrl_assumptions(params.ftrl, params.secure_aggregation)
+        clauses = ftrl_assumptions(params.ftrl, params.secure_aggregation)
+        if params.ftrl_adaptive_clip:
+            clauses.append("the clip adapts to a quantile of the update norms from one bit per device (norm below "
+                           "the estimate), counted with tree noise within the same noise multiplier")
+        return clauses
 
 
 class DistributedDP(DPStrategy):
