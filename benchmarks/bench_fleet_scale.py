@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.run_dir or ROOT / "runs" / f"bench-fleet-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
     token = "bench-" + os.urandom(12).hex()
-    env = dict(os.environ, PYTHONUNBUFFERED="1", FK_ADMIN_TOKEN=token)
+    # server and fleet share the registration key through the environment (docs/security.md)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", FK_ADMIN_TOKEN=token, FK_REGISTRATION_KEY="bench-" + os.urandom(12).hex())
     sup = Supervisor(run_dir, env)
     sampler = RssSampler()
     become_subreaper()
@@ -197,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                "--round-goal", str(goal), "--min-count", str(min_count), "--over-admit", str(args.over_admit),
                "--deadline-s", str(args.deadline_s), "--dp-mode", "distributed", "--clip-norm", "1.0",
                "--noise-multiplier", "1.0", "--retry-min-s", "1", "--log-level", "warning",
+               "--registration-burst", str(max(100, args.devices)),  # the whole fleet registers from 127.0.0.1
                "--allow-noisy-dp"]  # a scale benchmark: the model's quality is not measured
         if secagg:
             cmd += ["--secure-aggregation", "secagg"]

@@ -47,6 +47,7 @@ from models.config import preset  # noqa: E402
 from server.aggregation import MeanAccumulator  # noqa: E402
 
 ADMIN = "bench-admin"
+REGISTRATION_KEY = "bench-registration-key"
 ELIGIBLE = {"charging": True, "unmetered": True, "idle": True}
 
 
@@ -84,7 +85,9 @@ class Server:
         cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
                "--data-dir", str(self.data), "--admin-token", ADMIN, "--init-preset", "gboard",
                "--round-goal", str(goal), "--min-count", str(goal), "--over-admit", "1.0", "--deadline-s", "3600",
-               "--clip-norm", "1.0", "--log-level", "warning"]
+               "--clip-norm", "1.0", "--log-level", "warning",
+               # every device registers from 127.0.0.1: the key, and no per-address limit
+               "--registration-key", REGISTRATION_KEY, "--registration-rate-per-s", "0"]
         self.log = open(workdir / f"server-{goal}.log", "wb")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
@@ -122,7 +125,7 @@ def admit_devices(srv: Server, n: int, concurrency: int) -> tuple[list[str], int
     """Register and check in n devices; returns their tokens and the round id they were admitted to."""
     def one(_):
         with httpx.Client(base_url=srv.url, timeout=600) as c:
-            token = c.post("/v1/devices/register").json()["token"]
+            token = c.post("/v1/devices/register", json={"registration_key": REGISTRATION_KEY}).json()["token"]
             answer = c.post("/v1/checkin", json={"eligibility": ELIGIBLE},
                             headers={"Authorization": f"Bearer {token}"}).json()
             assert answer["action"] == "train", answer

@@ -19,6 +19,10 @@ localhost). Over https the device verifies the server with the system CAs, --ca-
 and hostname), or --pin-sha256 HEX (exactly the certificate with that SHA-256, as
 `python -m server --tls-self-signed` prints it; checked before anything is sent). Both are saved
 with the server URL in the data dir's settings.json, so later runs and the app keep using them.
+
+Registration: the server wants its registration key (the operator hands it out: <server data dir>/
+registration_key unless set); --registration-key KEY or $FK_REGISTRATION_KEY. It is saved with the
+server URL. The data dir is private (0700; state.json with the token and text.db with the typed text 0600).
 """
 from __future__ import annotations
 
@@ -60,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca-file", help="verify the https server with this PEM CA file (saved with the server URL)")
     p.add_argument("--pin-sha256", metavar="HEX", help="trust exactly the server certificate with this SHA-256 "
                                                        "fingerprint (AA:BB:.. or hex; saved with the server URL)")
+    p.add_argument("--registration-key", help="the server's registration key (saved with the server URL; "
+                                              "default $FK_REGISTRATION_KEY)")
     p.add_argument("--data-dir", type=Path, default=None, help="device data dir (default $FK_DEVICE_DIR or ~/.fk-device)")
     p.add_argument("--bundle", help="initial model bundle directory (used until a server model arrives)")
     p.add_argument("--headless", action="store_true", help="no UI")
@@ -109,7 +115,7 @@ def _make_client(args: argparse.Namespace):
     data_dir = args.data_dir or default_data_dir()
     try:
         return DeviceClient(data_dir, args.server, initial_bundle=args.bundle, ca_file=args.ca_file,
-                            pin_sha256=args.pin_sha256)
+                            pin_sha256=args.pin_sha256, registration_key=args.registration_key)
     except TransportPolicyError as exc:  # e.g. a saved http:// URL to another machine
         print(f"python -m device_app: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -127,7 +133,7 @@ def run_fleet_cli(args: argparse.Namespace) -> int:
         step_s=args.step, max_wait_s=args.max_wait, seed=args.seed, personalize=args.personalize,
         data_dir=str(args.data_dir) if args.data_dir else None, keep_data=args.data_dir is not None,
         ca_file=args.ca_file, pin_sha256=args.pin_sha256, progress_s=args.progress_every,
-        population=args.population,
+        population=args.population, registration_key=args.registration_key,
     )
     report = run_fleet(config, on_event=lambda msg: print(f"[fleet] {msg}", flush=True))
     text = format_report(report)

@@ -62,6 +62,8 @@ from device_app.personalize import Personalizer
 from device_app.progress import Progress, ProgressReporter
 from device_app.reports import Reports
 from device_app.sent_log import SentLog
+from device_app.keyholder_pin import device_hooks
+from device_app.private_files import private_dir
 from device_app.settings import ClientSettings, resolve_settings
 from device_app.store import TextStore
 from device_app.training_task import run_train_task
@@ -91,19 +93,21 @@ class DeviceClient:
         save_settings: bool = True,
         ca_file: str | os.PathLike | None = None,
         pin_sha256: str | None = None,
+        registration_key: str | None = None,
     ) -> None:
         """server_url / ca_file / pin_sha256 override the saved settings ("" clears ca_file or the pin);
         a server_url other than the saved one drops the saved CA file and pin, which vouch for that
         server only. Raises transport.TransportPolicyError for a URL or TLS setting the device refuses
         (plain http:// to another machine, a malformed pin). An injected `transport` or `http_client`
-        verifies TLS by itself (build it with transport.make_transport)."""
-        self.data_dir = Path(data_dir).expanduser()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        verifies TLS by itself (build it with transport.make_transport). `registration_key`: the server's
+        registration key (saved in settings.json, 0600; default $FK_REGISTRATION_KEY)."""
+        self.data_dir = private_dir(Path(data_dir).expanduser())  # 0700: token, typed text (issue #18)
         self._settings_path = self.data_dir / "settings.json"
         self.pending_dir = self.data_dir / "pending"
         self.sent_log_path = self.data_dir / "sent.jsonl"
         self._save_settings = save_settings
-        self.settings = resolve_settings(self._settings_path, settings, server_url, ca_file, pin_sha256)
+        self.settings = resolve_settings(self._settings_path, settings, server_url, ca_file, pin_sha256,
+                                         registration_key)
         self._lock = threading.RLock()
         self._net_lock = threading.Lock()
         self._state = DeviceState(self.data_dir / "state.json", self.settings.server_url, self._lock)
@@ -114,7 +118,7 @@ class DeviceClient:
         self.eligibility = EligibilityMonitor(self.settings.eligibility, battery_probe=battery_probe)
         self.personalizer = Personalizer(self.settings.personalization)
         # None: SecAgg (identity key and peer pins in the data dir) and Paillier; () declines every protected round.
-        self.secure_aggregation = list(secagg_mod.default_hooks(self.data_dir) if secure_aggregation is None
+        self.secure_aggregation = list(device_hooks(self.data_dir) if secure_aggregation is None
                                        else secure_aggregation)
         self.rng = np.random.default_rng(seed)
         self.model_cache = model_cache
@@ -176,15 +180,23 @@ class DeviceClient:
         if self._save_settings:
             write_json_atomic(self._settings_path, self.settings.to_dict())
 
-    def set_server_url(self, url: str | None, *, ca_file: str | None = None, pin_sha256: str | None = None) -> None:
-        """Talk to another server (None: offline). Another URL drops the old server's CA file / pin
-        (pass the new server's); the same URL with ca_file / pin_sha256 changes only how it is verified.
-        Raises transport.TransportPolicyError, changing nothing, for a URL or setting the device refuses."""
+    def set_server_url(self, url: str | None, *, ca_file: str | None = None, pin_sha256: str | None = None,
+                       registration_key: str | None = None) -> None:
+        """Talk to another server (None: offline). Another URL drops the old server's CA file / pin /
+        registration key (pass the new server's); the same URL with ca_file / pin_sha256 changes only how it
+        is verified. Raises transport.TransportPolicyError, changing nothing, for a URL or setting the device
+        refuses."""
         with self._lock:
             url = (url or "").strip() or None
             if url == self.settings.server_url and ca_file is None and pin_sha256 is None:
+                if registration_key is not None and registration_key != self.settings.registration_key:
+                    self.settings.registration_key = registration_key or None
+                    self.link.reset()
+                    self.save_settings()
                 return  # the same server (e.g. the app's field submitted again): keep its verification
             ca, pin = transport_policy.check_settings(url, ca_file, pin_sha256)
+            if registration_key is not None or url != self.settings.server_url:
+                self.settings.registration_key = registration_key or None
             if url == self.settings.server_url:
                 self.settings.ca_file, self.settings.pin_sha256 = ca, pin
                 self.link.reset()

@@ -1,6 +1,7 @@
 """The device's link to its server: the ServerAPI (built on first use from the settings),
 registration, one re-registration when the server forgot the token, and the connection status the
-user sees ("no server", "unknown", "online", "offline", "untrusted server")."""
+user sees ("no server", "unknown", "online", "offline", "untrusted server", "banned": the server refuses
+this device for good, docs/security.md)."""
 from __future__ import annotations
 
 import logging
@@ -39,6 +40,7 @@ class ServerConnection:
                     self.settings.server_url,
                     token=self.state.data.get("token"),
                     device_id=self.state.data.get("device_id"),
+                    registration_key=self.settings.registration_key,  # None: $FK_REGISTRATION_KEY
                     transport=self._transport,
                     on_request=self._on_request,
                     client=self._http_client,
@@ -85,7 +87,9 @@ class ServerConnection:
         try:
             result = fn(api)
         except ServerError as exc:
-            if exc.reason != "unauthorized":
+            if exc.reason == "banned":
+                self.status, self.last_error = "banned", str(exc)
+            if exc.reason != "unauthorized":  # revoked (or forgotten): register again, once
                 raise
             with self._lock:
                 for key in ("device_id", "token"):

@@ -1,5 +1,6 @@
 """state.json: what the device keeps about its server (registration, model ETag, counters, the last
-round and outcome, schedule times). It belongs to one server URL: another URL starts it afresh."""
+round and outcome, schedule times). It belongs to one server URL: another URL starts it afresh.
+It holds the bearer token: written 0600 (jsonfile.write_json_atomic), an older file tightened at load."""
 from __future__ import annotations
 
 import threading
@@ -7,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from device_app.jsonfile import read_json, write_json_atomic
+from device_app.private_files import tighten
 
 
 class DeviceState:
@@ -15,6 +17,7 @@ class DeviceState:
     def __init__(self, path: Path, server_url: str | None, lock: threading.RLock) -> None:
         self.path = path
         self.lock = lock
+        tighten(path)  # the bearer token: 0600, also for a file written before files were private
         self.data: dict[str, Any] = read_json(path, {})
         if self.data.get("server_url") != server_url:
             # Another server: its registration, ETag and counters do not apply.

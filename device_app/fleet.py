@@ -72,9 +72,11 @@ class FleetConfig:
     keep_data: bool = False
     ca_file: str | None = None  # verify the https server with this CA file (device_app/transport.py)
     pin_sha256: str | None = None  # or: trust exactly the certificate with this SHA-256 fingerprint
+    registration_key: str | None = None  # the server's registration key (None: $FK_REGISTRATION_KEY)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """For reports: the registration key masked."""
+        return asdict(self) | {"registration_key": "***" if self.registration_key else None}
 
 
 @dataclass
@@ -213,6 +215,7 @@ class Fleet:
                 server_url=cfg.server_url,
                 ca_file=ca_file,  # recorded for status(); the shared client above does the verifying
                 pin_sha256=pin,
+                registration_key=cfg.registration_key,
                 eligibility=EligibilitySettings(idle_after_s=0.0, use_battery_sensor=False),
                 personalization=PersonalizationSettings(),
                 auto_personalize=cfg.personalize,

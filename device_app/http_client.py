@@ -9,7 +9,10 @@ training metrics, and evaluation reports (recall/loss numbers). Never text or to
 hook) to capture every request body, the fleet may share a connection pool.
 
 Transport security (device_app/transport.py): the base URL, and any absolute URL the server hands
-out, must pass the URL policy (plain http:// only to loopback), checked before any connection.
+out, must pass the URL policy (plain http:// only to loopback), checked before any connection. The
+device token goes only to the configured server's origin (scheme, host and port): a URL on any other
+origin is fetched without the Authorization header (transport.same_origin).
+Registration sends the server's registration key: `registration_key=`, else $FK_REGISTRATION_KEY.
 `ca_file` / `pin_sha256` set how the client ServerAPI builds verifies the server; a `client` or
 `transport` passed in carries its own verification (build it with transport.make_transport).
 
@@ -21,6 +24,7 @@ server's machine-readable reason from its JSON body {"error": reason, "detail": 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -44,6 +48,7 @@ ROUTES = {
     "round": f"{API}/rounds/{{round_id}}",
 }
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+REGISTRATION_KEY_ENV = "FK_REGISTRATION_KEY"  # the server reads the same variable
 RequestHook = Callable[[httpx.Request], None]
 
 
@@ -175,7 +180,7 @@ class ServerAPI:
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.device_id = device_id
-        self.registration_key = registration_key
+        self.registration_key = registration_key or os.environ.get(REGISTRATION_KEY_ENV) or None
         hooks = {"request": [on_request]} if on_request is not None else {}
         self._owns_client = client is None
         if client is None and transport is None:
@@ -191,9 +196,11 @@ class ServerAPI:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+    def _headers(self, extra: dict[str, str] | None = None, url: str | None = None) -> dict[str, str]:
+        """The request's headers; the device token only for the configured server's origin (`url`
+        None: a path on it)."""
         headers = dict(extra or {})
-        if self.token:
+        if self.token and (url is None or transport_policy.same_origin(self.base_url, url)):
             headers["Authorization"] = f"Bearer {self.token}"
         return headers
 
@@ -204,8 +211,9 @@ class ServerAPI:
         return f"{self.base_url}{path}"
 
     def _request(self, method: str, path: str, *, ok: tuple[int, ...] = (200,), **kwargs: Any) -> httpx.Response:
-        headers = self._headers(kwargs.pop("headers", None))
         url = self._url(path)
+        absolute = path.startswith(("http://", "https://"))
+        headers = self._headers(kwargs.pop("headers", None), url if absolute else None)
         try:
             response = self._client.request(method, url, headers=headers, **kwargs)
         except transport_policy.CertificatePinMismatch as exc:

@@ -1,5 +1,6 @@
 """Small JSON files of the data dir (settings, state, pending metadata), replaced atomically so a crash
-never leaves half a file."""
+never leaves half a file, and private (0600: state.json holds the bearer token, settings.json the
+registration key)."""
 from __future__ import annotations
 
 import json
@@ -7,10 +8,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from device_app.private_files import open_private
+
 
 def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
+    with open_private(tmp) as f:
+        f.write(json.dumps(data, indent=2, sort_keys=True))
     os.replace(tmp, path)
 
 

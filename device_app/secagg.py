@@ -32,10 +32,12 @@ SecAggHook (protocol "secagg", Bonawitz et al. 2017; math in models/secagg_math.
             trust on first use), check the threshold is a strict majority and the cohort is big enough,
             Shamir-share the mask key and a fresh self-mask seed, upload the shares AES-GCM-encrypted
             to each neighbour (the server relays what it cannot read).
-    submit: after training: fetch and decrypt the shares sent to it (a share altered in transit fails
-            authentication: the device stops), quantize (stochastic rounding, models/secagg_math.py),
-            mask, upload the masked vector; then sign the survivor set U3, wait for t signatures on the
-            same U3, and reveal exactly one share per peer: b_v for survivors, s_sk_v for dropouts.
+    submit: after training: fetch and decrypt the shares sent to it (a share that fails, from a cheating
+            peer or altered in transit, does not stop the device: it holds no share of that peer, names it
+            in its unmasking message, and the other holders' shares do the work), quantize (stochastic
+            rounding, models/secagg_math.py), mask, upload the masked vector; then sign the survivor set
+            U3, wait for t signatures on the same U3, and reveal exactly one share per peer: b_v for
+            survivors, s_sk_v for dropouts (a share it never got: complaints, and the pairwise seed).
 PaillierHook (protocol "paillier", models/paillier_pack.py)
     submit: check the key holder's signature on the public key (against pinned key-holder keys, or the
             one first seen), quantize, pack 63 values per plaintext, encrypt, upload the ciphertexts.
@@ -229,6 +231,10 @@ class SecAggSession:
         self.t = 0
         self.own_shares: tuple[int, int] | None = None  # my own (s, b) share
         self.held: dict[str, tuple[int, int]] = {}  # peer -> (share of its s_sk, share of its b)
+        # peers whose share this device does not hold (its ciphertext failed to decrypt, was missing, or the
+        # key agreement with it failed) -> why: a cheating peer, or the relay altered it. Not a reason to
+        # stop: the other holders' shares rebuild its secrets, and the unmasking message names it.
+        self.no_share: dict[str, str] = {}
         self.u2: list[str] = []
         self.u3: list[str] = []
         self.quantized: np.ndarray | None = None
@@ -309,7 +315,12 @@ class SecAggSession:
     def receive_keys(self, answer: dict[str, Any]) -> None:
         """Verify the cohort the server announces: the keys of every device this one will mask with or
         share secrets with (its neighbours) must be signed by that device's identity key; identity keys
-        must match the ones pinned before (trust on first use)."""
+        must match the ones pinned before (trust on first use).
+
+        A peer whose share key is unusable (low order, non-canonical) is a dropped holder, like a bad share
+        (receive_shares). Anything else here stops the device: the server verifies every advertised
+        signature and refuses low-order or repeated keys (server/secagg/dropouts.py), so a peer cannot cause
+        it; it means the relay altered the cohort, and going on would mask with keys the relay may hold."""
         t0 = time.thread_time()
         if answer.get("session") != self.session:
             raise SecAggError("bad_keys", "key list is for another session")
@@ -340,6 +351,10 @@ class SecAggSession:
                 raise SecAggError("bad_keys", f"participant {u} has the wrong share index")
             if c_pk in seen_keys or s_pk in seen_keys or c_pk == s_pk:
                 raise SecAggError("bad_keys", f"participant {u} reuses keys")
+            if sm.x25519_key_problem(s_pk):  # no mask can be agreed with it: the sum could not cancel
+                raise SecAggError("bad_keys", f"participant {u}'s mask key is {sm.x25519_key_problem(s_pk)}")
+            if sm.x25519_key_problem(c_pk):  # no share can go to or come from it: a dropped holder
+                self.no_share[u] = "bad_key"
             seen_keys.update((c_pk, s_pk))
             if u in mine and not sm.verify(ident, sig, sm.advertise_message(self.session, self.rid, u, c_pk, s_pk)):
                 raise SecAggError("bad_signature", f"keys of participant {u} are not signed by its identity key")
@@ -370,7 +385,15 @@ class SecAggSession:
         self.own_shares = (s_shares[self.index[self.me]], b_shares[self.index[self.me]])
         out = []
         for v in mine:
-            key = sm.share_key(self.c_sk, self.participants[v]["c_pk"], self.ctx)
+            try:
+                if v in self.no_share:
+                    raise sm.SecAggMathError(self.no_share[v])
+                key = sm.share_key(self.c_sk, self.participants[v]["c_pk"], self.ctx)
+            except sm.SecAggMathError as exc:  # v's key is unusable: it gets no share (one holder fewer)
+                self.no_share.setdefault(v, "key_agreement_failed")
+                log.warning("round %d: no share for %s: %s", self.rid, v, exc)
+                out.append({"to": v, "ct": sm.b64(os.urandom(12 + 16 + 2 * sm.SHARE_BYTES + 64))})
+                continue
             ct = sm.encrypt_shares(key, self.ctx, self.me, v, s_shares[self.index[v]], b_shares[self.index[v]])
             out.append({"to": v, "ct": sm.b64(ct)})
         body = {"shares": out, "b_commitment": sm.commitment(self.session, self.rid, self.me, self.b)}
@@ -390,15 +413,21 @@ class SecAggSession:
             raise SecAggError("bad_u2", "the set of devices that shared keys is inconsistent")
         got = {s.get("from"): s.get("ct") for s in answer.get("shares") or []}
         for v in self.graph[self.me]:
-            if v not in u2:
+            if v not in u2 or v in self.no_share:
                 continue
-            if v not in got:
-                raise SecAggError("missing_share", f"no share from {v}, which the server says shared keys")
-            key = sm.share_key(self.c_sk, self.participants[v]["c_pk"], self.ctx)
+            # A share that is missing or fails (v cheated, or the relay altered it): v is treated as a
+            # dropped holder, not a reason to stop. This device holds no share of v's secrets; the other
+            # holders' shares rebuild them, and the unmasking message names v (complaints).
+            if not isinstance(got.get(v), str):
+                self.no_share[v] = "missing_share"
+                log.warning("round %d: no share from %s, which the server says shared keys", self.rid, v)
+                continue
             try:
+                key = sm.share_key(self.c_sk, self.participants[v]["c_pk"], self.ctx)
                 self.held[v] = sm.decrypt_shares(key, self.ctx, v, self.me, sm.unb64(got[v]))
             except sm.SecAggMathError as exc:
-                raise SecAggError("bad_share", str(exc)) from None
+                self.no_share[v] = "bad_share"
+                log.warning("round %d: share from %s unusable: %s", self.rid, v, exc)
         self.u2 = sorted(u2)
         self._timed("decrypt_shares_s", t0)
 
@@ -443,19 +472,37 @@ class SecAggSession:
         if len(valid) < self.t:
             raise SecAggError("inconsistent_u3", f"only {len(valid)} valid signatures on the survivor set, "
                                                  f"{self.t} needed")
-        b_shares, s_shares = {}, {}
+        body = self.unmask_body(u3)
+        self._timed("unmask_compute_s", t0)
+        self._post(api, self.urls["unmasking"], body)
+
+    def unmask_body(self, u3: Sequence[str]) -> dict[str, Any]:
+        """What this survivor reveals: its share of b_v for survivors v, of s_sk_v for dropped v, never both
+        for one device. A share it never got (no_share) is listed in complaints instead; for such a dropped v
+        it reveals the one pairwise seed s_uv it masked with, so the server can remove that mask even if v's
+        mask key cannot be rebuilt (v is not in U3: this reveals nothing of a survivor's input)."""
+        b_shares, s_shares, pair_seeds, complaints = {}, {}, {}, {}
         dropped = set(self.u2) - set(u3)
         for v in u3:
             if v == self.me:
                 b_shares[v] = sm.b64(sm.share_to_bytes(self.own_shares[1]))
             elif self.me in self.graph[v]:
-                b_shares[v] = sm.b64(sm.share_to_bytes(self.held[v][1]))
+                if v in self.held:
+                    b_shares[v] = sm.b64(sm.share_to_bytes(self.held[v][1]))
+                else:
+                    complaints[v] = self.no_share.get(v, "missing_share")
         for v in dropped:
             if self.me in self.graph[v]:
-                s_shares[v] = sm.b64(sm.share_to_bytes(self.held[v][0]))
+                if v in self.held:
+                    s_shares[v] = sm.b64(sm.share_to_bytes(self.held[v][0]))
+                else:
+                    complaints[v] = self.no_share.get(v, "missing_share")
+                    pair_seeds[v] = sm.b64(sm.mask_seed(self.s_sk, self.participants[v]["s_pk"], self.ctx))
         assert not set(b_shares) & set(s_shares)  # never both secrets of one device
-        self._timed("unmask_compute_s", t0)
-        self._post(api, self.urls["unmasking"], {"b_shares": b_shares, "s_shares": s_shares})
+        body: dict[str, Any] = {"b_shares": b_shares, "s_shares": s_shares}
+        if complaints:
+            body.update(complaints=complaints, pair_seeds=pair_seeds)
+        return body
 
 
 class SecAggHook:

@@ -30,12 +30,15 @@ class ClientSettings:
     # How the https server is verified (device_app/transport.py); they belong to server_url.
     ca_file: str | None = None  # PEM CA file: chain + hostname verification
     pin_sha256: str | None = None  # SHA-256 of the server's DER certificate (lowercase hex)
+    # The server's registration key (issue #18); None: $FK_REGISTRATION_KEY. Belongs to server_url too.
+    registration_key: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "server_url": self.server_url,
             "ca_file": self.ca_file,
             "pin_sha256": self.pin_sha256,
+            "registration_key": self.registration_key,
             "eligibility": self.eligibility.to_dict(),
             "personalization": self.personalization.to_dict(),
             "auto_personalize": self.auto_personalize,
@@ -52,6 +55,7 @@ class ClientSettings:
             server_url=data.get("server_url"),
             ca_file=data.get("ca_file") or None,
             pin_sha256=data.get("pin_sha256") or None,
+            registration_key=data.get("registration_key") or None,
             eligibility=EligibilitySettings.from_dict(data.get("eligibility", {})),
             personalization=PersonalizationSettings(**{k: v for k, v in data.get("personalization", {}).items() if k in known}),
             auto_personalize=bool(data.get("auto_personalize", True)),
@@ -63,19 +67,23 @@ class ClientSettings:
 
 
 def resolve_settings(path: Path, settings: ClientSettings | None, server_url: str | None,
-                     ca_file: str | os.PathLike | None, pin_sha256: str | None) -> ClientSettings:
+                     ca_file: str | os.PathLike | None, pin_sha256: str | None,
+                     registration_key: str | None = None) -> ClientSettings:
     """The settings to run with: `settings`, else the saved ones (settings.json), else defaults; then the
-    overrides (server_url, ca_file, pin_sha256; "" clears the CA file or the pin). A server_url other
-    than the saved one drops the saved CA file and pin, which vouch for that server only. Raises
-    transport.TransportPolicyError for a URL or TLS setting the device refuses."""
+    overrides (server_url, ca_file, pin_sha256, registration_key; "" clears the CA file, the pin or the
+    key). A server_url other than the saved one drops the saved CA file, pin and registration key, which
+    belong to that server only. Raises transport.TransportPolicyError for a URL or TLS setting the device
+    refuses."""
     loaded = settings is None
     if settings is None:
         saved = read_json(path, None)
         settings = ClientSettings.from_dict(saved) if isinstance(saved, dict) else ClientSettings()
     if server_url is not None:
         if loaded and server_url != settings.server_url:
-            settings.ca_file = settings.pin_sha256 = None
+            settings.ca_file = settings.pin_sha256 = settings.registration_key = None
         settings.server_url = server_url
+    if registration_key is not None:
+        settings.registration_key = registration_key or None
     if ca_file is not None:
         settings.ca_file = str(ca_file) or None
     if pin_sha256 is not None:

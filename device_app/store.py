@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from device_app.private_files import create_private_file, tighten
+
 DEFAULT_MAX_CHARS = 500_000  # ~100k words: months of typing, a few hundred KB on disk
 DEFAULT_HOLDOUT_FRACTION = 0.2
 DEFAULT_MAX_HOLDOUT = 200
@@ -66,6 +68,9 @@ class TextStore:
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # 0600 before SQLite opens it: SQLite gives its journal the database file's mode (issue #18)
+        create_private_file(self.path)
+        tighten(f"{self.path}-journal")  # one left over by a crash, from before files were private
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         # secure_delete: deleted content is overwritten, not left in free pages.
         # journal_mode DELETE (not WAL): no long-lived side file holding old pages.

@@ -124,6 +124,20 @@ def check_request_url(base_url: str, url: str) -> None:
         raise TransportPolicyError(f"refusing {url}: the server is https, a plain http URL would downgrade it")
 
 
+def origin_of(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of a URL, with the scheme's default port filled in and the host lowercased."""
+    parts = urlsplit((url or "").strip())
+    scheme = parts.scheme.lower()
+    port = parts.port or {"http": 80, "https": 443}.get(scheme, 0)
+    return scheme, (parts.hostname or "").rstrip(".").lower(), port
+
+
+def same_origin(base_url: str, url: str) -> bool:
+    """Whether `url` is on the configured server's origin (scheme, host, port): only then does the device
+    send its token. A task URL on another host or port, or plain http when the server is https, gets none."""
+    return origin_of(base_url) == origin_of(url)
+
+
 # ---------------------------------------------------------------------- verification
 
 def ca_context(ca_file: str | os.PathLike) -> ssl.SSLContext:
@@ -254,5 +268,6 @@ def make_transport(*, ca_file: str | os.PathLike | None = None, pin_sha256: str 
 
 
 __all__ = ["CertificatePinMismatch", "PinnedTransport", "TransportPolicyError", "ca_context", "check_request_url",
+           "origin_of", "same_origin",
            "check_server_url", "check_settings", "fetch_certificate", "fingerprint_of_der", "is_loopback_host",
            "make_transport", "normalize_fingerprint", "pinned_context"]

@@ -72,7 +72,7 @@ def unframe(magic: bytes, data: BytesLike, max_bytes: int | None = None) -> tupl
     end = _PREFIX.size + header_len
     try:
         header = json.loads(bytes(view[_PREFIX.size:end]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 / JSON, integers over 4,300 digits, deep nesting
         raise FrameError("corrupt_header", f"header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise FrameError("corrupt_header", "header must be a JSON object")

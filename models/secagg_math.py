@@ -51,6 +51,7 @@ import dataclasses
 import functools
 import hashlib
 import hmac
+import itertools
 import math
 import os
 import secrets
@@ -120,6 +121,59 @@ def lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(out)
 
 
+@functools.lru_cache(maxsize=1024)
+def lagrange_at(xs: tuple[int, ...], x: int) -> tuple[int, ...]:
+    """Coefficients l_j with f(x) = sum_j l_j f(x_j) for any f of degree < len(xs) (x not among xs)."""
+    if len(set(xs)) != len(xs) or x in xs:
+        raise SecAggMathError("interpolation points must be distinct and differ from x")
+    out = []
+    for j, xj in enumerate(xs):
+        num, den = 1, 1
+        for m, xm in enumerate(xs):
+            if m != j:
+                num = num * (x - xm) % PRIME
+                den = den * (xj - xm) % PRIME
+        out.append(num * pow(den, -1, PRIME) % PRIME)
+    return tuple(out)
+
+
+def shamir_reconstruct_checked(shares: Mapping[int, int], t: int, accept: Callable[[int], bool],
+                               max_tries: int = 2048) -> tuple[int, list[int]]:
+    """(f(0), the share points not on f) from shares that may include bad ones (a cheating revealer).
+
+    The honest case costs one interpolation: the first t shares, if `accept` (the commitment or public-key
+    check) takes their secret; unused shares are then not checked. Otherwise the other t-subsets are tried,
+    those with the fewest later points first (at most `max_tries`), until one reconstructs an accepted
+    secret; every other share is then checked against that polynomial and the points off it are returned.
+    SecAggMathError when no subset of t shares is accepted (too many bad shares, or fewer than t)."""
+    xs_all = sorted(shares)
+    if len(xs_all) < t:
+        raise SecAggMathError(f"{len(shares)} shares, {t} needed")
+
+    def secret_of(xs: tuple[int, ...]) -> int:
+        return sum(c * shares[x] for c, x in zip(lagrange_at_zero(xs), xs)) % PRIME
+
+    value = secret_of(tuple(xs_all[:t]))
+    if accept(value):
+        return value, []
+    tries = 1
+    # Every other t-subset exactly once: at level k, the (t + k)-th point with t - 1 of the points before it
+    # (the subsets of the first t + k - 1 points were all tried at the levels below).
+    for k in range(1, len(xs_all) - t + 1):
+        head, new = xs_all[:t + k - 1], xs_all[t + k - 1]
+        for keep in itertools.combinations(head, t - 1):
+            if tries >= max_tries:
+                raise SecAggMathError(f"no accepted secret within {max_tries} subsets of the shares")
+            tries += 1
+            subset = keep + (new,)
+            value = secret_of(subset)
+            if accept(value):
+                bad = [x for x in xs_all if x not in subset
+                       and sum(c * shares[y] for c, y in zip(lagrange_at(subset, x), subset)) % PRIME != shares[x]]
+                return value, bad
+    raise SecAggMathError("no subset of the shares reconstructs an accepted secret (too many bad shares)")
+
+
 def shamir_reconstruct(shares: Mapping[int, int], t: int) -> int:
     """f(0) from the first t shares (by x). Fewer than t shares: SecAggMathError."""
     if len(shares) < t:
@@ -172,6 +226,42 @@ def x25519_public(private: bytes) -> bytes:
 
 def _hkdf(material: bytes, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(material)
+
+
+X25519_P = (1 << 255) - 19
+# The canonical encodings of the points of small order (order 1, 2, 4 or 8) on Curve25519 and its twist:
+# 0, 1, the two points of order 8, p - 1. X25519 with any of them gives an all-zero shared secret (a key
+# "agreement" everyone, the server included, knows); their non-canonical aliases (u + p, u with the top
+# bit set) are refused as non-canonical below.
+X25519_LOW_ORDER = frozenset(bytes.fromhex(h) for h in (
+    "0000000000000000000000000000000000000000000000000000000000000000",
+    "0100000000000000000000000000000000000000000000000000000000000000",
+    "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+    "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+))
+_PROBE_SK = bytes([0x48] + [0x11] * 30 + [0x40])  # a fixed clamped scalar: X25519 with it is a pure function
+
+
+def x25519_key_problem(public: bytes) -> str | None:
+    """Why `public` is not an acceptable X25519 public key (None when it is): wrong length, a non-canonical
+    encoding (top bit set, or u >= 2^255 - 19: an alias of another point), or a point of small order (its
+    shared secret with anyone is all zeros). The low-order list is checked, and then an actual exchange
+    with a fixed scalar, so that no alias the list might miss slips through."""
+    if len(public) != KEY_BYTES:
+        return f"not {KEY_BYTES} bytes"
+    u = int.from_bytes(public, "little")
+    if u >> 255:
+        return "non-canonical encoding (top bit set)"
+    if u >= X25519_P:
+        return "non-canonical encoding (u >= 2^255 - 19)"
+    if public in X25519_LOW_ORDER:
+        return "a point of small order"
+    try:
+        X25519PrivateKey.from_private_bytes(_PROBE_SK).exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError:
+        return "a point of small order (all-zero shared secret)"
+    return None
 
 
 def agreed_key(private: bytes, peer_public: bytes, label: bytes, context: bytes) -> bytes:
@@ -470,11 +560,14 @@ def share_key(c_sk: bytes, peer_c_pk: bytes, context: bytes) -> bytes:
 
 def unmask(total: np.ndarray, bits: int, survivors: Iterable[str], self_seeds: Mapping[str, bytes],
            dropped_sks: Mapping[str, bytes], s_pks: Mapping[str, bytes], graph: Mapping[str, Sequence[str]],
-           context: bytes, prg: PRG | None = None) -> np.ndarray:
+           context: bytes, prg: PRG | None = None,
+           dropped_pair_seeds: Mapping[str, Mapping[str, bytes]] | None = None) -> np.ndarray:
     """Remove every mask from the modular sum of the survivors' masked vectors (in place; returned).
 
     survivors: U3. self_seeds: b_u for u in U3. dropped_sks: s_sk_v for v in U2 \\ U3 (they shared keys
-    and may appear in survivors' pairwise masks). graph: neighbours of each device of U1."""
+    and may appear in survivors' pairwise masks). graph: neighbours of each device of U1.
+    dropped_pair_seeds: for a dropped v whose s_sk could not be reconstructed (it sent bad shares),
+    {u: s_uv} revealed by each surviving neighbour u itself (see protocol.recover_sum)."""
     prg = prg or prg_for(total.size, bits)
     survivors = set(survivors)
     for u in sorted(survivors):
@@ -484,6 +577,10 @@ def unmask(total: np.ndarray, bits: int, survivors: Iterable[str], self_seeds: M
             if u in survivors:
                 # u added sign(u, v) * PRG(s_uv); take it out.
                 prg.add(total, mask_seed(sk, s_pks[u], context), -pair_sign(u, v))
+    for v, seeds in sorted((dropped_pair_seeds or {}).items()):
+        for u, seed in sorted(seeds.items()):
+            if u in survivors:
+                prg.add(total, seed, -pair_sign(u, v))
     return total
 
 
@@ -539,9 +636,11 @@ def constant_time_equal(a: str, b: str) -> bool:
 
 __all__ = [
     "PROTOCOL", "PROTOCOL_VERSION", "PRIME", "BITS", "SecAggMathError",
-    "shamir_split", "shamir_reconstruct", "lagrange_at_zero", "secret_to_int", "int_to_secret",
+    "shamir_split", "shamir_reconstruct", "shamir_reconstruct_checked", "lagrange_at", "lagrange_at_zero",
+    "secret_to_int", "int_to_secret",
     "share_to_bytes", "share_from_bytes",
-    "x25519_keypair", "x25519_public", "agreed_key", "round_context", "ed25519_keypair", "ed25519_public",
+    "x25519_keypair", "x25519_public", "x25519_key_problem", "X25519_LOW_ORDER", "X25519_P", "agreed_key",
+    "round_context", "ed25519_keypair", "ed25519_public",
     "sign", "verify", "advertise_message", "consistency_message", "commitment",
     "encrypt_shares", "decrypt_shares", "neighbours", "threshold_for", "pair_sign",
     "PRG", "prg_for", "Quantization", "coordinate_bound", "choose_quantization", "quantize", "to_ring", "lift",

@@ -44,6 +44,7 @@ _PREFIX = struct.Struct("<4sHI")  # magic, format version, header length
 _NUMPY_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int8": np.dtype("i1"), "int16": np.dtype("<i2")}
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOAT64_MAX = float(np.finfo(np.float64).max)
 _REQUIRED_FIELDS = ("format_version", "kind", "config_hash", "model_version", "dtype", "tensors", "payload_bytes")
 
 BytesLike = Union[bytes, bytearray, memoryview]
@@ -101,6 +102,12 @@ class WrongKindError(WireError):
 
 class TooLargeError(WireError):
     reason = "too_large"
+
+
+class BadMetadataError(WireError):
+    """The header's metadata holds a number no JSON reader can keep (an integer beyond float64)."""
+
+    reason = "bad_metadata"
 
 
 # --------------------------------------------------------------------------- payload
@@ -302,8 +309,31 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _num(value: Any) -> str:
+    """A header number for a message: str() refuses ints over 4,300 digits (and a product of a hostile
+    header's dimensions can be far longer), so those are described by their size."""
+    if _is_int(value) and value.bit_length() > 256:
+        return f"<{value.bit_length()}-bit integer>"
+    return repr(value)
+
+
+def _check_metadata(metadata: dict[str, Any]) -> None:
+    """Every number in the metadata must fit a float64 (consumers take them as floats); iterative, so a
+    deeply nested value cannot exhaust the stack."""
+    stack: list[Any] = [metadata]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif _is_int(value) and abs(value) > _FLOAT64_MAX:
+            raise BadMetadataError(f"header metadata holds a {value.bit_length()}-bit integer, beyond float64")
+
+
 def _validate_header(header: Any, prefix_version: int) -> None:
-    """Types and internal consistency of the header; raises CorruptHeaderError / UnsupportedDtypeError."""
+    """Types and internal consistency of the header; raises CorruptHeaderError / UnsupportedDtypeError /
+    BadMetadataError."""
     if not isinstance(header, dict):
         raise CorruptHeaderError(f"header must be a JSON object, got {type(header).__name__}")
     missing = [f for f in _REQUIRED_FIELDS if f not in header]
@@ -321,6 +351,7 @@ def _validate_header(header: Any, prefix_version: int) -> None:
         raise CorruptHeaderError(f"header model_version must be a non-negative int, got {header['model_version']!r}")
     if not isinstance(header.get("metadata", {}), dict):
         raise CorruptHeaderError("header metadata must be a JSON object")
+    _check_metadata(header.get("metadata", {}))
     if not isinstance(header["dtype"], str):
         raise CorruptHeaderError(f"header dtype must be a string, got {header['dtype']!r}")
     np_dtype = _check_dtype(header["dtype"])
@@ -338,13 +369,13 @@ def _validate_header(header: Any, prefix_version: int) -> None:
             raise CorruptHeaderError(f"header lists tensor {name!r} twice")
         seen.add(name)
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise CorruptHeaderError(f"tensor {name!r} shape must be a list of non-negative ints, got {shape!r}")
+            raise CorruptHeaderError(f"tensor {name!r} shape must be a list of non-negative ints")
         if quantized:
             scale = entry.get("scale")
             if isinstance(scale, bool) or not isinstance(scale, (int, float)):
                 raise CorruptHeaderError(f"{header['dtype']} tensor {name!r} needs a numeric scale, got {scale!r}")
-            if not math.isfinite(scale) or abs(scale) > _FLOAT32_MAX:
-                raise NonFiniteError(f"tensor {name!r} has non-finite scale {scale!r} (as float32)")
+            if abs(scale) > _FLOAT32_MAX or not math.isfinite(scale):  # abs first: a huge int has no float
+                raise NonFiniteError(f"tensor {name!r} has non-finite scale {_num(scale)} (as float32)")
             if scale < 0:
                 raise CorruptHeaderError(f"tensor {name!r} has negative scale {scale!r}")
         elements += _num_elements(shape)
@@ -352,8 +383,8 @@ def _validate_header(header: Any, prefix_version: int) -> None:
     expected = elements * np_dtype.itemsize
     if not _is_int(declared) or declared != expected:
         raise CorruptHeaderError(
-            f"header declares payload_bytes={declared!r} but its {len(tensors)} {header['dtype']} tensors "
-            f"({elements} values) need {expected} bytes"
+            f"header declares payload_bytes={_num(declared)} but its {len(tensors)} {header['dtype']} tensors "
+            f"({_num(elements)} values) need {_num(expected)} bytes"
         )
 
 
@@ -385,13 +416,14 @@ def _parse_frame(data: BytesLike, max_bytes: int | None) -> tuple[dict[str, Any]
     header_error: Exception | None = None
     try:
         header = json.loads(bytes(view[_PREFIX.size : header_end]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, an int over 4,300 digits, too deep
         header_error = exc
     declared = header.get("payload_bytes") if isinstance(header, dict) else None
     if _is_int(declared) and declared >= 0:
         expected_size = header_end + declared + CHECKSUM_BYTES
         if size < expected_size:
-            raise TruncatedError(f"blob is {size} bytes but its header declares {expected_size}; it was cut off")
+            raise TruncatedError(f"blob is {size} bytes but its header declares {_num(expected_size)}; "
+                                 "it was cut off")
 
     body = view[: size - CHECKSUM_BYTES]
     if hashlib.sha256(body).digest() != bytes(view[size - CHECKSUM_BYTES :]):
@@ -402,7 +434,8 @@ def _parse_frame(data: BytesLike, max_bytes: int | None) -> tuple[dict[str, Any]
     _validate_header(header, version)
     if size != header_end + header["payload_bytes"] + CHECKSUM_BYTES:
         raise CorruptHeaderError(
-            f"blob is {size} bytes but its header declares {header_end + header['payload_bytes'] + CHECKSUM_BYTES}"
+            f"blob is {size} bytes but its header declares "
+            f"{_num(header_end + header['payload_bytes'] + CHECKSUM_BYTES)}"
         )
     return header, view[header_end : header_end + header["payload_bytes"]]
 
@@ -488,6 +521,6 @@ __all__ = [
     "MAGIC", "FORMAT_VERSION", "KINDS", "DTYPES", "INT_QMAX", "MAX_HEADER_BYTES",
     "WireError", "TruncatedError", "BadMagicError", "UnsupportedFormatVersionError", "CorruptHeaderError",
     "ChecksumMismatchError", "ConfigMismatchError", "ShapeMismatchError", "NonFiniteError",
-    "UnsupportedDtypeError", "WrongKindError", "TooLargeError",
+    "UnsupportedDtypeError", "WrongKindError", "TooLargeError", "BadMetadataError",
     "WirePayload", "encode", "decode", "peek_header", "payload_nbytes", "frame", "describe_layout_mismatch",
 ]

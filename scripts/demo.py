@@ -115,7 +115,10 @@ class Demo:
         self.run_dir = Path(args.out) if args.out else ROOT / "runs" / f"demo-{stamp}"
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.token = secrets.token_urlsafe(24)
-        env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL=CHILD_TF_LOG_LEVEL, FK_ADMIN_TOKEN=self.token)
+        # the server requires it of every registration; the fleet (a child too) registers with it
+        self.registration_key = secrets.token_urlsafe(24)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL=CHILD_TF_LOG_LEVEL, FK_ADMIN_TOKEN=self.token,
+                   FK_REGISTRATION_KEY=self.registration_key)
         env.pop("FK_DEVICE_DIR", None)
         self.sup = Supervisor(self.run_dir, env)
         self.admin: Admin | None = None
@@ -160,6 +163,8 @@ class Demo:
                "--eval-min-count", str(s.eval_min_count), "--eval-deadline-s", str(s.deadline_s),
                "--promotion-loss-tolerance", str(s.promotion_loss_tolerance),
                "--retry-min-s", "1", "--log-level", "warning",
+               # every fleet device registers from 127.0.0.1 at start: a per-address burst that admits them
+               "--registration-burst", str(max(100, s.devices)),
                # counts only, on loopback, for a browser (which sends no token); a real deployment keeps the default
                "--public-status"]
         if s.allow_noisy_dp:

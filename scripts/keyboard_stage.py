@@ -19,7 +19,8 @@ def run_keyboard_stage(sup: Supervisor, server: Child | None, url: str, run_dir:
     """Personalize, screenshot (and open the app when asked); fills summary["personalization"] and
     summary["screenshot"] as each step succeeds."""
     device_dir = run_dir / "device"
-    text = _personalize(url, device_dir, seed, summary)
+    # the server's registration key, as the demo hands it to its children (saved in the device's settings)
+    text = _personalize(url, device_dir, seed, summary, sup.env.get("FK_REGISTRATION_KEY"))
     shot = run_dir / "keyboard.png"
     cmd = [sys.executable, "-m", "device_app", "--data-dir", str(device_dir), "--screenshot", str(shot), "--type", text]
     env = {}
@@ -52,7 +53,8 @@ def run_keyboard_stage(sup: Supervisor, server: Child | None, url: str, run_dir:
         say("no display: the keyboard window cannot open; see the screenshot above")
 
 
-def _personalize(url: str, device_dir: Path, seed: int, summary: dict[str, Any]) -> str:
+def _personalize(url: str, device_dir: Path, seed: int, summary: dict[str, Any],
+                 registration_key: str | None = None) -> str:
     """A held-out user (never trained on) types their messages on a headless device, which downloads the
     global model and personalizes it; returns the text to show typed on the keyboard."""
     from device_app.client import DeviceClient
@@ -64,7 +66,7 @@ def _personalize(url: str, device_dir: Path, seed: int, summary: dict[str, Any])
     uid = max(sorted(ds.heldout_ids), key=lambda c: len(ds.clients[c].train) + len(ds.clients[c].test))
     user = ds.clients[uid]
     messages = [*user.train, *user.test][:600]
-    client = DeviceClient(device_dir, url, initial_bundle=False, seed=seed)
+    client = DeviceClient(device_dir, url, initial_bundle=False, seed=seed, registration_key=registration_key)
     try:
         for m in messages:
             client.commit(m, typed_now=False)

@@ -17,6 +17,8 @@ Every ServerConfig field (server/config.py) is a flag: --round-goal, --min-count
 --public-status (/status and /metrics without the admin token), ...;
 --config FILE.json sets many at once. Paillier's key holder is its own process: python -m server.keyholder.
 Admin token: --admin-token, else $FK_ADMIN_TOKEN, else generated into <data-dir>/admin_token.
+Registration key (devices need it to register): --registration-key, else $FK_REGISTRATION_KEY, else
+generated into <data-dir>/registration_key; --open-registration lets anyone register (docs/security.md).
 The deployment's model config and vocabulary are fixed by the first model (--init-bundle DIR, or
 --init-preset NAME [--vocab-file vocab.json] with numpy random weights, or POST /v1/admin/init).
 HTTPS (tls.py): --tls-cert FILE --tls-key FILE, or --tls-self-signed, which creates <data-dir>/tls_cert.pem
@@ -28,7 +30,8 @@ Modules
 -------
 HTTP layer (translates requests into service calls; nothing below imports it):
 app.py          create_app(config, services): error handlers, auth, every area's routes
-http/           helpers.py (bodies, ETags), auth_deps.py, device_routes.py, admin_routes.py (+ /status, /metrics)
+http/           helpers.py (bodies, ETags), auth_deps.py, device_routes.py, admin_routes.py (+ /status, /metrics),
+                limits.py (the request-limits middleware: body caps, read timeout, per-device concurrency)
 contract.py     the OpenAPI contract: ErrorBody, each route's refusals and auth, bounded integers (ApiInt)
 __main__.py     argparse + uvicorn;  runtime_tuning.py  uvicorn body handling;  tls.py  HTTPS certificates
 Services (built and wired in one place: services.py build_services):
@@ -43,7 +46,8 @@ secagg/         secure aggregation: protocol.py (pure), store.py, service.py, in
 paillier/       Paillier rounds: protocol.py (pure), store.py, service.py, keyholder_client.py, routes.py;
                 keyholder_core.py + keyholder.py: python -m server.keyholder, the separate key holder
 telemetry/      randomized-response telemetry: store.py, service.py, routes.py (counts only)
-auth.py         registration, bearer tokens (stored as SHA-256), admin token
+auth.py         registration (key, rate limit, cap), bearer tokens (stored as SHA-256), admin token, revoke/ban
+ratelimit.py    per-address token buckets (registration)
 host.py         what the privacy services may ask of the round manager (RoundHost)
 bootstrap.py    first model from a bundle or a preset
 db.py           SQLite schema + queries; WAL, synchronous=FULL, one writer lock
@@ -60,7 +64,9 @@ errors.py       rejection reasons -> HTTP status
 
 HTTP API (all bodies JSON unless noted; auth = "Authorization: Bearer <token>")
 --------------------------------------------------------------------------------
-POST /v1/devices/register      none    {"registration_key"?}          201 {device_id, token, global_version, config_hash}
+POST /v1/devices/register      none    {"registration_key"}           201 {device_id, token, global_version, config_hash}
+                                       key required unless --open-registration; 429 rate_limited (+ Retry-After)
+                                       per source address; 403 device_cap_reached past --max-devices
 GET  /v1/model/info            device  -                              {config, config_hash, vocab_hash, vocab_size,
                                                                        num_parameters, global_version, candidate_version,
                                                                        dp_mode, upload_dtypes, max_upload_bytes, privacy:
@@ -83,6 +89,9 @@ POST /v1/admin/models[?promote=true&note=...]   wire weights -> {version, state:
 POST /v1/admin/candidate/discard               -> {discarded}
 POST /v1/admin/rollback        {"version", "note"?} -> {version (new), rollback_of}
 POST /v1/admin/init            {"config", "vocab", "seed"?} (empty server only) -> 201 {version: 1}
+GET  /v1/admin/devices/{id}    -> {device_id, created_at, last_seen, state: ok|revoked|banned, reason}
+POST /v1/admin/devices/{id}/revoke|ban  {"reason"?}  revoke: its token gets 401 (it may register anew);
+                               ban: its token gets 403 banned for good; unban: back to revoked (docs/security.md)
 GET  /metrics (Prometheus)  /status (HTML)   admin, or none with --public-status (ServerConfig.public_status)
 GET  /healthz  /docs  /openapi.json            none; /openapi.json is the contract: each route's auth
                                                (deviceToken / adminToken / none) and refusals by status
@@ -114,8 +123,9 @@ Body = models.wire.encode(delta, config, kind="delta", model_version=<task base_
 dtype=float32|float16|int8|int16, metadata={"num_examples": int >= 1, "metrics": {name: number}}).
 delta = locally trained weights - base weights, clipped to clip_norm and noised with noise_stddev by the
 device. The example count and metrics ride in the wire metadata (covered by the checksum).
-Validation, in order: auth; size; round exists; device admitted; same device already uploaded (same
-bytes -> the original 200 again, other bytes -> 409 duplicate_upload); round open and before its deadline;
+Validation, in order: auth, round exists, device admitted (these before the body is read); size; same
+device already uploaded (same bytes -> the original 200 again, other bytes -> 409 duplicate_upload);
+round open and before its deadline;
 wire framing + SHA-256 checksum; config hash; tensor names/shapes; kind delta; base version; dtype allowed;
 all finite; metadata; L2 norm <= clip + noise tolerance (models.dp.norm_tolerance) + quantization error.
 Large bodies: send with Content-Length, and from httpx as an iterator of ~256 KB chunks (httpcore copies
@@ -128,6 +138,17 @@ not_admitted, unknown_round, round_closed, stale_base_version, duplicate_upload,
 too_large, truncated, bad_magic, unsupported_format_version, corrupt_header, checksum_mismatch,
 shape_mismatch, non_finite, unsupported_dtype, wrong_kind, norm_exceeded, bad_metadata, bad_report,
 bad_request, ...). A rejection changes nothing: no row, no file, no aggregate.
+
+Request limits (http/limits.py, before any route): each body is capped while it is read, and a declared
+Content-Length over the cap is refused unread: 413 too_large. Caps: the upload routes (update, SecAgg
+masked_input, Paillier input) the model-sized max_upload_bytes (x4 + 1 MiB for Paillier); SecAgg stage
+messages --max-secagg-body-bytes (64 KiB + 2 KiB per cohort member); POST /v1/admin/init
+--max-admin-body-bytes (16 MiB, admin token checked first); every other route --max-control-body-bytes
+(64 KiB). A body with no byte for --body-idle-timeout-s (30) or averaging under --body-min-rate (4096 B/s)
+after that is cut: 408 read_timeout. Uploads and long-polls (?wait=) are refused before the body is read
+or the wait begins unless the token is valid and the device admitted to the round (401, 403 not_admitted);
+one device holds --max-uploads-per-device (2) uploads and --max-long-polls-per-device (2) long-polls at
+once: 429 too_many_concurrent (+ Retry-After). An answer sent before the body ended closes the connection.
 
 Rounds, aggregation, privacy
 ----------------------------

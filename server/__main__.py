@@ -32,7 +32,7 @@ import typing
 from pathlib import Path
 
 from server import runtime_tuning, tls
-from server.config import KEY_ALIASES, ServerConfig
+from server.config import KEY_ALIASES, REGISTRATION_KEY_FILE, ServerConfig
 
 log = logging.getLogger("server")
 
@@ -155,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(config, services)
     if config.admin_token is None:
         log.info("admin token: see %s", Path(config.data_dir) / "admin_token")
+    key_file = Path(config.data_dir) / REGISTRATION_KEY_FILE
+    if config.registration_key and key_file.exists() and key_file.read_text(encoding="utf-8").strip() == config.registration_key:
+        log.info("registration key: see %s (devices pass it: --registration-key or $FK_REGISTRATION_KEY)", key_file)
     sock = _bind(config.host, config.port)
     port = sock.getsockname()[1]
     if args.port_file:

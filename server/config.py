@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,22 @@ WIRE_DTYPES = ("float32", "float16", "int8", "int16")
 RELEASE_GATES = ("eval", "off")  # eval: a trained version is served only after an evaluation round passes it
 ADMIN_TOKEN_ENV = "FK_ADMIN_TOKEN"
 REGISTRATION_KEY_ENV = "FK_REGISTRATION_KEY"
+REGISTRATION_KEY_FILE = "registration_key"  # in the data dir, generated unless configured (issue #18)
+
+
+def ensure_secret_file(path: Path) -> str:
+    """The secret stored in `path`, or a new random one written there (mode 0600) on first use."""
+    if path.exists():
+        return path.read_text(encoding="utf-8").strip()
+    secret = secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # created meanwhile by another process: use that one
+        return path.read_text(encoding="utf-8").strip()
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(secret + "\n")
+    return secret
 
 # Other accepted spellings of config keys (files and flags) -> the field. adam_*: the names before
 # models/fedavg.py; client_lr / client_epochs: FedAvgHyperparams' names for the fields that keep the
@@ -58,7 +75,16 @@ class ServerConfig:
 
     # --- auth
     admin_token: str | None = None  # --admin-token or $FK_ADMIN_TOKEN; if neither, generated into <data_dir>/admin_token
-    registration_key: str | None = None  # if set, devices must present it to register ($FK_REGISTRATION_KEY)
+    registration_key: str | None = None  # devices must present it to register ($FK_REGISTRATION_KEY); see below
+
+    # --- Sybil resistance (issue #18; server/auth.py, server/ratelimit.py, docs/security.md)
+    # Registration needs a key: --registration-key, else $FK_REGISTRATION_KEY, else one generated into
+    # <data_dir>/registration_key (0600, resolve_registration_key). --open-registration lets anyone register
+    # (a warning at start-up; shown in the admin status and config).
+    open_registration: bool = False
+    registration_rate_per_s: float = 1.0  # per source address: sustained registrations per second (0: no limit)
+    registration_burst: int = 100  # per source address: registrations at once before the rate applies
+    max_devices: int = 1_000_000  # devices with a valid token (not revoked or banned); more are refused (0: no cap)
 
     # --- training rounds
     training_on_start: bool = True  # only for a fresh data dir; later the admin start/stop state persists
@@ -141,6 +167,18 @@ class ServerConfig:
     # Large request bodies (> 1 MiB) read at once; the others wait unread (TCP backpressure), so a
     # burst of N uploads holds upload_slots bodies in memory instead of N.
     upload_slots: int = 16
+
+    # --- request limits (issue #18; server/http/limits.py). Every body is capped while it is read (413
+    # too_large: nothing past the cap is buffered); a stalled body is cut (408 read_timeout); one device token
+    # holds at most so many uploads / long-polls at once (429 too_many_concurrent). Uploads are capped at the
+    # model's size (max_upload_bytes above); every other route at one of these:
+    max_control_body_bytes: int = 64 << 10  # JSON control and unauthenticated routes (register, check-in, ...)
+    max_admin_body_bytes: int = 16 << 20  # POST /v1/admin/init (config + vocabulary); admin token checked first
+    max_secagg_body_bytes: int | None = None  # SecAgg stage messages; default 64 KiB + 2 KiB per cohort member
+    body_idle_timeout_s: float = 30.0  # no body byte for this long: 408 read_timeout
+    body_min_rate: float = 4096.0  # bytes/s a body must average after its first body_idle_timeout_s (0: off)
+    max_uploads_per_device: int = 2  # concurrent upload bodies per device token
+    max_long_polls_per_device: int = 2  # concurrent ?wait= requests per device token
 
     # --- candidates and evaluation
     candidate_eval_fraction: float = 0.1  # share of check-ins (by device hash) that evaluate a staged candidate
@@ -247,6 +285,15 @@ class ServerConfig:
         need(all(d in WIRE_DTYPES for d in self.upload_dtypes) and self.upload_dtypes, "bad upload_dtypes")
         need(self.max_upload_bytes is None or self.max_upload_bytes > 0, "max_upload_bytes must be > 0")
         need(self.upload_slots >= 1, "upload_slots must be >= 1")
+        # request limits (issue #18)
+        need(self.max_control_body_bytes >= 1024 and self.max_admin_body_bytes >= 1024,
+             "max_control_body_bytes and max_admin_body_bytes must be >= 1024")
+        need(self.max_secagg_body_bytes is None or self.max_secagg_body_bytes >= 1024,
+             "max_secagg_body_bytes must be >= 1024")
+        need(self.body_idle_timeout_s > 0 and math.isfinite(self.body_idle_timeout_s), "body_idle_timeout_s must be > 0")
+        need(self.body_min_rate >= 0 and math.isfinite(self.body_min_rate), "body_min_rate must be >= 0 (0: off)")
+        need(self.max_uploads_per_device >= 1 and self.max_long_polls_per_device >= 1,
+             "max_uploads_per_device and max_long_polls_per_device must be >= 1")
         need(0 <= self.candidate_eval_fraction <= 1, "candidate_eval_fraction must be in [0, 1]")
         need(1 <= self.eval_min_count <= self.eval_goal, "eval_min_count must be in [1, eval_goal]")
         need(self.promotion_tolerance >= 0, "promotion_tolerance must be >= 0")
@@ -272,6 +319,12 @@ class ServerConfig:
         need(8 <= self.paillier_value_bits <= 48, "paillier_value_bits must be in [8, 48]")
         need(0 < self.rr_p_first < 1 and 0 < self.rr_p_second < 1, "rr coin biases must be in (0, 1)")
         need(self.rr_period_s > 0, "rr_period_s must be > 0")
+        need(not (self.open_registration and self.registration_key),
+             "open_registration and registration_key exclude each other")
+        need(self.registration_rate_per_s >= 0 and math.isfinite(self.registration_rate_per_s),
+             "registration_rate_per_s must be >= 0 (0: no limit)")
+        need(self.registration_burst >= 1, "registration_burst must be >= 1")
+        need(self.max_devices >= 0, "max_devices must be >= 0 (0: no cap)")
         need((self.tls_cert is None) == (self.tls_key is None), "tls_cert and tls_key go together")
         need(not (self.tls_self_signed and self.tls_cert), "tls_self_signed and tls_cert exclude each other")
         for tls_file in (self.tls_cert, self.tls_key):
@@ -408,4 +461,14 @@ class ServerConfig:
             self.registration_key = os.environ[REGISTRATION_KEY_ENV]
         if self.paillier_keyholder_token is None and os.environ.get(KEYHOLDER_TOKEN_ENV):
             self.paillier_keyholder_token = os.environ[KEYHOLDER_TOKEN_ENV]
+        self.registration_key = self.resolve_registration_key()
         return self
+
+    def resolve_registration_key(self) -> str | None:
+        """The key devices must present to register: the configured one, else the one in
+        <data_dir>/registration_key (generated, 0600, on first use); None only with open_registration."""
+        if self.open_registration:
+            return None
+        if self.registration_key:
+            return self.registration_key
+        return ensure_secret_file(self.data_path / REGISTRATION_KEY_FILE)

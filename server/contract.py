@@ -29,18 +29,18 @@ ERROR_SCHEMA_REF = "#/components/schemas/ErrorBody"
 
 # What each auth dependency of server/app.py can refuse with.
 AUTH_REASONS: dict[str, tuple[str, ...]] = {
-    "device": ("unauthorized",),            # missing or unknown device token (the admin token is no device)
-    "any": ("unauthorized",),               # a device token or the admin token
+    "device": ("unauthorized", "banned"),   # missing or unknown device token (the admin token is no device)
+    "any": ("unauthorized", "banned"),      # a device token or the admin token; banned: a banned device's token
     "admin": ("unauthorized", "forbidden"),  # forbidden: a valid device token on an admin route
 }
 
 # Reason groups shared by several routes (derived from the code paths named in the comments).
 WIRE_REASONS = ("truncated", "bad_magic", "unsupported_format_version", "corrupt_header", "checksum_mismatch",
                 "config_mismatch", "shape_mismatch", "non_finite", "unsupported_dtype", "wrong_kind", "too_large",
-                "wire_error")  # models.wire.WireError subclasses
+                "bad_metadata", "wire_error")  # models.wire.WireError subclasses
 FRAME_REASONS = ("truncated", "bad_magic", "unsupported_format_version", "corrupt_header", "checksum_mismatch",
                  "wrong_kind", "shape_mismatch", "too_large")  # models.privacy_wire.FrameError reasons
-BODY_READ_REASONS = ("too_large", "client_disconnected")  # server.app._read_body
+BODY_READ_REASONS = ("too_large", "client_disconnected")  # server.http.helpers.read_body
 
 
 class ErrorBody(BaseModel):
@@ -106,11 +106,13 @@ def _has_inputs(dependant: Any) -> bool:
     return False
 
 
-def finish(app: FastAPI, auth: dict[Callable[..., Any], str]) -> None:
+def finish(app: FastAPI, auth: dict[Callable[..., Any], str],
+           extra: Callable[[APIRoute], Iterable[str]] | None = None) -> None:
     """Complete every route's declared refusals from its dependencies and publish ErrorBody.
 
     `auth` maps the app's auth dependency callables to their kind ("device", "any", "admin"). Call once,
-    after all routes are added and before the document is first served.
+    after all routes are added and before the document is first served. `extra(route)`: more reasons the
+    route can be refused with outside its own code (the request limits of server/http/limits.py).
     """
     for route in app.routes:
         if not isinstance(route, APIRoute) or not route.include_in_schema:
@@ -121,6 +123,8 @@ def finish(app: FastAPI, auth: dict[Callable[..., Any], str]) -> None:
             reasons.update(AUTH_REASONS[kind])
         if _has_inputs(route.dependant):
             reasons.add("bad_request")
+        if extra is not None:
+            reasons.update(extra(route))
         route.responses.update(refusals(*reasons))
         route.responses = dict(sorted(route.responses.items(), key=lambda kv: str(kv[0])))
         if not kinds:  # explicit: this route needs no token (OpenAPI's empty security requirement)

@@ -33,6 +33,14 @@ CREATE TABLE IF NOT EXISTS devices (
     created_at  REAL NOT NULL,
     last_seen   REAL
 );
+-- revoked / banned devices (server/auth.py); a device not listed here is in good standing. Its own table
+-- (CREATE IF NOT EXISTS) so a data dir from before it opens unchanged.
+CREATE TABLE IF NOT EXISTS device_blocks (
+    device_id   TEXT PRIMARY KEY,
+    state       TEXT NOT NULL,      -- revoked: token refused (401), may re-register | banned: token refused (403)
+    reason      TEXT,
+    at          REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS models (
     version         INTEGER PRIMARY KEY,
     created_at      REAL NOT NULL,
@@ -276,6 +284,28 @@ class Db:
 
     def touch_device(self, device_id: str, now: float) -> None:
         self._exec("UPDATE devices SET last_seen = ? WHERE id = ?", (now, device_id))
+
+    def get_device(self, device_id: str) -> dict[str, Any] | None:
+        """The device's row with its block state (None: in good standing), reason and when."""
+        return self.one("SELECT d.id, d.created_at, d.last_seen, b.state, b.reason, b.at AS blocked_at FROM devices d"
+                        " LEFT JOIN device_blocks b ON b.device_id = d.id WHERE d.id = ?", (device_id,))
+
+    def set_device_block(self, device_id: str, state: str | None, reason: str | None = None) -> None:
+        """Revoke or ban a device (state "revoked" / "banned"), or lift its block (None)."""
+        if state is None:
+            self._exec("DELETE FROM device_blocks WHERE device_id = ?", (device_id,))
+        else:
+            self._exec("INSERT INTO device_blocks(device_id, state, reason, at) VALUES (?, ?, ?, ?) ON CONFLICT(device_id)"
+                       " DO UPDATE SET state = excluded.state, reason = excluded.reason, at = excluded.at",
+                       (device_id, state, reason, time.time()))
+
+    def device_blocks(self) -> dict[str, str]:
+        """device id -> "revoked" | "banned", for every blocked device."""
+        return {r["device_id"]: r["state"] for r in self.all("SELECT device_id, state FROM device_blocks")}
+
+    def count_devices_in_good_standing(self) -> int:
+        return int(self.scalar("SELECT COUNT(*) FROM devices d WHERE NOT EXISTS"
+                               " (SELECT 1 FROM device_blocks b WHERE b.device_id = d.id)"))
 
     def count_active_devices(self, since: float) -> int:
         return int(self.scalar("SELECT COUNT(*) FROM devices WHERE last_seen >= ?", (since,)))

@@ -12,6 +12,10 @@ REASONS: dict[str, int] = {
     "unauthorized": 401,          # missing, malformed or unknown bearer token
     "forbidden": 403,             # a valid device token on an admin route
     "registration_refused": 403,  # wrong or missing registration key
+    "rate_limited": 429,          # too many registrations from this address (Retry-After says when to retry)
+    "device_cap_reached": 403,    # the deployment has its maximum of registered devices (--max-devices)
+    "banned": 403,                # an admin banned this device: its token is refused for good
+    "unknown_device": 404,        # admin: no device with this id
     # request shape
     "bad_request": 422,           # JSON body failed validation
     "not_found": 404,             # unknown route
@@ -25,7 +29,9 @@ REASONS: dict[str, int] = {
     "stale_base_version": 409,    # delta computed from another model version than the round's base
     "duplicate_upload": 409,      # a different payload was already accepted from this device in this round
     "config_mismatch": 409,       # blob made for another model config
-    "too_large": 413,
+    "too_large": 413,             # request body over its route's limit (server/http/limits.py)
+    "read_timeout": 408,          # the request body stalled (no byte for a while, or too slow)
+    "too_many_concurrent": 429,   # this device already has its maximum of uploads / long-polls in flight
     "client_disconnected": 400,   # the body stopped before its Content-Length (nobody reads this answer)
     "truncated": 400,
     "bad_magic": 400,
@@ -50,6 +56,8 @@ REASONS: dict[str, int] = {
     "wrong_protocol": 409,        # a plain upload to a secure-aggregation round (or the reverse)
     "bad_signature": 400,         # advertised keys / consistency signature not by the device's identity key
     "no_identity": 409,           # the device has no registered identity key
+    "secagg_bad_key": 400,        # advertised X25519 key of small order or non-canonical: device out of the round
+    "secagg_duplicate_key": 409,  # advertised a key another device of the round advertised: device out of the round
     "identity_exists": 409,       # a different identity key is already registered (never replaced)
     "unknown_identity": 404,
     "coins_mismatch": 409,        # randomized response with other coin biases than the server's

@@ -272,23 +272,32 @@ class RoundManager:
             self.metrics.inc("fk_uploads_total", {"result": exc.reason})
             raise
 
-    def _submit_update(self, device_id: str, round_id: int, body: bytes) -> dict[str, Any]:
-        t0 = time.perf_counter()
+    def upload_round(self, device_id: str, round_id: int) -> tuple[Round, dict[str, Any] | None]:
+        """The checks of an upload that need no body, in the order every refusal is documented: (the training
+        round, the device's accepted update if it already sent one). The HTTP layer calls it before reading the
+        body (server/http/device_routes.py), so a device that may not upload is refused without sending it."""
         self.models.require_initialized()
-        limit = self.models.max_upload_bytes
-        if len(body) > limit:
-            raise Rejection("too_large", f"upload is {len(body)} bytes, the limit is {limit}")
         rnd = self.db.get_round(round_id)
         if rnd is None or rnd.kind != "train":
             raise Rejection("unknown_round", f"no training round {round_id}")
         if not self.db.is_admitted(round_id, device_id):
             raise Rejection("not_admitted", f"device was not admitted to round {round_id}; check in first")
         prev = self.db.get_update(round_id, device_id)
-        if prev is not None:
-            return self._repeat_update(prev, body)
-        if rnd.state != "open" or rnd.past_deadline(time.time()):
+        if prev is None and (rnd.state != "open" or rnd.past_deadline(time.time())):
+            # (a device that already uploaded goes on: its retry gets the original answer)
             raise Rejection("round_closed", f"round {round_id} is {rnd.state}"
                             + (" (deadline passed)" if rnd.state == "open" else ""))
+        return rnd, prev
+
+    def _submit_update(self, device_id: str, round_id: int, body: bytes) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        self.models.require_initialized()
+        limit = self.models.max_upload_bytes
+        if len(body) > limit:
+            raise Rejection("too_large", f"upload is {len(body)} bytes, the limit is {limit}")
+        rnd, prev = self.upload_round(device_id, round_id)
+        if prev is not None:
+            return self._repeat_update(prev, body)
         strategy = self.strategy(rnd)
         with self._cpu_slots:
             update = strategy.decode_upload(body, rnd, self.context())

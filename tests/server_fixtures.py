@@ -24,6 +24,12 @@ from models.config import ModelConfig, preset
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "test-admin-token"
+# Registration needs a key (issue #18). The servers started here get this one (unless a test gives
+# --registration-key / --open-registration), and device code started by the tests (ServerAPI, DeviceClient,
+# the fleet) picks it up from $FK_REGISTRATION_KEY, as `python -m device_app` does.
+REGISTRATION_KEY_ENV = "FK_REGISTRATION_KEY"
+os.environ.setdefault(REGISTRATION_KEY_ENV, "test-registration-key")
+REGISTRATION_KEY = os.environ[REGISTRATION_KEY_ENV]
 ELIGIBLE = {"charging": True, "unmetered": True, "idle": True}
 TINY = preset("tiny")
 
@@ -32,10 +38,12 @@ class ServerProcess:
     """One server subprocess; `restart()` keeps the data dir (for crash tests). Runs with --release-gate off
     unless `args` give --release-gate (tests/test_server_gating.py does)."""
 
-    def __init__(self, data_dir: Path, args: Sequence[str], log_path: Path) -> None:
+    def __init__(self, data_dir: Path, args: Sequence[str], log_path: Path,
+                 env: dict[str, str | None] | None = None) -> None:
         self.data_dir = data_dir
         self.args = list(args)
         self.log_path = log_path
+        self.env = dict(env or {})  # the server's environment on top of ours; None removes a variable
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
 
@@ -54,6 +62,18 @@ class ServerProcess:
         return ssl.create_default_context(cafile=str(self.ca_file)) if self.ca_file else True
 
     @property
+    def registration_key(self) -> str | None:
+        """The key this server's devices register with (None: --open-registration)."""
+        if "--open-registration" in self.args:
+            return None
+        if "--registration-key" in self.args:
+            return self.args[self.args.index("--registration-key") + 1]
+        if REGISTRATION_KEY_ENV in self.env and self.env[REGISTRATION_KEY_ENV] is None:  # generated
+            key_file = self.data_dir / "registration_key"
+            return key_file.read_text().strip() if key_file.exists() else None
+        return self.env.get(REGISTRATION_KEY_ENV) or REGISTRATION_KEY
+
+    @property
     def url(self) -> str:
         return f"{'https' if self.ca_file else 'http'}://127.0.0.1:{self.port}"
 
@@ -63,11 +83,19 @@ class ServerProcess:
         # Release gating (an evaluation round before a trained version is served) is off unless a test asks for
         # it: the other tests check rounds, privacy and transport, and expect each round's version served at once.
         gate = [] if any(a.startswith("--release-gate") for a in self.args) else ["--release-gate", "off"]
+        # Registrations come from one address here: no per-address burst limit unless a test sets one.
+        burst = [] if any(a.startswith("--registration-burst") for a in self.args) else ["--registration-burst",
+                                                                                          "1000000"]
         cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
                "--data-dir", str(self.data_dir), "--admin-token", ADMIN_TOKEN, "--log-level", "warning", *gate,
-               *self.args]
+               *burst, *self.args]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("FK_ADMIN_TOKEN", None)
+        for name, value in self.env.items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
@@ -163,7 +191,9 @@ class Device:
     """A registered device speaking the HTTP API."""
 
     def __init__(self, server: ServerProcess) -> None:
-        r = httpx.post(server.url + "/v1/devices/register", timeout=30.0, verify=server.verify)
+        key = server.registration_key
+        r = httpx.post(server.url + "/v1/devices/register", json={"registration_key": key} if key else None,
+                       timeout=30.0, verify=server.verify)
         assert r.status_code == 201, r.text
         data = r.json()
         self.id, self.token = data["device_id"], data["token"]
@@ -232,9 +262,9 @@ def server_factory(tmp_path: Path) -> Iterator:
     """start(*args, name="srv") -> ServerProcess (tiny preset model, admin token ADMIN_TOKEN)."""
     started: list[ServerProcess] = []
 
-    def start(*args: str, name: str = "srv", init: bool = True) -> ServerProcess:
+    def start(*args: str, name: str = "srv", init: bool = True, env: dict[str, str | None] | None = None) -> ServerProcess:
         extra = ["--init-preset", "tiny"] if init else []
-        srv = ServerProcess(tmp_path / name, [*extra, *args], tmp_path / f"{name}.log")
+        srv = ServerProcess(tmp_path / name, [*extra, *args], tmp_path / f"{name}.log", env=env)
         started.append(srv)
         return srv.start()
 
@@ -243,5 +273,5 @@ def server_factory(tmp_path: Path) -> Iterator:
         srv.stop()
 
 
-__all__ = ["ServerProcess", "Device", "ADMIN_TOKEN", "ELIGIBLE", "TINY", "dyadic_delta", "encode_delta",
+__all__ = ["ServerProcess", "Device", "ADMIN_TOKEN", "REGISTRATION_KEY", "ELIGIBLE", "TINY", "dyadic_delta", "encode_delta",
            "expected_mean", "assert_weights_equal", "server_factory"]

@@ -91,12 +91,12 @@ def test_openapi_document_declares_errors_auth_and_bounds(server_factory):
     # a few routes' own reasons, as their code raises them
     by_key = {(m, p): op for m, p, op in ops}
     upload = _declared_refusals(by_key[("post", "/v1/rounds/{round_id}/update")])
-    assert upload[403] == {"not_admitted"} and upload[413] == {"too_large"}
+    assert upload[403] == {"not_admitted", "banned"} and upload[413] == {"too_large"}
     assert {"duplicate_upload", "round_closed", "stale_base_version", "config_mismatch"} <= upload[409]
     assert {"norm_exceeded", "checksum_mismatch", "bad_metadata"} <= upload[400]
     assert _declared_refusals(by_key[("post", "/v1/admin/rollback")])[409] == {"already_global", "not_a_global_version"}
     assert _declared_refusals(by_key[("get", "/v1/paillier/public_key")]) == {
-        401: {"unauthorized"}, 404: {"not_configured"}, 503: {"keyholder_unavailable"}}
+        401: {"unauthorized"}, 403: {"banned"}, 404: {"not_configured"}, 503: {"keyholder_unavailable"}}
     assert by_key[("get", "/v1/models/current")]["security"] == [{"deviceToken": []}, {"adminToken": []}]
 
 
@@ -244,7 +244,7 @@ def test_schemathesis_finds_no_contract_violation(server_factory, tmp_path: Path
     (tests/test_server_rejections.py, tests/test_privacy_*.py) with real protocol messages."""
     srv = server_factory(name=f"fuzz-{role}")
     if role == "device":
-        r = httpx.post(srv.url + "/v1/devices/register", timeout=30.0)
+        r = httpx.post(srv.url + "/v1/devices/register", json={"registration_key": srv.registration_key}, timeout=30.0)
         assert r.status_code == 201
         token = r.json()["token"]
     else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -255,13 +256,16 @@ def _only_it_stopped(srv: ServerProcess, devs, results, i: int, reason: str, bas
 
 
 def test_tampered_relayed_share_is_detected_by_its_recipient(srv: ServerProcess) -> None:
-    """The relay flips a byte of one encrypted share: AES-GCM authentication fails at the recipient,
-    which stops (a dropout after sharing); the others still get the exact sum."""
+    """The relay flips a byte of one encrypted share: AES-GCM authentication fails at the recipient, which
+    holds no share of that sender and goes on (the other holders' shares rebuild the sender's secrets): the
+    round ends with the exact sum of all six, and the recipient names the sender (issue #18)."""
     _, base = srv.model()
+    sender: dict[str, str] = {}
 
     def flip(path: str, method: str, data: Any) -> Any:
         view = _view(method, data) if path.endswith("/secagg/share_keys") else None
         if view and view.get("shares"):
+            sender["id"] = view["shares"][0]["from"]
             ct = bytearray(base64.b64decode(view["shares"][0]["ct"]))
             ct[20] ^= 0x01
             view["shares"][0]["ct"] = base64.b64encode(bytes(ct)).decode()
@@ -269,7 +273,11 @@ def test_tampered_relayed_share_is_detected_by_its_recipient(srv: ServerProcess)
         return None
 
     devs = _devices(srv, seed=400, transports={3: TamperTransport(response_hook=flip)})
-    _only_it_stopped(srv, devs, run_round(devs, _deltas(N, 5)), 3, "bad_share", base)
+    results = run_round(devs, _deltas(N, 5))
+    assert all(x.status == "uploaded" for x in results), [x.detail for x in results]
+    r = _check_exact(srv, devs, results, list(range(N)), base)
+    (named,) = r["secure_aggregation"]["offenders"]
+    assert named["device_id"] == sender["id"] and named["reported_by"] == [devs[3].device_id]
 
 
 def test_substituted_peer_key_is_detected(srv: ServerProcess) -> None:
@@ -321,8 +329,9 @@ def test_garbage_masked_vector_makes_the_round_fail_safely(srv: ServerProcess) -
 
 
 def test_tampered_unmasking_share_makes_the_round_fail_safely(srv: ServerProcess) -> None:
-    """A device reveals a wrong share in the unmasking stage: the reconstructed seed does not match the
-    owner's commitment, and the round is abandoned instead of releasing a wrong sum."""
+    """Every device reveals a wrong share of the same seed in the unmasking stage: no t of them rebuild a
+    seed that matches the owner's commitment, and the round is abandoned instead of releasing a wrong sum.
+    (One lying revealer is left out instead: tests/test_secagg_attacks.py.)"""
     version_before, _ = srv.model()
 
     def alter(path: str, method: str, body: bytes) -> bytes | None:
@@ -331,9 +340,8 @@ def test_tampered_unmasking_share_makes_the_round_fail_safely(srv: ServerProcess
 
             data = json.loads(body)
             v = sorted(data["b_shares"])[0]
-            share = bytearray(base64.b64decode(data["b_shares"][v]))
-            share[-1] ^= 0x01
-            data["b_shares"][v] = base64.b64encode(bytes(share)).decode()
+            share = sm.share_to_bytes(secrets.randbelow(sm.PRIME))  # random: no t copies can agree by chance
+            data["b_shares"][v] = base64.b64encode(share).decode()
             return json.dumps(data).encode()
         return None
 

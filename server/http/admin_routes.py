@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
@@ -27,6 +27,14 @@ class RollbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: ApiInt
     note: str | None = Field(None, max_length=500)
+
+
+class DeviceBlockRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str | None = Field(None, max_length=500)
+
+
+DEVICE_ID = Path(pattern=r"^d_[0-9a-f]{1,64}$", max_length=66, description="a device id as registration returns it")
 
 
 class InitRequest(BaseModel):
@@ -126,9 +134,11 @@ def add_admin_routes(app: FastAPI, services: Services, deps: AuthDeps) -> None:
     manager, reporter, models, ops = services.manager, services.reporter, services.models, services.admin
     admin = [Depends(deps.admin)]
 
+    auth = app.state.auth
+
     @app.get("/v1/admin/status", tags=["admin"], dependencies=admin, response_model=StatusAnswer)
     def admin_status() -> dict[str, Any]:
-        return json_safe(status_with_release(services))
+        return json_safe(status_with_release(services) | {"registration": auth.registration_status(services.config)})
 
     @app.get("/v1/admin/config", tags=["admin"], dependencies=admin)
     def admin_config() -> dict[str, Any]:
@@ -181,6 +191,32 @@ def add_admin_routes(app: FastAPI, services: Services, deps: AuthDeps) -> None:
               responses=refusals("not_initialized", "unknown_version", "not_a_global_version", "already_global"))
     def admin_rollback(body: RollbackRequest) -> dict[str, Any]:
         return ops.rollback(body.version, body.note)
+
+    # ---- devices (issue #18): revoke / ban, effective at the device's next request (docs/security.md)
+    @app.get("/v1/admin/devices/{device_id}", tags=["admin"], dependencies=admin, responses=refusals("unknown_device"))
+    def admin_device(device_id: str = DEVICE_ID) -> dict[str, Any]:
+        """A device's registration time, last check-in and block state (ok / revoked / banned)."""
+        return json_safe(auth.device_view(device_id))
+
+    @app.post("/v1/admin/devices/{device_id}/revoke", tags=["admin"], dependencies=admin,
+              responses=refusals("unknown_device"))
+    def admin_revoke(device_id: str = DEVICE_ID, body: DeviceBlockRequest | None = None) -> dict[str, Any]:
+        """Invalidate the device's token (401 unauthorized from its next request on); the device may register
+        again, as a new device. A banned device stays banned."""
+        return auth.set_block(device_id, "revoked", body.reason if body else None)
+
+    @app.post("/v1/admin/devices/{device_id}/ban", tags=["admin"], dependencies=admin,
+              responses=refusals("unknown_device"))
+    def admin_ban(device_id: str = DEVICE_ID, body: DeviceBlockRequest | None = None) -> dict[str, Any]:
+        """Refuse the device's token for good (403 banned from its next request on, uploads to a round it
+        was admitted to included). Registering again needs the registration key: rotate it if it leaked."""
+        return auth.set_block(device_id, "banned", body.reason if body else None)
+
+    @app.post("/v1/admin/devices/{device_id}/unban", tags=["admin"], dependencies=admin,
+              responses=refusals("unknown_device"))
+    def admin_unban(device_id: str = DEVICE_ID) -> dict[str, Any]:
+        """Lift a ban: the device is then revoked (its old token stays invalid; it may register again)."""
+        return auth.set_block(device_id, None)
 
     @app.post("/v1/admin/init", tags=["admin"], dependencies=admin, status_code=201,
               responses=refusals("already_initialized", "bad_request", "dp_too_noisy"))

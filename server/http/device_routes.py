@@ -52,10 +52,14 @@ def add_device_routes(app: FastAPI, services: Services, deps: AuthDeps) -> None:
     config, manager, models, auth = services.config, services.manager, services.models, app.state.auth
     device, anyone = deps.device, deps.anyone
 
-    @app.post("/v1/devices/register", status_code=201, tags=["device"], responses=refusals("registration_refused"))
-    def register(body: RegisterRequest | None = None) -> dict[str, Any]:
-        """Register a device: returns its id and bearer token (shown once; the server keeps only a hash)."""
-        device_id, token = auth.register(body.registration_key if body else None)
+    @app.post("/v1/devices/register", status_code=201, tags=["device"],
+              responses=refusals("registration_refused", "rate_limited", "device_cap_reached"))
+    def register(request: Request, body: RegisterRequest | None = None) -> dict[str, Any]:
+        """Register a device: returns its id and bearer token (shown once; the server keeps only a hash).
+        Needs the registration key unless the server runs with --open-registration; rate limited per
+        source address (429 rate_limited with Retry-After) and capped (--max-devices)."""
+        device_id, token = auth.register(body.registration_key if body else None,
+                                         source=request.client.host if request.client else None)
         services.metrics.inc("fk_registrations_total")
         return {"device_id": device_id, "token": token, "global_version": models.global_version(),
                 "config_hash": models.model_config.config_hash() if models.initialized else None}
@@ -126,6 +130,8 @@ def add_device_routes(app: FastAPI, services: Services, deps: AuthDeps) -> None:
         the same answer."""
         limit = models.max_upload_bytes or config.max_upload_bytes or DRAIN_LIMIT
         try:
+            # refused before the body is read (or an upload slot taken): an unadmitted device sends nothing
+            await run_in_threadpool(manager.upload_round, device_id, round_id)
             body = await read_body(request, limit)
         except Rejection as exc:
             services.metrics.inc("fk_uploads_total", {"result": exc.reason})

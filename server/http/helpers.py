@@ -10,9 +10,10 @@ from fastapi import Request
 from starlette.requests import ClientDisconnect
 
 from server.errors import Rejection
+from server.http.limits import content_length
 
 WIRE_MEDIA_TYPE = "application/octet-stream"
-DRAIN_LIMIT = 64 << 20  # an oversized body is read (and dropped) up to this much so the client sees the 413
+DRAIN_LIMIT = 64 << 20  # the upload limit while no model (so no model size) is known
 LARGE_BODY = 1 << 20  # bodies above this take one of the app's upload slots while they are read
 RAW_BODY = {"requestBody": {"required": True, "content": {WIRE_MEDIA_TYPE: {"schema": {"type": "string",
                                                                                         "format": "binary"}}}}}
@@ -64,7 +65,7 @@ async def json_object(request: Request) -> dict[str, Any]:
     """The request's JSON object body (422 bad_request otherwise)."""
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, an int over 4,300 digits, nested too deep
         raise Rejection("bad_request", "body must be JSON", status=422) from None
     if not isinstance(body, dict):
         raise Rejection("bad_request", "body must be a JSON object", status=422)
@@ -72,33 +73,29 @@ async def json_object(request: Request) -> dict[str, Any]:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The raw body, at most `limit` bytes (413 too_large). Large bodies wait for one of the app's
-    upload slots before they are read (TCP backpressure holds the rest)."""
-    declared = request.headers.get("content-length")
-    too_large = declared is not None and declared.isdigit() and int(declared) > limit
+    """The raw body, at most `limit` bytes (413 too_large, refused as soon as a declared Content-Length or
+    the bytes read pass it: nothing past the limit is read). Large bodies wait for one of the app's upload
+    slots before they are read (TCP backpressure holds the rest); server/http/limits.py bounds how long a
+    body may take and how many one device reads at once, so slow senders cannot hold the slots."""
+    declared = content_length(request.headers.raw)
+    if declared is not None and declared > limit:
+        raise Rejection("too_large", f"body is {declared} bytes, the limit is {limit}")
     chunks, size = [], 0
     slots: asyncio.Semaphore | None = getattr(request.app.state, "upload_slots", None)
-    large = slots is not None and not too_large and (declared is None or not declared.isdigit()
-                                                     or int(declared) > LARGE_BODY)
+    large = slots is not None and (declared is None or declared > LARGE_BODY)
     if large:
         await slots.acquire()
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                too_large = True
-            if too_large:
-                if size > DRAIN_LIMIT:
-                    break
-                continue
+                raise Rejection("too_large", f"body is over {limit} bytes, the limit")
             chunks.append(chunk)
     except ClientDisconnect:
         raise Rejection("client_disconnected", "the client went away before its body arrived", status=400) from None
     finally:
         if large:
             slots.release()
-    if too_large:
-        raise Rejection("too_large", f"body is {declared or size} bytes, the limit is {limit}")
     return b"".join(chunks)
 
 

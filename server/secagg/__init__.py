@@ -20,6 +20,7 @@ the round deadline so devices can train):
                     identity key over (session, round, device, keys). Closes when every admission slot
                     advertised, or at its deadline with >= max(min_count, secagg_min_participants).
                     U1 = advertisers (sorted); threshold t and the neighbour graph are fixed here.
+                    A low-order, non-canonical or repeated key is refused and its device excluded.
                     Admission to the round ends with this stage.
     share_keys      POST: {shares: [{to, ct}], b_commitment}: one AES-GCM ciphertext per neighbour,
                     relayed unread. Closes when all of U1 shared, or at its deadline with >= t. U2.
@@ -29,7 +30,8 @@ the round deadline so devices can train):
                     round goal is reached, or at the round deadline with >= max(t, min_count). U3.
     consistency     POST: {signature over U3}. Closes when all of U3 signed, or at its deadline with >= t.
     unmasking       POST: {b_shares: {v: share}, s_shares: {v: share}}: for survivors v the share of b_v,
-                    for dropped v (U2 \\ U3) the share of s_sk_v. Closes when every signer answered, or at
+                    for dropped v (U2 \\ U3) the share of s_sk_v (a share never received: complaints {v:
+                    reason}, and for a dropped v pair_seeds {v: s_uv}). Closes when every signer answered, or at
                     its deadline with enough shares. Then the server reconstructs, checks every secret
                     (b_v against the device's commitment, s_sk_v against its advertised s_pk), removes
                     the masks, checks that the lifted sum is in range (no mask left: an altered masked
@@ -53,8 +55,22 @@ remain for the later stages), the round is abandoned at once (secagg_threshold_u
 eligible / submitted / dropped / pending / needed in its outcome) and the next round opens, instead of
 the fleet waiting out the deadline. Devices that vanish without a word are known at the stage deadline.
 
-Failure is safe: below threshold at any stage, a secret that does not match its commitment or public
-key, or an unmasked sum out of range abandons the round (no model version, nothing released).
+Failure is safe: below threshold at any stage, a secret that no t revealed shares rebuild to match its
+commitment or public key, or an unmasked sum out of range abandons the round (nothing released).
+
+A cheating peer (issue #18) is excluded and named instead of costing the round, where the protocol can
+tell who cheated: advertised keys of small order, non-canonical or already advertised by another device
+are refused (secagg_bad_key, secagg_duplicate_key) and the device is out of the round, like one that
+left; so is a device whose masked input is outside what the protocol allows (another ring or length,
+metadata out of range). Devices treat a peer whose encrypted share fails (or is missing) as a dropped
+holder: they go on, list it in their unmasking message (complaints) and, if it dropped, reveal the one
+pairwise seed they masked with it. Reconstruction leaves out revealed shares that are off the others'
+polynomial (protocol.recover_sum). Every offender is recorded in the round's info ("offenders":
+device, stage, reason, detail, reported_by), kept with the summary the admin's round view shows.
+Limits: a device whose shares nobody can decrypt and whose masked input is already in the running sum
+still makes the round fail (its self-mask cannot be removed, nor its input taken out of the sum: that
+needs a share-check stage before masked inputs are accepted), though it is named; and any device can
+still send any input within the per-device bound (protocol.recover_sum), which masking hides by design.
 
 Trust and identity: the device's identity key is registered once (POST /v1/devices/identity) and can
 never be replaced; devices verify every peer's advertised keys against the peer's identity key and pin

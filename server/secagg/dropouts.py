@@ -11,6 +11,9 @@ message in a round that has dropouts, the close of the previous stage) the stage
                  (secagg_threshold_unreachable, with the counts) and the next round can open;
     complete     every eligible device answered or left: the stage closes now by its own rule.
 
+A device caught cheating (advertised keys of small order or another device's, a masked input the
+protocol does not allow) is excluded the same way, and named in the round's offender list.
+
 Devices that vanish without a word are known only at the stage deadline, as before. Without any
 dropout nothing can be decided early (the previous stage's close checked its threshold), so rounds
 without dropouts never pay for a tally.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any, Callable
 
+from models import secagg_math as sm
 from server.errors import Rejection
 from server.round import Round
 from server.secagg import protocol as proto
@@ -73,6 +77,37 @@ class Dropouts:
                     known[device_id] = st.stage
             self.settle(rid)
         return {"status": "accepted", "round_id": rid, "stage": s.stage(rid)}
+
+    def exclude(self, rid: int, device_id: str, entry: dict[str, Any]) -> None:
+        """(Caller holds the lock; the round is open in an active stage.) A device caught cheating (its
+        message refused for a protocol violation, `entry` from protocol.offender) is out of the round like a
+        device that left: recorded as a dropout (so the stage need not wait for it, and its later messages
+        are refused) and named in the round's offender list. May end the stage or the round."""
+        s = self.s
+        st = s.rows.state(rid)
+        known = self.of(rid)
+        with s.db.write():
+            if device_id not in known:
+                s.rows.add_dropout(rid, device_id, st.stage, entry["reason"][:64])
+            s.rows.add_offenders(rid, [entry])
+        with self._lock:
+            known.setdefault(device_id, st.stage)
+        self.settle(rid)
+
+    def refuse_bad_keys(self, rid: int, device_id: str, c_pk: bytes, s_pk: bytes) -> None:
+        """(Caller holds the lock; advertise stage.) A low-order or non-canonical key (any agreement with it
+        is a secret everyone knows) or a key another device of the round already advertised (a copied key):
+        the device is refused, out of the round (exclude) and named."""
+        problem = proto.key_problem(c_pk, s_pk)
+        if problem:
+            self.exclude(rid, device_id, proto.offender(device_id, "advertise", "secagg_bad_key", problem))
+            raise Rejection("secagg_bad_key", f"advertised keys refused: {problem}; this device is out of the round")
+        owners = [d for d in self.s.rows.key_owners(rid, [sm.b64(c_pk), sm.b64(s_pk)]) if d != device_id]
+        if owners:
+            detail = f"a key already advertised by device {owners[0]} in this round"
+            self.exclude(rid, device_id, proto.offender(device_id, "advertise", "secagg_duplicate_key", detail))
+            raise Rejection("secagg_duplicate_key",
+                            f"advertised keys refused: {detail}; this device is out of the round")
 
     # ------------------------------------------------------------------ deciding a stage early
     def tally(self, rnd: Round, st: SecAggState) -> proto.Tally | None:

@@ -45,6 +45,9 @@ class Unmasker:
             with s.host.lock:
                 rnd = s.db.get_round(rid)
                 if rnd is not None and rnd.state == "open":
+                    if isinstance(exc, SecAggFailure) and exc.offenders:
+                        with s.db.write():  # named even though the round fails
+                            s.rows.add_offenders(rid, exc.offenders)
                     s.fail(rnd, reason)
         finally:
             self._finishing.discard(rid)
@@ -74,6 +77,7 @@ class Unmasker:
                 s.store.delete(rel)
                 return
             with s.db.write():
+                s.rows.add_offenders(rid, rec.offenders)
                 s.set_stage(rid, "done", None, result_file=rel, info={
                     "sum_sha256": rec.sum_sha256, "sum_norm": rec.norm, "max_abs_int": rec.max_abs_int,
                     "reconstruct_seconds": rec.reconstruct_seconds, "unmask_seconds": rec.unmask_seconds,

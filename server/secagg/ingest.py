@@ -17,11 +17,17 @@ import numpy as np
 from models import secagg_math as sm
 from models.privacy_wire import FrameError
 from server.errors import Rejection
+from server.secagg import protocol as proto
 from server.secagg.running_sum import Claim, RunningSum
 from server.strategy import parse_metadata
 
 if TYPE_CHECKING:
     from server.secagg.service import SecAggService
+
+
+# frame refusals that are the sender's doing, not damage in transit (those fail the checksum or the
+# framing first): a ring or length other than the round's, a frame of another kind
+VIOLATIONS = frozenset({"shape_mismatch", "wrong_kind"})
 
 
 def _answer(row: dict[str, Any]) -> dict[str, Any]:
@@ -44,7 +50,12 @@ class MaskedInputs:
 
     def stage(self, device_id: str, rid: int, body: bytes) -> tuple[RunningSum, Claim] | dict[str, Any]:
         """Validate a masked input and add it to the round's staging sum. Returns (the round's running
-        sum, the input's claim), or the stored answer when the input was already committed (a retry)."""
+        sum, the input's claim), or the stored answer when the input was already committed (a retry).
+
+        What is checked here is the frame (ring, length, round, device, metadata): one outside them is
+        refused and its device excluded (_exclude). The words themselves are uniform in the ring whatever
+        the input, so its per-device bound cannot be checked here; only the unmasked sum is bounded
+        (protocol.recover_sum says what that leaves a device free to send)."""
         s = self.s
         rnd, st = s.round(rid, device_id)
         prev = s.db.get_update(rid, device_id)
@@ -60,13 +71,30 @@ class MaskedInputs:
         try:
             header, y, sha = sm.decode_masked(body, bits=q.bits, dim=s.host.dim, max_bytes=self.max_input_bytes())
         except FrameError as exc:
+            if exc.reason in VIOLATIONS:
+                self._exclude(rid, device_id, exc.reason, exc.detail)
             raise Rejection(exc.reason, exc.detail) from None
-        if header.get("round_id") != rid or header.get("session") != st.session \
-                or header.get("device_id") != device_id:
-            raise Rejection("bad_metadata", "masked input is for another round, session or device")
-        num_examples, metrics = parse_metadata(header.get("metadata") or {}, rnd.train.max_examples_per_update)
+        try:
+            if header.get("round_id") != rid or header.get("session") != st.session \
+                    or header.get("device_id") != device_id:
+                raise Rejection("bad_metadata", "masked input is for another round, session or device")
+            num_examples, metrics = parse_metadata(header.get("metadata") or {}, rnd.train.max_examples_per_update)
+        except Rejection as exc:
+            self._exclude(rid, device_id, exc.reason, exc.detail)
+            raise
         running = self.running(rid)
         return running, running.stage(Claim(device_id, sha, num_examples, metrics), y)
+
+    def _exclude(self, rid: int, device_id: str, reason: str, detail: str) -> None:
+        """A masked input outside what the protocol allows (another ring or length, another round or device,
+        metadata out of range): not transport damage (the frame's checksum verified), so the device is out
+        of the round and named, and the stage stops waiting for it (dropouts.Dropouts.exclude)."""
+        s = self.s
+        with s.host.lock:
+            rnd, st = s.round(rid, None)
+            if rnd.state == "open" and st.stage == "masked":
+                s.drops.exclude(rid, device_id, proto.offender(device_id, "masked", "secagg_bad_masked_input",
+                                                               f"{reason}: {detail}"))
 
     def commit(self, staged: tuple[RunningSum, Claim] | dict[str, Any]) -> dict[str, Any]:
         """The staged input's answer once it is in the durable running sum (group commit: inputs

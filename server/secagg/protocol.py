@@ -20,7 +20,7 @@ import hashlib
 import math
 import secrets
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -41,9 +41,10 @@ MAX_ABORT_REASON = 64
 class SecAggFailure(Exception):
     """Unmasking cannot produce a trustworthy sum; the round is abandoned with `reason`."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, offenders: list[dict[str, Any]] | None = None) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
+        self.offenders = list(offenders or [])  # named even when the round fails (see recover_sum)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,6 +284,21 @@ def parse_advertise(body: Mapping[str, Any]) -> tuple[bytes, bytes, bytes]:
     return c_pk, s_pk, sig
 
 
+def key_problem(c_pk: bytes, s_pk: bytes) -> str | None:
+    """Why a device's advertised X25519 keys are unusable (None: fine). Low-order or non-canonical keys
+    would make every agreement with them a secret the server knows too."""
+    problems = [f"{name} is {p}" for name, p in (("c_pk", sm.x25519_key_problem(c_pk)),
+                                                  ("s_pk", sm.x25519_key_problem(s_pk))) if p]
+    return problems[0] if problems else None
+
+
+def offender(device_id: str, stage: str, reason: str, detail: str, reported_by: list[str] | None = None
+             ) -> dict[str, Any]:
+    """One entry of a round's offender list (the round's secagg info "offenders", shown to the admin)."""
+    out = {"device_id": device_id, "stage": stage, "reason": reason, "detail": detail[:300]}
+    return {**out, "reported_by": sorted(reported_by)} if reported_by else out
+
+
 def parse_shares(body: Mapping[str, Any], want: set[str]) -> tuple[list[tuple[str, bytes]], str]:
     """([(recipient, ciphertext)], b_commitment) of a share_keys message: one share per neighbour in `want`."""
     shares = body.get("shares")
@@ -332,17 +348,30 @@ def unmask_wants(state: SecAggState, graph: Mapping[str, list[str]], device_id: 
     return want_b, want_s
 
 
-def parse_unmask(body: Mapping[str, Any], want_b: set[str], want_s: set[str]) -> tuple[dict, dict]:
+def parse_unmask(body: Mapping[str, Any], want_b: set[str], want_s: set[str], me: str | None = None
+                 ) -> tuple[dict[str, str], dict[str, str], dict[str, str], dict[str, str]]:
+    """(b_shares, s_shares, pair_seeds, complaints) of an unmasking message: shares of b_v for `want_b`,
+    of s_sk_v for `want_s`. A share the device never got (it failed to decrypt: v cheated, or the relay
+    altered it) is listed in complaints {v: reason} instead; for a dropped v it then reveals the pairwise
+    seed s_uv it masked with (v is not in U3: this reveals nothing of a survivor's input)."""
     b_sh, s_sh = body.get("b_shares"), body.get("s_shares")
-    if not isinstance(b_sh, dict) or not isinstance(s_sh, dict) or set(b_sh) != want_b or set(s_sh) != want_s:
+    p_sh, comp = body.get("pair_seeds") or {}, body.get("complaints") or {}
+    if not all(isinstance(x, dict) for x in (b_sh, s_sh, p_sh, comp)) or not set(b_sh) <= want_b \
+            or not set(s_sh) <= want_s or not set(p_sh) <= want_s - set(s_sh) or (me in want_b and me not in b_sh):
         raise Rejection("bad_request", f"unmasking needs b_shares for {sorted(want_b)} and s_shares for "
                                        f"{sorted(want_s)}", status=422)
+    missing = (want_b - set(b_sh)) | (want_s - set(s_sh))
+    if set(comp) != missing or not all(isinstance(r, str) and 0 < len(r) <= MAX_ABORT_REASON for r in comp.values()):
+        raise Rejection("bad_request", f"unmasking: a share left out must be listed in complaints {{v: reason}} "
+                                       f"(left out: {sorted(missing)})", status=422)
     try:
         for share in list(b_sh.values()) + list(s_sh.values()):
             sm.share_from_bytes(sm.unb64(str(share), sm.SHARE_BYTES))
+        for seed in p_sh.values():
+            sm.unb64(str(seed), sm.KEY_BYTES)
     except sm.SecAggMathError as exc:
         raise Rejection("bad_request", f"unmasking share: {exc}", status=422) from None
-    return b_sh, s_sh
+    return b_sh, s_sh, p_sh, comp
 
 
 # ---------------------------------------------------------------------- reconstruction and unmasking
@@ -355,14 +384,7 @@ class Recovered:
     dropped_recovered: list[str]
     reconstruct_seconds: float = 0.0
     unmask_seconds: float = 0.0
-
-
-def _secret(value: int, device: str) -> bytes:
-    try:
-        return sm.int_to_secret(value)
-    except sm.SecAggMathError:
-        raise SecAggFailure("secagg_bad_share", f"shares of device {device}'s secret do not reconstruct a key "
-                                                "(a share was altered)") from None
+    offenders: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # named cheaters (protocol.offender)
 
 
 def recover_sum(state: SecAggState, s_pks: Mapping[str, bytes], commitments: Mapping[str, str],
@@ -370,63 +392,109 @@ def recover_sum(state: SecAggState, s_pks: Mapping[str, bytes], commitments: Map
                 graph: Mapping[str, list[str]], dim: int, bound: UploadBound) -> Recovered:
     """The unmasked, checked sum of the survivors' updates, or SecAggFailure.
 
-    unmask_bodies: device -> {"b": {v: share}, "s": {v: share}} as the devices sent them. Every
-    reconstructed self-mask seed must match its commitment and every dropped device's mask key its
-    advertised public key; the lifted sum must be within the range and norm honest inputs can reach
-    (a mask left in, from an altered masked vector or share, makes it uniform garbage)."""
+    unmask_bodies: device -> {"b": {v: share}, "s": {v: share}, "p": {v: pair seed}, "c": {v: complaint}}
+    (parse_unmask). Each self-mask seed must match its commitment, each dropped device's mask key its
+    public key; a revealer whose share is off the polynomial is left out (other t shares are tried) and
+    named, as are devices whose holders could not decrypt their shares (complaints): `offenders`.
+
+    The lifted sum must be within the range and norm honest inputs can reach (a mask left in makes it
+    uniform garbage). These bound the SUM, the only place the server can: a masked input shows nothing
+    of its contribution. What remains is a device's manipulation within the per-device bound: it can
+    still send any vector of norm up to clip plus the noise tolerance (a crafted update rather than a
+    trained one), summed like an honest one; one beyond the bounds makes the round fail here
+    (secagg_integrity) without naming it. Bounding each input needs a per-device zero-knowledge range proof."""
     t0 = time.perf_counter()
     rid, q, t = state.round_id, state.quantization, int(state.threshold or 0)
     index = {u: i + 1 for i, u in enumerate(state.u1 or [])}
+    device_at = {x: u for u, x in index.items()}
     u3 = list(state.u3 or [])
     b_points: dict[str, dict[int, int]] = {v: {} for v in u3}
     s_points: dict[str, dict[int, int]] = {v: {} for v in state.dropped}
+    pair_seeds: dict[str, dict[str, bytes]] = {}  # dropped v -> {surviving neighbour u: s_uv}
+    complaints: dict[str, dict[str, str]] = {}  # accused v -> {reporter: reason}
     for device, body in unmask_bodies.items():
         x = index[device]
         for v, share in body["b"].items():
             b_points[v][x] = sm.share_from_bytes(sm.unb64(share))
         for v, share in body["s"].items():
             s_points[v][x] = sm.share_from_bytes(sm.unb64(share))
+        for v, seed in (body.get("p") or {}).items():
+            pair_seeds.setdefault(v, {})[device] = sm.unb64(seed, sm.KEY_BYTES)
+        for v, why in (body.get("c") or {}).items():
+            complaints.setdefault(v, {})[device] = why
+    offenders = [offender(v, "share", "secagg_bad_share_ciphertext", f"{len(by)} of its share holders got no "
+                          f"valid share from it ({', '.join(sorted(set(by.values())))})", sorted(by))
+                 for v, by in sorted(complaints.items())]
+    bad_revealers: set[int] = set()  # share points proven bad: left out of every later reconstruction
+
+    def reconstruct(v: str, pts: dict[int, int], accept: Callable[[bytes], bool], what: str) -> bytes | None:
+        """v's secret from the shares revealed for it, leaving out bad revealers (who are named)."""
+        usable = {x: y for x, y in pts.items() if x not in bad_revealers}
+
+        def ok(value: int) -> bool:
+            return value < (1 << (8 * sm.KEY_BYTES)) and accept(sm.int_to_secret(value))
+        try:
+            value, bad = sm.shamir_reconstruct_checked(usable, t, ok)
+        except sm.SecAggMathError:
+            return None
+        for x in bad:
+            bad_revealers.add(x)
+            offenders.append(offender(device_at[x], "unmask", "secagg_bad_revealed_share",
+                                      f"its share of device {v}'s {what} is off the polynomial of the others"))
+        return sm.int_to_secret(value)
+
+    def fail(v: str, pts: dict[int, int], what: str) -> SecAggFailure:
+        usable = len([x for x in pts if x not in bad_revealers])
+        if usable < t:
+            return SecAggFailure("secagg_below_threshold", f"only {usable} valid shares of device {v}'s {what}, "
+                                                           f"{t} needed", offenders)
+        return SecAggFailure("secagg_bad_share", f"no {t} of the {usable} shares of device {v}'s {what} reconstruct "
+                                                 "it (shares were altered)", offenders)
+
     self_seeds: dict[str, bytes] = {}
     for v, pts in b_points.items():
-        if len(pts) < t:
-            raise SecAggFailure("secagg_below_threshold", f"only {len(pts)} shares of device {v}'s self-mask "
-                                                          f"seed, {t} needed")
-        seed = _secret(sm.shamir_reconstruct(pts, t), v)
-        if not secrets.compare_digest(sm.commitment(state.session, rid, v, seed), commitments[v]):
-            raise SecAggFailure("secagg_bad_share", f"self-mask seed of device {v} does not match its "
-                                                    "commitment (a share was altered)")
+        seed = reconstruct(v, pts, lambda b, v=v: secrets.compare_digest(
+            sm.commitment(state.session, rid, v, b), commitments[v]), "self-mask seed")
+        if seed is None:
+            raise fail(v, pts, "self-mask seed")
         self_seeds[v] = seed
     dropped_sks: dict[str, bytes] = {}
+    dropped_pairs: dict[str, dict[str, bytes]] = {}
     for v, pts in s_points.items():
-        if len(pts) < t:
-            raise SecAggFailure("secagg_below_threshold", f"only {len(pts)} shares of dropped device {v}'s "
-                                                          f"mask key, {t} needed")
-        sk = _secret(sm.shamir_reconstruct(pts, t), v)
-        if sm.x25519_public(sk) != s_pks[v]:
-            raise SecAggFailure("secagg_bad_share", f"mask key of dropped device {v} does not match its "
-                                                    "public key (a share was altered)")
-        dropped_sks[v] = sk
+        sk = reconstruct(v, pts, lambda k, v=v: sm.x25519_public(k) == s_pks[v], "mask key")
+        if sk is not None:
+            dropped_sks[v] = sk
+            continue
+        # v's mask key cannot be rebuilt (it gave bad shares): every surviving neighbour revealed the
+        # one pairwise seed it used with v instead
+        need = {u for u in graph.get(v, ()) if u in set(u3)}
+        have = pair_seeds.get(v, {})
+        if not need <= set(have):
+            raise fail(v, pts, "mask key")
+        dropped_pairs[v] = {u: have[u] for u in need}
     t_rec = time.perf_counter()
     total = np.array(masked_sum, copy=True)
     ctx = sm.round_context(state.session, rid)
-    sm.unmask(total, q.bits, u3, self_seeds, dropped_sks, s_pks, graph, ctx, sm.PRG(dim, q.bits))
+    sm.unmask(total, q.bits, u3, self_seeds, dropped_sks, s_pks, graph, ctx, sm.PRG(dim, q.bits), dropped_pairs)
     lifted = sm.lift(total, q.bits)
     ok, peak = sm.check_range(lifted, len(u3), q)
     t_unmask = time.perf_counter()
     if not ok:
         raise SecAggFailure("secagg_integrity", f"unmasked sum has a coordinate of {peak}, beyond the "
-                            f"{len(u3)} x {q.qmax} any honest sum can reach (a masked vector was altered)")
+                            f"{len(u3)} x {q.qmax} any honest sum can reach (a masked vector was altered)", offenders)
     sum_sha = hashlib.sha256(memoryview(np.ascontiguousarray(lifted, dtype="<i8"))).hexdigest()  # no copy
     total_f = sm.dequantize(lifted, q)
     norm = float(np.linalg.norm(total_f))
     limit = len(u3) * bound.tolerance(dim) + math.sqrt(dim) * len(u3) / q.scale
     if norm > limit:
-        raise SecAggFailure("secagg_integrity", f"unmasked sum norm {norm:.4g} exceeds {limit:.4g}")
-    return Recovered(total_f, sum_sha, norm, peak, sorted(dropped_sks), t_rec - t0, t_unmask - t_rec)
+        raise SecAggFailure("secagg_integrity", f"unmasked sum norm {norm:.4g} exceeds {limit:.4g}", offenders)
+    return Recovered(total_f, sum_sha, norm, peak, sorted(set(dropped_sks) | set(dropped_pairs)), t_rec - t0,
+                     t_unmask - t_rec, offenders)
 
 
 __all__ = ["ACTIVE", "GET_READY_AFTER", "MAX_SHARE_CT", "MAX_WAIT_S", "STAGES", "Advance", "Fail", "Recovered",
            "SecAggFailure", "SecAggState", "Tally", "close_advertise", "close_consistency", "close_masked",
            "close_share", "close_unmask", "decide_early", "min_participants", "neighbourhood_warning",
-           "parse_abort", "parse_advertise", "parse_shares", "parse_signature", "parse_unmask", "quantization_for",
+           "key_problem", "offender", "parse_abort", "parse_advertise", "parse_shares", "parse_signature",
+           "parse_unmask", "quantization_for",
            "recover_sum", "stage_needs", "summary", "task_params", "threshold_reachable", "unmask_wants"]

@@ -3,7 +3,8 @@
     POST /v1/devices/identity                        device  {public_key: b64 Ed25519}   set once, never replaced
     GET  /v1/devices/{device_id}/identity            device  {device_id, public_key, registered_at}
     GET  /v1/rounds/{id}/secagg                      device  stage summary
-    POST /v1/rounds/{id}/secagg/advertise_keys       device  {c_pk, s_pk, signature}
+    POST /v1/rounds/{id}/secagg/advertise_keys       device  {c_pk, s_pk, signature}; a low-order or copied key:
+                                                             refused and the device is out of the round
     GET  /v1/rounds/{id}/secagg/advertise_keys?wait  device  {ready, participants [{device_id, index, c_pk, s_pk,
                                                               signature, identity_key}], threshold, neighbors, ...}
     POST /v1/rounds/{id}/secagg/share_keys           device  {shares: [{to, ct}], b_commitment}
@@ -12,7 +13,8 @@
     GET  /v1/rounds/{id}/secagg/masked_input?wait    device  {ready, u3}
     POST /v1/rounds/{id}/secagg/consistency          device  {signature over U3}
     GET  /v1/rounds/{id}/secagg/consistency?wait     device  {ready, u3, signatures}
-    POST /v1/rounds/{id}/secagg/unmasking            device  {b_shares: {v: b64}, s_shares: {v: b64}}
+    POST /v1/rounds/{id}/secagg/unmasking            device  {b_shares: {v: b64}, s_shares: {v: b64},
+                                                              pair_seeds?: {v: b64}, complaints?: {v: reason}}
     GET  /v1/rounds/{id}/secagg/unmasking?wait       device  {ready, stage, round_state, result_version}
     POST /v1/rounds/{id}/secagg/abort                device  {reason}: the device left the round (dropouts.py);
                                                              the round fails at once if its threshold is out of reach
@@ -40,7 +42,13 @@ _POST_BODIES = {
         "b_commitment": {"type": "string", "description": "SHA-256 hex"}}, ("shares", "b_commitment")),
     "consistency": json_body({"signature": B64}, ("signature",)),
     "unmasking": json_body({"b_shares": {"type": "object", "additionalProperties": B64},
-                            "s_shares": {"type": "object", "additionalProperties": B64}},
+                            "s_shares": {"type": "object", "additionalProperties": B64},
+                            "pair_seeds": {"type": "object", "additionalProperties": B64, "description":
+                                           "for a dropped device whose share this device never got: the "
+                                           "pairwise mask seed it used with it"},
+                            "complaints": {"type": "object", "additionalProperties": {"type": "string"},
+                                           "description": "device -> why this device holds no valid share "
+                                                          "of it (every share left out is listed)"}},
                            ("b_shares", "s_shares")),
     "abort": json_body({"reason": {"type": "string", "minLength": 1, "maxLength": MAX_ABORT_REASON,
                                    "description": "why the device left (machine-readable, e.g. timeout, bad_share)"}}),
@@ -48,7 +56,8 @@ _POST_BODIES = {
 # what every SecAgg stage message can be refused with (SecAggService.round, require_stage, the
 # duplicate check, the body checks); advertise and consistency also verify a signature
 _STAGE_REASONS = ("unknown_round", "not_admitted", "round_closed", "duplicate_upload", "bad_request")
-_POST_REASONS = {"advertise_keys": (*_STAGE_REASONS, "no_identity", "bad_signature"),
+_POST_REASONS = {"advertise_keys": (*_STAGE_REASONS, "no_identity", "bad_signature", "secagg_bad_key",
+                                    "secagg_duplicate_key"),
                  "share_keys": _STAGE_REASONS,
                  "consistency": (*_STAGE_REASONS, "no_identity", "bad_signature"),
                  "unmasking": _STAGE_REASONS,
@@ -95,7 +104,9 @@ def add_secagg_routes(app: FastAPI, sa: SecAggService, db: Db, deps: AuthDeps) -
         rnd = db.get_round(round_id)
         if rnd is None or rnd.protocol != "secagg":
             raise Rejection("unknown_round", f"no secure-aggregation round {round_id}")
-        return json_safe(sa.summary(round_id) or {"stage": "advertise"})
+        summary = sa.summary(round_id) or {"stage": "advertise"}
+        # who was caught cheating is for the admin's round view, not for every device that asks
+        return json_safe({k: v for k, v in summary.items() if k != "offenders"})
 
     posts = {"advertise_keys": sa.advertise, "share_keys": sa.share, "consistency": sa.consistency,
              "unmasking": sa.unmasking}

@@ -195,6 +195,7 @@ class SecAggService:
                 return self._accepted(rid, st.stage)
             self.require_stage(rnd, st, "advertise")
             self.drops.refuse_if_left(rid, device_id)
+            self.drops.refuse_bad_keys(rid, device_id, c_pk, s_pk)
             with self.db.write():
                 self.rows.add_keys(rid, device_id, sm.b64(c_pk), sm.b64(s_pk), sm.b64(sig))
             if self.rows.count_keys(rid) >= rnd.params.max_admitted:
@@ -364,7 +365,8 @@ class SecAggService:
             raise Rejection("not_admitted", "device is not among this round's masked inputs")
         if self.rows.signature_of(rid, device_id) is None:  # U5 within U4 (Bonawitz et al.): who checked U3
             raise Rejection("not_admitted", "device did not sign this round's survivor set")
-        b_sh, s_sh = proto.parse_unmask(body, *proto.unmask_wants(st, self.graph(rid, st), device_id))
+        want_b, want_s = proto.unmask_wants(st, self.graph(rid, st), device_id)
+        b_sh, s_sh, pairs, complaints = proto.parse_unmask(body, want_b, want_s, device_id)
         with self.host.lock:
             rnd, st = self.round(rid, device_id)
             if self.rows.unmask_sha(rid, device_id) is not None:
@@ -372,7 +374,7 @@ class SecAggService:
             self.require_stage(rnd, st, "unmask")
             self.drops.refuse_if_left(rid, device_id)
             with self.db.write():
-                self.rows.add_unmask(rid, device_id, b_sh, s_sh, body_sha)
+                self.rows.add_unmask(rid, device_id, b_sh, s_sh, body_sha, pairs, complaints)
             if self.rows.count_unmask(rid) >= self.rows.count_signatures(rid):
                 self.close_unmask(rnd, st)
             else:

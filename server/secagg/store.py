@@ -114,6 +114,20 @@ class SecAggStore:
         self._rows.invalidate(rid)
         self.db.execute(f"UPDATE secagg_rounds SET {cols} WHERE round_id = ?", vals + (rid,))
 
+    def add_offenders(self, rid: int, entries: list[dict[str, Any]]) -> None:
+        """(In a transaction.) Name devices caught cheating in the round's info ("offenders": kept with the
+        round's summary after cleanup, so the admin's round view shows them). Idempotent."""
+        if not entries:
+            return
+        info = json.loads(json.dumps(self.state(rid).info))  # the cached state's info is shared
+        known = info.setdefault("offenders", [])
+        seen = {(o["device_id"], o["stage"], o["reason"]) for o in known}
+        for e in entries:
+            if (e["device_id"], e["stage"], e["reason"]) not in seen:
+                known.append({**e, "at": time.time()})
+                seen.add((e["device_id"], e["stage"], e["reason"]))
+        self.update(rid, info=info)
+
     def uncleaned(self) -> list[dict[str, Any]]:
         return self.db.all("SELECT round_id, stage, stage_deadline FROM secagg_rounds WHERE cleaned = 0")
 
@@ -152,6 +166,13 @@ class SecAggStore:
 
     def all_keys(self, rid: int) -> dict[str, dict[str, Any]]:
         return {r["device_id"]: r for r in self.db.all("SELECT * FROM secagg_keys WHERE round_id = ?", (rid,))}
+
+    def key_owners(self, rid: int, keys: list[str]) -> list[str]:
+        """Devices of round `rid` that advertised any of `keys` (base64), as either of their two keys."""
+        marks = ", ".join("?" * len(keys))
+        return [r["device_id"] for r in self.db.all(
+            f"SELECT device_id FROM secagg_keys WHERE round_id = ? AND (c_pk IN ({marks}) OR s_pk IN ({marks}))",
+            (rid, *keys, *keys))]
 
     def advertisers(self, rid: int) -> list[str]:
         return [r["device_id"] for r in self.db.all("SELECT device_id FROM secagg_keys WHERE round_id = ?", (rid,))]
@@ -208,9 +229,12 @@ class SecAggStore:
         row = self.db.one("SELECT body_sha FROM secagg_unmask WHERE round_id = ? AND device_id = ?", (rid, device_id))
         return row["body_sha"] if row is not None else None
 
-    def add_unmask(self, rid: int, device_id: str, b_shares: dict, s_shares: dict, body_sha: str) -> None:
+    def add_unmask(self, rid: int, device_id: str, b_shares: dict, s_shares: dict, body_sha: str,
+                   pair_seeds: dict | None = None, complaints: dict | None = None) -> None:
+        body = {"b": b_shares, "s": s_shares, **({"p": pair_seeds} if pair_seeds else {}),
+                **({"c": complaints} if complaints else {})}
         self.db.execute("INSERT INTO secagg_unmask(round_id, device_id, body, body_sha, at) VALUES (?, ?, ?, ?, ?)",
-                        (rid, device_id, json.dumps({"b": b_shares, "s": s_shares}), body_sha, time.time()))
+                        (rid, device_id, json.dumps(body), body_sha, time.time()))
 
     def count_unmask(self, rid: int) -> int:
         return int(self.db.scalar("SELECT COUNT(*) FROM secagg_unmask WHERE round_id = ?", (rid,)))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
+import sys
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
@@ -124,6 +125,8 @@ def quantization_error_bound(tensors: Sequence[np.ndarray], dtype: str, norm: fl
 
 def parse_metadata(meta: dict[str, Any], max_examples: int) -> tuple[int, dict[str, float]]:
     """(num_examples, metrics) of an upload's metadata; shared by every upload format."""
+    if not isinstance(meta, dict):
+        raise Rejection("bad_metadata", f"metadata must be a JSON object, got {type(meta).__name__}")
     n = meta.get("num_examples")
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= max_examples:
         raise Rejection("bad_metadata", f"metadata num_examples must be an int in [1, {max_examples}], got {n!r}")
@@ -133,8 +136,9 @@ def parse_metadata(meta: dict[str, Any], max_examples: int) -> tuple[int, dict[s
     clean: dict[str, float] = {}
     for key, value in metrics.items():
         if not isinstance(key, str) or len(key) > 64 or isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not math.isfinite(value):
-            raise Rejection("bad_metadata", f"metric {key!r} must be a finite number, got {value!r}")
+                or (isinstance(value, int) and abs(value) > sys.float_info.max) or not math.isfinite(value):
+            shown = value if not isinstance(value, int) or abs(value) < 10 ** 30 else "a huge integer"
+            raise Rejection("bad_metadata", f"metric {str(key)[:64]!r} must be a finite number, got {shown!r}")
         clean[key] = float(value)
     return n, clean
 
