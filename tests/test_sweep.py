@@ -64,3 +64,11 @@ def test_report_compares_runs_against_the_baselines(tmp_path: Path) -> None:
     assert "| a | adam | 0.01 |" in text and "| 27.00 | 41.00 | 1.080 | 26.00 (4) | 170 | 9.5 |" in text
     assert "| b |" in text and "| 0/4 |" in text and "ngram-5 25.00%" in text
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG" and (out / "sweep.csv").read_text().count("\n") == 3
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "docs" / "sweeps").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_the_documented_sweeps_are_valid(path: Path) -> None:
+    """Every run of docs/sweeps/*.toml is a valid SimConfig: a typo fails here, not hours into a sweep."""
+    base, runs, settings = sweep.load_sweep(path)
+    assert runs and settings.get("out", "").startswith("artifacts/sweep/")

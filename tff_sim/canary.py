@@ -361,8 +361,8 @@ def markdown(report: dict[str, Any]) -> str:
         e = r[name]
         util = e.get("utility") or {}
         eps = f"{e['epsilon']:.2f}" if "epsilon" in e else ("-" if name == "untrained" else "inf")
-        rows.append(f"| {label} | {e['rank']} | {e['exposure']:.2f} | {eps} | "
-                    f"{util.get('top1_recall', float('nan')):.3f} |")
+        top1 = f"{util['top1_recall']:.3f}" if "top1_recall" in util else "-"
+        rows.append(f"| {label} | {e['rank']} | {e['exposure']:.2f} | {eps} | {top1} |")
     return "\n".join([
         "# Canary exposure (The Secret Sharer)",
         "",
