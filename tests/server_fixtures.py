@@ -257,6 +257,15 @@ def assert_weights_equal(got: Sequence[np.ndarray], want: Sequence[np.ndarray]) 
 
 
 # ---------------------------------------------------------------------- fixtures
+def secagg_server(root: Path, n: int, long_s: float) -> ServerProcess:
+    """A started tiny-model SecAgg server whose rounds admit exactly `n` devices (min 3) and whose every deadline
+    is `long_s`, so a test that waited for one would time out: rounds end by the protocol, not by a clock."""
+    args = ["--init-preset", "tiny", "--round-goal", str(n), "--min-count", "3", "--over-admit", "1.0",
+            "--secure-aggregation", "secagg", "--clip-norm", "1.0", "--deadline-s", str(long_s),
+            "--secagg-stage-s", str(long_s), "--tick-s", "0.05"]
+    return ServerProcess(root / "srv", args, root / "srv.log").start()
+
+
 @pytest.fixture
 def server_factory(tmp_path: Path) -> Iterator:
     """start(*args, name="srv") -> ServerProcess (tiny preset model, admin token ADMIN_TOKEN)."""

@@ -34,7 +34,7 @@ from models import secagg_math as sm
 from server.errors import REASONS, Rejection
 from server.secagg import protocol as proto
 from server.secagg.protocol import SecAggFailure
-from tests.server_fixtures import ServerProcess
+from tests.server_fixtures import ServerProcess, secagg_server
 from tests.test_secagg_failfast import LONG, N, Runner, _delta, _in_parallel, _until
 from tests.test_server_secagg_protocol import Cohort
 
@@ -207,11 +207,7 @@ def test_new_reasons_are_declared() -> None:
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("attacks")
-    s = ServerProcess(root / "srv", ["--init-preset", "tiny", "--round-goal", str(N), "--min-count", "3",
-                                     "--over-admit", "1.0", "--secure-aggregation", "secagg", "--clip-norm", "1.0",
-                                     "--deadline-s", str(LONG), "--secagg-stage-s", str(LONG), "--tick-s", "0.05"],
-                      root / "srv.log").start()
+    s = secagg_server(tmp_path_factory.mktemp("attacks"), N, LONG)
     yield s
     s.stop()
 

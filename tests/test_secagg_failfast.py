@@ -23,7 +23,7 @@ from server.round import TrainParams
 from server.secagg import protocol as proto
 from server.secagg.protocol import Fail, SecAggState, Tally
 from server.strategy import UploadBound
-from tests.server_fixtures import TINY, ServerProcess
+from tests.server_fixtures import TINY, ServerProcess, secagg_server
 
 # ---------------------------------------------------------------------- the pure judgement, per stage
 PARAMS = TrainParams(goal=4, min_count=3, max_admitted=4, deadline_s=60.0, clip_norm=1.0,
@@ -134,11 +134,7 @@ LONG = 300.0  # every deadline: a round that waited for one would time the test 
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("failfast")
-    s = ServerProcess(root / "srv", ["--init-preset", "tiny", "--round-goal", str(N), "--min-count", "3",
-                                     "--over-admit", "1.0", "--secure-aggregation", "secagg", "--clip-norm", "1.0",
-                                     "--deadline-s", str(LONG), "--secagg-stage-s", str(LONG), "--tick-s", "0.05"],
-                      root / "srv.log").start()
+    s = secagg_server(tmp_path_factory.mktemp("failfast"), N, LONG)
     yield s
     s.stop()
 
