@@ -150,9 +150,12 @@ def test_personalization_measures_the_gain_on_held_back_text(tmp_path: Path, bun
         assert gain["enough_text"] and gain["heldout_tokens"] >= 40
         assert gain["finetune_top1"] > gain["global_top1"]  # the user's own phrases were learned
         assert gain["cache_top1"] > gain["global_top1"] and gain["cache_weight_global"] > 0  # ... and counted
-        # the selection rule: the fine-tuned model beat the global one, so it is served, with its own cache weight
-        assert gain["served"] == "personal" and c.models.serving == "personal"
-        assert c.models.cache_weight == gain["cache_weight"]
+        # the selection rule: the fine-tuned model wins by one word of ~80 with the cache, within one standard
+        # error of a paired top-1 difference (models.personal_cache.GAIN_MARGIN_SE): too little to be served on
+        # (on held-out users such small wins turned into losses), so the global model is served with the cache
+        assert gain["served"] == "global" and c.models.serving == "global", gain
+        assert "does not beat the global model on held-back text by more than" in gain["reason"]
+        assert c.models.cache_weight == gain["cache_weight"] == gain["cache_weight_global"]
         assert gain["gain_top1"] == pytest.approx(gain["served_top1"] - gain["global_top1"])
         assert c.status()["personal_gain"]["gain_top1"] == gain["gain_top1"]
         assert describe_gain(gain)[0].startswith("global ") and "+fine-tuning" in describe_gain(gain)[2]

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from models.personal_cache import (
-    BlendedModel, HeldoutScorer, NgramCache, blend, cache_from_sentences, cache_from_windows, choose_weight, evaluate_blend,
+    DEFAULT_WEIGHT, LARGE_WEIGHT_LOSS_SD, PAIRED_DISAGREEMENT, SAFE_WEIGHT, WEIGHT_GRID, BlendEvaluation, BlendedModel,
+    HeldoutScorer, NgramCache, blend, cache_from_sentences, cache_from_windows, choose_weight, evaluate_blend,
     select_personal,
 )
 
@@ -146,3 +147,110 @@ def test_counts_are_the_counted_ngrams() -> None:
     cache = cache_from_sentences([[5, 6], [5, 7]], V)
     assert cache.counts(1) == {(5,): 2, (6,): 1, (7,): 1, (EOS,): 2}
     assert cache.counts(3) == {(BOS, 5, 6): 1, (5, 6, EOS): 1, (BOS, 5, 7): 1, (5, 7, EOS): 1}
+
+
+def _effective_weight(g: np.ndarray, mixed: np.ndarray, q: np.ndarray, weight: float) -> float:
+    """lam(h) such that exp(mixed) = (1 - lam) exp(g) + lam q / sum(q)."""
+    p_cache = q / q.sum()
+    j = int(np.argmax(np.abs(p_cache - np.exp(g))))
+    return float((np.exp(mixed[j]) - np.exp(g[j])) / (p_cache[j] - np.exp(g[j])))
+
+
+def test_context_dependent_weight_unseen_context_keeps_the_global_model() -> None:
+    rng = np.random.default_rng(4)
+    g = np.log(rng.dirichlet(np.ones(V)))
+    cache = cache_from_sentences([[5, 6, 7]], V, kappa=2.0)
+    # the history (9,) and (4, 9) were never typed: no evidence, the blend is the global model exactly
+    assert cache.confidence([BOS, 4, 9]) == 0.0
+    assert not cache.probs([BOS, 4, 9]).any()
+    np.testing.assert_array_equal(blend(g, cache.probs([BOS, 4, 9]), 0.6), g)
+    np.testing.assert_array_equal(BlendedModel(lambda ctx: g, cache, 0.6)([BOS, 4, 9]), g)
+    # without kappa the same context leans towards the user's unigram (the classic cache)
+    plain = cache_from_sentences([[5, 6, 7]], V)
+    assert plain.probs([BOS, 4, 9]).sum() == pytest.approx(1.0) and plain.confidence([BOS, 4, 9]) == 1.0
+    assert blend(g, plain.probs([BOS, 4, 9]), 0.6)[5] > g[5]
+
+
+def test_context_dependent_weight_trusts_a_repeated_context() -> None:
+    rng = np.random.default_rng(5)
+    g = np.log(rng.dirichlet(np.ones(V)))
+    kappa, lam = 2.0, 0.6
+    weights = []
+    for times in (1, 4, 40):
+        cache = cache_from_sentences([[5, 6, 7]] * times, V, kappa=kappa)
+        # the longest history seen for "<bos> 5 _" is (bos, 5), typed `times` times
+        assert cache.confidence([BOS, 5]) == pytest.approx(times / (times + kappa))
+        q = cache.probs([BOS, 5])
+        assert q.sum() == pytest.approx(times / (times + kappa))  # the scaled (deficient) cache distribution
+        mixed = blend(g, q, lam)
+        assert np.exp(mixed).sum() == pytest.approx(1.0)  # ... still blends into a distribution
+        w = _effective_weight(g, mixed, q, lam)
+        assert w == pytest.approx(lam * times / (times + kappa))
+        weights.append(w)
+        assert int(np.argmax(mixed)) == 6 or times < 4  # typed often enough, the user's next word wins
+    assert weights[0] < weights[1] < weights[2] and weights[2] > 0.95 * lam
+    # kappa 0 (the default) is the one-weight cache: a distribution, the weight is lam everywhere
+    plain = cache_from_sentences([[5, 6, 7]], V)
+    assert plain.kappa == 0.0 and plain.probs([BOS, 5]).sum() == pytest.approx(1.0)
+    assert _effective_weight(g, blend(g, plain.probs([BOS, 5]), lam), plain.probs([BOS, 5]), lam) == pytest.approx(lam)
+    with pytest.raises(ValueError):
+        NgramCache(V, kappa=-1.0)
+
+
+def test_a_kappa_cache_is_chosen_and_scored_like_any_other() -> None:
+    g_row = np.full(V, -5.0)
+    g_row[4] = -3.0  # the global model's favourite, at p ~0.4
+    g_row -= np.log(np.exp(g_row).sum())
+    x, y = _windows([[5, 6, 7]] * 6)
+    g = np.broadcast_to(g_row, (*x.shape, V)).copy()
+    history = cache_from_windows(x[:3], y[:3], V, kappa=1.0)
+    weight = choose_weight(x[3:], y[3:], g[3:], history)
+    assert weight > 0
+    scored = evaluate_blend(x[3:], y[3:], g[3:], history, weights=(0.0, weight))
+    assert scored.metrics_of(weight)["top1_recall"] > scored.metrics_of(0.0)["top1_recall"] + 0.5
+
+
+def test_a_weight_above_the_default_needs_a_clear_held_back_win() -> None:
+    assert WEIGHT_GRID[0] == 0.0 and {DEFAULT_WEIGHT, SAFE_WEIGHT} <= set(WEIGHT_GRID) and list(WEIGHT_GRID) == sorted(WEIGHT_GRID)
+
+    def ev(losses: list[float], tokens: int = 100) -> BlendEvaluation:
+        return BlendEvaluation((0.0, 0.05, 0.1, 0.3), [{"loss": l, "tokens": tokens} for l in losses])
+
+    assert SAFE_WEIGHT == 0.1
+    se = LARGE_WEIGHT_LOSS_SD / np.sqrt(100)  # about one standard error of the loss difference on 100 words
+    assert ev([1.0, 0.95, 0.9, 0.9 - se / 2]).best_weight() == 0.1  # a small win on little text: noise
+    assert ev([1.0, 0.95, 0.9, 0.9 - se * 2]).best_weight() == 0.3  # a clear win
+    assert ev([1.0, 0.95, 0.9, 0.9 - se / 2], tokens=2500).best_weight() == 0.3  # the same win on 25x the text
+    assert ev([1.0, 0.95, 0.97, 0.99]).best_weight() == 0.05  # the best weight up to the safe one
+    assert ev([1.0, 1.01, 1.02, 1.03]).best_weight() == 0.0  # the cache does not help: off
+    assert ev([1.0, 0.95, 0.95, 0.5]).best_weight(safe_weight=0.3) == 0.3
+    assert ev([1.0, 0.9, 0.9, 0.9]).best_weight() == 0.05  # ties: the lower weight
+
+
+def test_a_fine_tuned_win_within_its_standard_error_is_not_served() -> None:
+    rng = np.random.default_rng(7)
+    x, y = _windows([list(rng.integers(4, V, size=4)) for _ in range(20)])  # 100 held-back targets
+    n = int((y != 0).sum())
+    flat = np.log(np.full((*x.shape, V), 1.0 / V))
+    margin = np.sqrt(PAIRED_DISAGREEMENT / n)  # ~3 points at 100 words
+
+    def knows(share: float) -> np.ndarray:
+        """The flat model, but certain of the first round(share * n) targets."""
+        lp = flat.copy()
+        k = 0
+        for i in range(len(x)):
+            for t in np.flatnonzero(y[i] != 0):
+                if k < round(share * n):
+                    lp[i, t] = np.log(1e-6)
+                    lp[i, t, y[i, t]] = np.log(1 - 1e-6 * (V - 1))
+                k += 1
+        return lp
+
+    base = knows(0.2)
+    history = NgramCache(V)
+    small = select_personal(x, y, base, knows(0.2 + margin / 2), history, min_tokens=50)
+    assert small.served == "global" and "does not beat" in small.reason
+    big = select_personal(x, y, base, knows(0.2 + 2 * margin), history, min_tokens=50)
+    assert big.served == "personal" and "beats" in big.reason
+    # margin 0 is the old rule: any win is served
+    assert select_personal(x, y, base, knows(0.2 + margin / 2), history, min_tokens=50, margin_se=0.0).served == "personal"
