@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import httpx
 import numpy as np
@@ -257,6 +257,17 @@ def assert_weights_equal(got: Sequence[np.ndarray], want: Sequence[np.ndarray]) 
 
 
 # ---------------------------------------------------------------------- fixtures
+def wait_for(probe: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+    """Poll until probe() is truthy (its value is returned); fail after `timeout` seconds saying what was awaited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
 def secagg_server(root: Path, n: int, long_s: float) -> ServerProcess:
     """A started tiny-model SecAgg server whose rounds admit exactly `n` devices (min 3) and whose every deadline
     is `long_s`, so a test that waited for one would time out: rounds end by the protocol, not by a clock."""

@@ -34,8 +34,8 @@ from models import secagg_math as sm
 from server.errors import REASONS, Rejection
 from server.secagg import protocol as proto
 from server.secagg.protocol import SecAggFailure
-from tests.server_fixtures import ServerProcess, secagg_server
-from tests.test_secagg_failfast import LONG, N, Runner, _delta, _in_parallel, _until
+from tests.server_fixtures import ServerProcess, secagg_server, wait_for
+from tests.test_secagg_failfast import LONG, N, Runner, _delta, _in_parallel
 from tests.test_server_secagg_protocol import Cohort
 
 # ====================================================================== pure functions

@@ -23,7 +23,7 @@ from server.round import TrainParams
 from server.secagg import protocol as proto
 from server.secagg.protocol import Fail, SecAggState, Tally
 from server.strategy import UploadBound
-from tests.server_fixtures import TINY, ServerProcess, secagg_server
+from tests.server_fixtures import TINY, ServerProcess, secagg_server, wait_for
 
 # ---------------------------------------------------------------------- the pure judgement, per stage
 PARAMS = TrainParams(goal=4, min_count=3, max_admitted=4, deadline_s=60.0, clip_norm=1.0,
@@ -144,17 +144,6 @@ def _delta(seed: int) -> np.ndarray:
     return (x * min(1.0, 0.9 / np.linalg.norm(x))).astype(np.float32)
 
 
-def _until(what: Callable[[], Any], timeout: float = 30.0, message: str = "") -> Any:
-    """Poll until `what()` is truthy; its value."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = what()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting: {message}")
-
-
 class Runner:
     """One SimDevice driven stage by stage (device_app.secagg.SecAggSession), in its own thread."""
 
@@ -222,7 +211,7 @@ def test_a_round_that_cannot_reach_its_threshold_fails_at_once(srv: ServerProces
     threads = [threading.Thread(target=r.upload_and_finish, daemon=True) for r in stayers]
     for t in threads:
         t.start()
-    _until(lambda: srv.round(rid)["accepted"] == 3, message="3 masked inputs")
+    wait_for(lambda: srv.round(rid)["accepted"] == 3, "3 masked inputs")
     assert leavers[0].session.leave(leavers[0].dev.api, "training_failed")
     assert leavers[1].session.leave(leavers[1].dev.api, "bad_share")
     r = srv.round(rid)  # 3 in, 1 may still come: 4 can be reached, the round waits
@@ -249,8 +238,8 @@ def test_a_round_that_cannot_reach_its_threshold_fails_at_once(srv: ServerProces
         assert "secagg_threshold_unreachable" in s.error.detail
         assert s.error_at - last < 10.0
     # the next round opens at once (the worker, not a device's check-in)
-    rounds = _until(lambda: [x for x in srv.admin_get("/v1/admin/rounds", params={"kind": "train"})["rounds"]
-                             if x["id"] > rid and x["state"] == "open"], message="the next round")
+    rounds = wait_for(lambda: [x for x in srv.admin_get("/v1/admin/rounds", params={"kind": "train"})["rounds"]
+                               if x["id"] > rid and x["state"] == "open"], "the next round")
     assert rounds
     assert srv.model()[0] == version_before  # nothing released
     for x in runners:
@@ -269,7 +258,7 @@ def test_a_stage_that_nobody_else_can_answer_closes_at_once(srv: ServerProcess) 
     threads = [threading.Thread(target=r.upload_and_finish, daemon=True) for r in runners[:5]]
     for t in threads:
         t.start()
-    _until(lambda: srv.round(rid)["accepted"] == 5, message="5 masked inputs")
+    wait_for(lambda: srv.round(rid)["accepted"] == 5, "5 masked inputs")
     assert srv.round(rid)["secure_aggregation"]["stage"] == "masked"  # waiting for the 6th
     last = time.time()
     victim.session.should_stop = lambda: True

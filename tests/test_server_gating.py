@@ -7,8 +7,7 @@ Devices here are test clients: they upload chosen deltas and report chosen recal
 """
 from __future__ import annotations
 
-import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,23 +17,12 @@ from server.config import ServerConfig
 from server.evaluation import promote, shortfall
 from server.round import EvalParams
 from tests.server_fixtures import (  # noqa: F401  (server_factory is a fixture)
-    TINY, Device, ServerProcess, dyadic_delta, encode_delta, server_factory,
+    TINY, Device, ServerProcess, dyadic_delta, encode_delta, server_factory, wait_for,
 )
 
 GATED = ("--release-gate", "eval", "--round-goal", "2", "--min-count", "2", "--deadline-s", "60",
          "--candidate-eval-fraction", "1.0", "--eval-goal", "2", "--eval-min-count", "2", "--eval-deadline-s", "60",
          "--promotion-tolerance", "0.005")
-
-
-def _wait_for(probe: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
-    """Poll until probe() is truthy (its value is returned); fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _train(srv: ServerProcess, devices: list[Device], deltas: list[list[np.ndarray]]) -> tuple[int, dict]:
@@ -123,7 +111,7 @@ def test_regressing_version_is_held_back_and_training_continues_from_the_served_
     task = _evaluate(devices, 0.112, 0.112)
     assert srv.wait_round(task["round_id"])["outcome"]["decision"] == "released"
     assert srv.model()[0] == v4 and srv.admin_get("/v1/admin/status")["release"]["consecutive_held_back"] == 0
-    _wait_for(lambda: not (srv.data_dir / "optimizer" / f"v{v2:06d}.npz").exists(), "version 2's state deleted")
+    wait_for(lambda: not (srv.data_dir / "optimizer" / f"v{v2:06d}.npz").exists(), "version 2's state deleted")
     assert (srv.data_dir / "optimizer" / f"v{v4:06d}.npz").exists()
 
 
@@ -135,8 +123,8 @@ def test_consecutive_held_back_versions_stop_training_with_the_reason(server_fac
         # while the version awaits its evaluation, no training round opens
         assert srv.admin_get("/v1/admin/status")["current_round"] is None
         _evaluate(devices, 0.05, 0.2)
-        _wait_for(lambda v=version: _versions(srv)[v]["release_state"] == "held_back", f"version {version} held back")
-    status = _wait_for(lambda: (s := srv.admin_get("/v1/admin/status"))["training_enabled"] is False and s,
+        wait_for(lambda v=version: _versions(srv)[v]["release_state"] == "held_back", f"version {version} held back")
+    status = wait_for(lambda: (s := srv.admin_get("/v1/admin/status"))["training_enabled"] is False and s,
                        "training stopped")
     why = status["release"]["training_stopped_reason"]
     assert "2 consecutive held-back versions" in why and "recall 0.050 vs served 0.200" in why
