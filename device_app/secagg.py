@@ -392,10 +392,11 @@ class SecAggSession:
             except sm.SecAggMathError as exc:  # v's key is unusable: it gets no share (one holder fewer)
                 self.no_share.setdefault(v, "key_agreement_failed")
                 log.warning("round %d: no share for %s: %s", self.rid, v, exc)
-                out.append({"to": v, "ct": sm.b64(os.urandom(12 + 16 + 2 * sm.SHARE_BYTES + 64))})
-                continue
-            ct = sm.encrypt_shares(key, self.ctx, self.me, v, s_shares[self.index[v]], b_shares[self.index[v]])
-            out.append({"to": v, "ct": sm.b64(ct)})
+                ct = os.urandom(12 + 16 + 2 * sm.SHARE_BYTES + 64)
+            else:
+                ct = sm.encrypt_shares(key, self.ctx, self.me, v, s_shares[self.index[v]], b_shares[self.index[v]])
+            sig = self.identity.sign(sm.share_message(self.ctx, self.me, v, ct))
+            out.append({"to": v, "ct": sm.b64(ct), "sig": sm.b64(sig)})
         body = {"shares": out, "b_commitment": sm.commitment(self.session, self.rid, self.me, self.b)}
         self._timed("share_compute_s", t0)
         self._post(api, self.urls["share_keys"], body, wait_next=wait_next)
@@ -411,23 +412,26 @@ class SecAggSession:
         u2 = list(answer.get("u2") or [])
         if self.me not in u2 or not set(u2) <= set(self.index) or len(u2) < self.t:
             raise SecAggError("bad_u2", "the set of devices that shared keys is inconsistent")
-        got = {s.get("from"): s.get("ct") for s in answer.get("shares") or []}
+        got = {s.get("from"): s for s in answer.get("shares") or [] if isinstance(s, dict)}
         for v in self.graph[self.me]:
             if v not in u2 or v in self.no_share:
                 continue
-            # A share that is missing or fails (v cheated, or the relay altered it): v is treated as a
-            # dropped holder, not a reason to stop. This device holds no share of v's secrets; the other
-            # holders' shares rebuild them, and the unmasking message names v (complaints).
-            if not isinstance(got.get(v), str):
-                self.no_share[v] = "missing_share"
-                log.warning("round %d: no share from %s, which the server says shared keys", self.rid, v)
-                continue
+            # A share that is missing or fails is not a reason to stop: v is treated as a dropped holder.
+            # This device holds no share of v's secrets; the other holders' shares rebuild them, and the
+            # unmasking message names v (complaints). Whose doing it was decides what is revealed
+            # (unmask_body): under v's own signature it was v's; otherwise the relay's.
+            self.no_share[v] = "missing_share"
             try:
+                ct, sig = sm.unb64(str(got[v]["ct"])), sm.unb64(str(got[v]["sig"]), 64)
+                if not sm.verify(self.participants[v]["identity"], sig, sm.share_message(self.ctx, v, self.me, ct)):
+                    self.no_share[v] = "bad_signature"
+                    raise sm.SecAggMathError("the share is not signed by its sender (altered on the way)")
                 key = sm.share_key(self.c_sk, self.participants[v]["c_pk"], self.ctx)
-                self.held[v] = sm.decrypt_shares(key, self.ctx, v, self.me, sm.unb64(got[v]))
-            except sm.SecAggMathError as exc:
                 self.no_share[v] = "bad_share"
-                log.warning("round %d: share from %s unusable: %s", self.rid, v, exc)
+                self.held[v] = sm.decrypt_shares(key, self.ctx, v, self.me, ct)
+                del self.no_share[v]
+            except (KeyError, sm.SecAggMathError) as exc:
+                log.warning("round %d: share from %s unusable (%s): %s", self.rid, v, self.no_share[v], exc)
         self.u2 = sorted(u2)
         self._timed("decrypt_shares_s", t0)
 
@@ -478,9 +482,13 @@ class SecAggSession:
 
     def unmask_body(self, u3: Sequence[str]) -> dict[str, Any]:
         """What this survivor reveals: its share of b_v for survivors v, of s_sk_v for dropped v, never both
-        for one device. A share it never got (no_share) is listed in complaints instead; for such a dropped v
-        it reveals the one pairwise seed s_uv it masked with, so the server can remove that mask even if v's
-        mask key cannot be rebuilt (v is not in U3: this reveals nothing of a survivor's input)."""
+        for one device. A share it never got (no_share) is listed in complaints instead, and the one pairwise
+        seed s_uv it masked with is revealed, so the server can remove that mask without v's secrets:
+        - for a dropped v (not in U3: this reveals nothing of a survivor's input);
+        - for a surviving v only when v itself is at fault (sm.SENDER_FAULTS: a ciphertext under v's own
+          signature that does not decrypt, or a key v signed that no share can be agreed with), so that
+          the server can take v's masked input out of the sum. An honest v never signs such a thing and
+          the relay cannot forge v's signature: an honest survivor's pairwise seeds are never revealed."""
         b_shares, s_shares, pair_seeds, complaints = {}, {}, {}, {}
         dropped = set(self.u2) - set(u3)
         for v in u3:
@@ -491,6 +499,8 @@ class SecAggSession:
                     b_shares[v] = sm.b64(sm.share_to_bytes(self.held[v][1]))
                 else:
                     complaints[v] = self.no_share.get(v, "missing_share")
+                    if complaints[v] in sm.SENDER_FAULTS:
+                        pair_seeds[v] = sm.b64(sm.mask_seed(self.s_sk, self.participants[v]["s_pk"], self.ctx))
         for v in dropped:
             if self.me in self.graph[v]:
                 if v in self.held:

@@ -305,6 +305,19 @@ def consistency_message(session: str, round_id: int, u3: Sequence[str]) -> bytes
                       ",".join(sorted(u3)).encode()])
 
 
+# why a holder has no share of a peer, when the peer itself is provably at fault: a ciphertext under its
+# own signature that does not decrypt, or a key it signed that no share can be agreed with
+SENDER_FAULTS = frozenset({"bad_share", "bad_key", "key_agreement_failed"})
+
+
+def share_message(context: bytes, sender: str, recipient: str, ciphertext: bytes) -> bytes:
+    """What a device signs for each encrypted share it sends: the ciphertext, bound to the pair and round.
+    A ciphertext under a valid signature that does not decrypt was sent that way by its signer (the
+    relay cannot forge one): its recipient may then reveal what it masked with the signer."""
+    return b"|".join([b"fk-secagg-v1", b"share-ct", context, sender.encode(), recipient.encode(),
+                      hashlib.sha256(ciphertext).digest()])
+
+
 def commitment(session: str, round_id: int, device_id: str, b_seed: bytes) -> str:
     """SHA-256 commitment to a self-mask seed, checked after reconstruction (catches bad shares)."""
     return hashlib.sha256(b"|".join([b"fk-secagg-v1", b"b-commit", round_context(session, round_id),
@@ -633,7 +646,7 @@ __all__ = [
     "x25519_keypair", "x25519_public", "x25519_key_problem", "X25519_LOW_ORDER", "X25519_P", "agreed_key",
     "round_context", "ed25519_keypair", "ed25519_public",
     "sign", "verify", "advertise_message", "consistency_message", "commitment",
-    "encrypt_shares", "decrypt_shares", "neighbours", "threshold_for", "pair_sign",
+    "encrypt_shares", "decrypt_shares", "share_message", "SENDER_FAULTS", "neighbours", "threshold_for", "pair_sign",
     "PRG", "prg_for", "Quantization", "coordinate_bound", "choose_quantization", "quantize", "to_ring", "lift",
     "check_range", "dequantize", "ring_dtype", "mask", "mask_seed", "share_key", "unmask",
     "encode_masked", "decode_masked", "b64", "unb64",

@@ -434,6 +434,9 @@ class Db:
     def list_updates(self, round_id: int) -> list[dict[str, Any]]:
         return self.all("SELECT * FROM updates WHERE round_id = ? ORDER BY seq", (round_id,))
 
+    def delete_update(self, round_id: int, device_id: str) -> None:
+        self._exec("DELETE FROM updates WHERE round_id = ? AND device_id = ?", (round_id, device_id))
+
     def count_updates(self, round_id: int) -> int:
         return int(self.scalar("SELECT COUNT(*) FROM updates WHERE round_id = ?", (round_id,)))
 

@@ -63,6 +63,20 @@ class Store:
             raise
         fsync_path(final.parent)
 
+    def write_unsynced(self, rel: str, write: Callable[[io.BufferedWriter], None]) -> None:
+        """Write through a temp file and rename (never seen half-written), without fsync: for files a
+        crash may lose."""
+        final = self.root / rel
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
     def write_bytes(self, rel: str, data: bytes) -> None:
         self.write_atomic(rel, lambda f: f.write(data))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import secrets
 import threading
 import time
@@ -186,8 +187,10 @@ def _chunks(arr: np.ndarray, n: int = 4, width: int = 16) -> list[bytes]:
 
 def test_server_storage_holds_no_individual_update(srv: ServerProcess) -> None:
     """Between the last masked upload and unmasking, and after the round, nothing the server stored
-    (SQLite file, WAL, blob files) contains any device's masked vector, quantized update or float delta;
-    the running sum file holds exactly the modular sum of the masked vectors."""
+    (SQLite file, WAL, blob files) contains any device's quantized update or float delta; the running sum
+    file holds exactly the modular sum of the masked vectors. Each masked vector (uniform in the ring
+    without seeds the server never gets for an honest survivor) is kept, in its own file only, until the
+    round closes, so that a cheater's can be taken out (server/secagg/ingest.py); after the round, none is."""
     devs = _devices(srv, seed=300)
     deltas = _deltas(N, 4)
     gate = threading.Event()
@@ -225,17 +228,20 @@ def test_server_storage_holds_no_individual_update(srv: ServerProcess) -> None:
         ring_sum += x.masked
     sum_files = [(name, data) for name, data in seen["mid"] if name.startswith("secagg/") and "sum-" in name]
     assert len(sum_files) == 1, [n for n, _ in seen["mid"]]  # one running sum, the previous ones replaced
-    stored_sum = np.load(srv.data_dir / sum_files[0][0]) if (srv.data_dir / sum_files[0][0]).exists() else None
-    import io
-
     stored_sum = np.load(io.BytesIO(sum_files[0][1]))
     np.testing.assert_array_equal(stored_sum, ring_sum)  # positive control: we read the right bytes
     assert not (srv.data_dir / "updates").exists() or not any(p.is_file() for p in (srv.data_dir / "updates").rglob("*"))
+    kept = {name for name, _ in seen["mid"] if name.startswith(f"secagg/r{rid:06d}/in-")}
+    assert sorted(name.split("/in-")[1][:-len("-0123456789abcdef.npy")] for name in kept) == \
+        sorted(d.device_id for d in devs)
     for phase in ("mid", "after"):
         for i, x in enumerate(results):
-            needles = (_chunks(x.masked) + _chunks(sm.to_ring(x.quantized, bits)) + _chunks(deltas[i])
-                       + [base64.b64encode(c).decode().encode() for c in _chunks(x.masked)])
+            masked = _chunks(x.masked) + [base64.b64encode(c).decode().encode() for c in _chunks(x.masked)]
             for name, data in seen[phase]:
+                own = phase == "mid" and name.startswith(f"secagg/r{rid:06d}/in-{devs[i].device_id}-")
+                if own:  # positive control: its file holds exactly its masked vector
+                    np.testing.assert_array_equal(np.load(io.BytesIO(data)), x.masked)
+                needles = _chunks(sm.to_ring(x.quantized, bits)) + _chunks(deltas[i]) + ([] if own else masked)
                 for needle in needles:
                     assert needle not in data, f"{phase}: device {i}'s update found in {name}"
 
@@ -278,6 +284,7 @@ def test_tampered_relayed_share_is_detected_by_its_recipient(srv: ServerProcess)
     r = _check_exact(srv, devs, results, list(range(N)), base)
     (named,) = r["secure_aggregation"]["offenders"]
     assert named["device_id"] == sender["id"] and named["reported_by"] == [devs[3].device_id]
+    assert named["reason"] == "secagg_share_not_delivered"  # its signature failed: the relay, not the sender
 
 
 def test_substituted_peer_key_is_detected(srv: ServerProcess) -> None:

@@ -7,7 +7,8 @@ real devices (device_app.secagg.SecAggSession, driven as tests/test_secagg_failf
 
     low-order key       refused at advertise (secagg_bad_key), the device is out of the round
     duplicate keys      refused at advertise (secagg_duplicate_key)
-    garbage shares      honest holders treat the sender as a dropped holder and go on
+    garbage shares      honest holders treat the sender as a dropped holder and go on; if it then uploads
+                        a masked input, that input is taken out of the sum; unsigned shares are refused
     bad revealed share  the revealer is left out of reconstruction, not the round abandoned
     out-of-range input  a masked input in another ring, or with metadata out of range, is refused at upload
 
@@ -147,6 +148,45 @@ def test_recover_sum_without_a_dropped_cheaters_mask_key() -> None:
     assert info.value.reason == "secagg_below_threshold" and info.value.offenders[0]["device_id"] == "d_d"
 
 
+def test_recover_sum_takes_out_a_surviving_cheaters_masked_input() -> None:
+    """d_d sent every holder a signed ciphertext that does not decrypt, then a masked input: no t shares of
+    its self-mask seed exist. Its holders complain and reveal the pairwise seed each used with it; its kept
+    masked input is subtracted. The sum is exactly the other three's, d_d is named and reported removed.
+    Without one holder's seed, or when no complaint proves d_d at fault, the round fails as before."""
+    cohort = Cohort(["d_a", "d_b", "d_c", "d_d"])
+    ctx = sm.round_context("session-1", 5)
+    s_sks = {u: sm.int_to_secret(sm.shamir_reconstruct(cohort.s_shares[u], cohort.state.threshold))
+             for u in cohort.state.u1}
+    honest = ["d_a", "d_b", "d_c"]
+
+    def bodies_for(reason: str) -> dict[str, dict[str, Any]]:
+        out = {}
+        for d in honest:
+            body = cohort.unmask_body(d)
+            del body["b"]["d_d"]
+            body["p"] = {"d_d": sm.b64(sm.mask_seed(s_sks[d], cohort.s_pks["d_d"], ctx))}
+            body["c"] = {"d_d": reason}
+            out[d] = body
+        out["d_d"] = cohort.unmask_body("d_d")  # it reveals its own share: one of the t needed
+        return out
+
+    bodies = bodies_for("bad_share")
+    rec = cohort.recover(bodies)
+    want = sum(cohort.quantized_of[d] for d in honest)
+    np.testing.assert_array_equal(rec.total, sm.dequantize(want, cohort.state.quantization))
+    assert rec.removed == ["d_d"] and rec.dropped_recovered == []
+    (named,) = rec.offenders
+    assert (named["device_id"], named["reason"]) == ("d_d", "secagg_bad_share_ciphertext")
+    assert "taken out of the sum" in named["detail"] and named["reported_by"] == honest
+    del bodies["d_c"]["p"]
+    with pytest.raises(SecAggFailure) as info:
+        cohort.recover(bodies)
+    assert info.value.reason == "secagg_below_threshold" and info.value.offenders[0]["device_id"] == "d_d"
+    with pytest.raises(SecAggFailure) as info:  # the relay's doing, not d_d's: nothing to take out
+        cohort.recover(bodies_for("bad_signature"))
+    assert info.value.offenders[0]["reason"] == "secagg_share_not_delivered"
+
+
 class _Relay:
     """A stand-in for the device's API client: records what the session posts."""
 
@@ -159,9 +199,11 @@ class _Relay:
 
 
 def test_device_treats_a_peer_with_a_bad_key_or_bad_share_as_a_dropped_holder() -> None:
-    """Without a server: d_d advertises a low-order share key (signed), d_c's share to d_a arrives altered.
-    d_a does not stop: it gives d_d no share, holds none of d_c's or d_d's, and its unmasking message names
-    both (complaints) with the pairwise seed for the dropped d_d, in a form the server accepts."""
+    """Without a server: d_d advertises a low-order share key (signed), d_c signs a ciphertext for d_a that
+    does not decrypt. d_a does not stop: it gives d_d no share, holds none of d_c's or d_d's, and its
+    unmasking message names both (complaints) with the pairwise seeds for the dropped d_d and for d_c
+    (a survivor, but one its own signature proves at fault), in a form the server accepts. A share the
+    relay altered (its signature fails) names the sender too, but reveals nothing for a survivor."""
     from device_app.secagg import DeviceIdentity, PeerPins
 
     ids = ["d_a", "d_b", "d_c", "d_d"]
@@ -185,17 +227,32 @@ def test_device_treats_a_peer_with_a_bad_key_or_bad_share_as_a_dropped_holder() 
         sessions[u].receive_keys(cohort)
         assert sessions[u].no_share == {"d_d": "bad_key"}
         sessions[u].share(relays[u])
-    inbox = [{"from": u, "ct": next(x["ct"] for x in relays[u].posts["/share"]["shares"] if x["to"] == "d_a")}
-             for u in ("d_b", "d_c")]
-    inbox[1]["ct"] = sm.b64(os.urandom(200))  # d_c's share, altered on the way
+    def inbox_of(me: str) -> list[dict[str, str]]:
+        return [{"from": u, **{k: x[k] for k in ("ct", "sig")}} for u in ("d_a", "d_b", "d_c") if u != me
+                for x in relays[u].posts["/share"]["shares"] if x["to"] == me]
+
+    inbox = inbox_of("d_a")
+    garbage = os.urandom(200)  # d_c's own doing: signed by d_c
+    inbox[1].update(ct=sm.b64(garbage), sig=sm.b64(idents["d_c"].sign(sm.share_message(a_ctx := sessions["d_a"].ctx,
+                                                                                       "d_c", "d_a", garbage))))
     a = sessions["d_a"]
     a.receive_shares({"u2": ids, "shares": inbox})  # d_d sent nothing usable: no ciphertext listed at all
     assert set(a.held) == {"d_b"} and a.no_share == {"d_c": "bad_share", "d_d": "bad_key"}
     body = a.unmask_body(["d_a", "d_b", "d_c"])  # d_d dropped
-    assert body["complaints"] == {"d_c": "bad_share", "d_d": "bad_key"} and set(body["pair_seeds"]) == {"d_d"}
-    assert sm.unb64(body["pair_seeds"]["d_d"]) == sm.mask_seed(sessions["d_d"].s_sk, a.s_pk, a.ctx)
+    assert body["complaints"] == {"d_c": "bad_share", "d_d": "bad_key"}
+    assert set(body["pair_seeds"]) == {"d_c", "d_d"}
+    assert sm.unb64(body["pair_seeds"]["d_d"]) == sm.mask_seed(sessions["d_d"].s_sk, a.s_pk, a_ctx)
+    assert sm.unb64(body["pair_seeds"]["d_c"]) == sm.mask_seed(sessions["d_c"].s_sk, a.s_pk, a_ctx)
     b_sh, s_sh, pairs, complaints = proto.parse_unmask(body, {"d_a", "d_b", "d_c"}, {"d_d"}, "d_a")
-    assert set(b_sh) == {"d_a", "d_b"} and s_sh == {} and set(pairs) == {"d_d"}
+    assert set(b_sh) == {"d_a", "d_b"} and s_sh == {} and set(pairs) == {"d_c", "d_d"}
+
+    b = sessions["d_b"]  # d_c's share to d_b altered on the way: the signature no longer verifies
+    inbox = inbox_of("d_b")
+    inbox[1]["ct"] = sm.b64(garbage)
+    b.receive_shares({"u2": ids, "shares": inbox})
+    assert b.no_share == {"d_c": "bad_signature", "d_d": "bad_key"}
+    body = b.unmask_body(["d_a", "d_b", "d_c"])
+    assert body["complaints"]["d_c"] == "bad_signature" and set(body["pair_seeds"]) == {"d_d"}
 
 
 def test_new_reasons_are_declared() -> None:
@@ -305,16 +362,22 @@ def test_duplicate_keys_are_refused_at_advertise(srv: ServerProcess) -> None:
     _close(runners)
 
 
-def _garbage_shares(r: Runner) -> None:
-    """Advertise honestly, then send every neighbour a ciphertext of the right size that decrypts to nothing."""
+def _garbage_shares(r: Runner, sign: bool = True) -> None:
+    """Advertise honestly, then send every neighbour a ciphertext of the right size that decrypts to nothing,
+    signed (so that the server relays it) unless told otherwise. Its own share of b is a real one."""
     s, api = r.session, r.dev.api
     s.advertise(api)
     s.receive_keys(s.wait_stage(api, s.urls["advertise_keys"]))
-    body = {"shares": [{"to": v, "ct": sm.b64(os.urandom(12 + 16 + 2 * sm.SHARE_BYTES + 40))}
-                       for v in s.graph[s.me]],
-            "b_commitment": sm.commitment(s.session, s.rid, s.me, s.b)}
-    api.post_json(s.urls["share_keys"], body)
-    s.own_shares = (0, 0)  # what it will reveal of itself, if it gets that far
+    shares = []
+    for v in s.graph[s.me]:
+        ct = os.urandom(12 + 16 + 2 * sm.SHARE_BYTES + 40)
+        sig = s.identity.sign(sm.share_message(s.ctx, s.me, v, ct if sign else ct[::-1]))
+        shares.append({"to": v, "ct": sm.b64(ct), "sig": sm.b64(sig)})
+    xs = [s.index[v] for v in s.graph[s.me]] + [s.index[s.me]]
+    own = s.index[s.me]
+    s.own_shares = (sm.shamir_split(sm.secret_to_int(s.s_sk), xs, s.t)[own],
+                    sm.shamir_split(sm.secret_to_int(s.b), xs, s.t)[own])
+    api.post_json(s.urls["share_keys"], {"shares": shares, "b_commitment": sm.commitment(s.session, s.rid, s.me, s.b)})
 
 
 def test_garbage_share_ciphertexts_do_not_stop_honest_devices(srv: ServerProcess) -> None:
@@ -338,36 +401,51 @@ def test_garbage_share_ciphertexts_do_not_stop_honest_devices(srv: ServerProcess
     _close(runners)
 
 
-def test_garbage_shares_then_a_masked_input_fails_safely_and_names_it(srv: ServerProcess) -> None:
-    """The limit that remains: a cheater whose shares nobody can decrypt AND whose masked input is already
-    in the running sum cannot be unmasked (no t shares of its self-mask seed exist) nor taken out (the
-    server keeps only the sum). The round is abandoned as before, nothing released, but now it is named."""
-    version_before, _ = srv.model()
+def test_garbage_shares_then_a_masked_input_is_taken_out_of_the_sum(srv: ServerProcess) -> None:
+    """The cheater's signed shares decrypt at no holder, and it then uploads a masked input and goes on as
+    the others do. Its self-mask cannot be rebuilt (no t shares exist): its holders reveal the pairwise
+    seed each used with it (its own signature proves it at fault), the server subtracts its masked input
+    (kept until the round closes) and the round ends with exactly the honest five's sum; it is named and
+    not counted as a contributor."""
     runners = _checked_in(srv, 1300)
     rid = runners[0].dev.task.round_id
     cheat, honest = runners[5], runners[:5]
     _in_parallel([lambda r=r: _keys(r) for r in honest] + [lambda: _garbage_shares(cheat)])
-
-    def cheat_finishes() -> None:  # it uploads, signs and reveals like the others (or the stages would wait)
-        s, api = cheat.session, cheat.dev.api
-        try:
-            s.receive_shares(s.wait_stage(api, s.urls["share_keys"]))
-            s.post_masked(api, s.masked_blob(_delta(1), {"num_examples": 1, "metrics": {}}, None))
-            s.finish(api)
-        except SecAggError:
-            pass
-
-    threads = [threading.Thread(target=x.upload_and_finish, daemon=True) for x in honest]
-    threads.append(threading.Thread(target=cheat_finishes, daemon=True))
-    for t in threads:
-        t.start()
-    r = srv.wait_round(rid, timeout=30)
-    assert r["state"] == "abandoned" and r["outcome"]["reason"] == "secagg_below_threshold", r
+    goes_on = threading.Thread(target=cheat.upload_and_finish, daemon=True)
+    goes_on.start()
+    r = _finish_honest(srv, honest, rid)
+    goes_on.join(30)
+    assert cheat.error is None, cheat.error  # nothing in the protocol stopped it: only its input is out
+    info = r["secure_aggregation"]
+    assert info["n_u3"] == N and info["removed"] == [cheat.dev.device_id] and info["dropped_recovered"] == []
     got = _offenders(r)
+    assert list(got) == [cheat.dev.device_id]
     assert got[cheat.dev.device_id]["reason"] == "secagg_bad_share_ciphertext"
-    assert srv.model()[0] == version_before
-    for t in threads:
-        t.join(30)
+    assert "taken out of the sum" in got[cheat.dev.device_id]["detail"]
+    assert r["accepted"] == 5
+    _close(runners)
+
+
+def test_unsigned_shares_are_refused_and_the_sender_is_out(srv: ServerProcess) -> None:
+    """Shares whose signatures do not verify are refused at once (the relay only forwards what a holder can
+    pin on its sender); the sender is out of the round and named, and the stage does not wait for it."""
+    runners = _checked_in(srv, 1350)
+    rid = runners[0].dev.task.round_id
+    cheat, honest = runners[5], runners[:5]
+    refused: dict[str, ServerError] = {}
+
+    def cheat_shares() -> None:
+        try:
+            _garbage_shares(cheat, sign=False)
+        except ServerError as exc:
+            refused["err"] = exc
+
+    _in_parallel([lambda r=r: _keys(r) for r in honest] + [cheat_shares])
+    assert (refused["err"].status, refused["err"].reason) == (400, "bad_signature")
+    r = _finish_honest(srv, honest, rid)
+    assert r["secure_aggregation"]["n_u2"] == 5
+    got = _offenders(r)
+    assert list(got) == [cheat.dev.device_id] and got[cheat.dev.device_id]["reason"] == "secagg_bad_share_signature"
     _close(runners)
 
 

@@ -60,11 +60,13 @@ class Cohort:
         q, ctx = st.quantization, sm.round_context(SESSION, RID)
         self.total = np.zeros(DIM, sm.ring_dtype(q.bits))
         self.quantized = np.zeros(DIM, np.int64)
+        self.quantized_of: dict[str, np.ndarray] = {}
+        self.masked: dict[str, np.ndarray] = {}  # as the server keeps them until the round closes
         for u in survivors:
-            qu = sm.quantize(self.updates[u], q)
+            qu = self.quantized_of[u] = sm.quantize(self.updates[u], q)
             self.quantized += qu
-            y = sm.mask(sm.to_ring(qu, q.bits), q.bits, u, self.b_seeds[u], keys[u][0],
-                        {v: self.s_pks[v] for v in self.graph[u]}, ctx)
+            y = self.masked[u] = sm.mask(sm.to_ring(qu, q.bits), q.bits, u, self.b_seeds[u], keys[u][0],
+                                         {v: self.s_pks[v] for v in self.graph[u]}, ctx)
             np.add(self.total, y, out=self.total)
         st = apply(st, proto.close_masked(st, PARAMS, survivors, 300.0))
         st = apply(st, proto.close_consistency(st, PARAMS, len(survivors), 400.0))
@@ -80,7 +82,7 @@ class Cohort:
     def recover(self, bodies=None, total=None) -> proto.Recovered:
         bodies = bodies if bodies is not None else {d: self.unmask_body(d) for d in self.state.u3}
         return proto.recover_sum(self.state, self.s_pks, self.commitments, bodies,
-                                 self.total if total is None else total, self.graph, DIM, BOUND)
+                                 self.total if total is None else total, self.graph, DIM, BOUND, self.masked.get)
 
 
 @pytest.mark.parametrize("graph_k", [0, 2])
@@ -142,11 +144,14 @@ def test_device_messages_are_checked() -> None:
             proto.parse_advertise(bad)
         assert (info.value.reason, info.value.status) == ("bad_request", 422)
     commit = "ab" * 32
-    shares, got = proto.parse_shares({"shares": [{"to": "d_b", "ct": sm.b64(b"1")}], "b_commitment": commit}, {"d_b"})
-    assert shares == [("d_b", b"1")] and got == commit
+    shares, got = proto.parse_shares({"shares": [{"to": "d_b", "ct": sm.b64(b"1"), "sig": sig}], "b_commitment": commit},
+                                     {"d_b"})
+    assert shares == [("d_b", b"1", b"x" * 64)] and got == commit
     for body in ({"shares": [], "b_commitment": commit},  # a neighbour left out
-                 {"shares": [{"to": "d_z", "ct": sm.b64(b"1")}], "b_commitment": commit},  # not a neighbour
-                 {"shares": [{"to": "d_b", "ct": sm.b64(b"1" * 600)}], "b_commitment": commit}):  # too large
+                 {"shares": [{"to": "d_z", "ct": sm.b64(b"1"), "sig": sig}], "b_commitment": commit},  # not a neighbour
+                 {"shares": [{"to": "d_b", "ct": sm.b64(b"1" * 600), "sig": sig}], "b_commitment": commit},  # too large
+                 {"shares": [{"to": "d_b", "ct": sm.b64(b"1")}], "b_commitment": commit},  # unsigned
+                 {"shares": [{"to": "d_b", "ct": sm.b64(b"1"), "sig": sm.b64(b"x" * 63)}], "b_commitment": commit}):
         with pytest.raises(Rejection):
             proto.parse_shares(body, {"d_b"})
     with pytest.raises(Rejection):

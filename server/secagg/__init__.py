@@ -22,16 +22,18 @@ the round deadline so devices can train):
                     U1 = advertisers (sorted); threshold t and the neighbour graph are fixed here.
                     A low-order, non-canonical or repeated key is refused and its device excluded.
                     Admission to the round ends with this stage.
-    share_keys      POST: {shares: [{to, ct}], b_commitment}: one AES-GCM ciphertext per neighbour,
+    share_keys      POST: {shares: [{to, ct, sig}], b_commitment}: one AES-GCM ciphertext per neighbour,
+                    each signed by the sender's identity key (checked here: a bad one puts the sender out),
                     relayed unread. Closes when all of U1 shared, or at its deadline with >= t. U2.
     masked_input    POST (binary FKSA frame): y_u mod 2^bits. Added to the round's running modular sum
-                    on arrival; the sum (not the vector) is written durably (temp, fsync, rename), then
-                    the contributor row commits, then the 200. Closes when all of U2 uploaded or the
+                    on arrival; the sum is written durably (temp, fsync, rename), then the contributor
+                    row commits, then the 200. y_u is kept in its own file until the round closes. Closes when all of U2 uploaded or the
                     round goal is reached, or at the round deadline with >= max(t, min_count). U3.
     consistency     POST: {signature over U3}. Closes when all of U3 signed, or at its deadline with >= t.
     unmasking       POST: {b_shares: {v: share}, s_shares: {v: share}}: for survivors v the share of b_v,
                     for dropped v (U2 \\ U3) the share of s_sk_v (a share never received: complaints {v:
-                    reason}, and for a dropped v pair_seeds {v: s_uv}). Closes when every signer answered, or at
+                    reason}, and pair_seeds {v: s_uv} for a dropped v or a survivor whose own signed share
+                    failed). Closes when every signer answered, or at
                     its deadline with enough shares. Then the server reconstructs, checks every secret
                     (b_v against the device's commitment, s_sk_v against its advertised s_pk), removes
                     the masks, checks that the lifted sum is in range (no mask left: an altered masked
@@ -42,9 +44,10 @@ Every GET of a stage long-polls (?wait=seconds) until the stage is closed and th
 the device needs next; a failed or abandoned round answers 409 round_closed.
 
 What the server stores for a SecAgg round: the public keys and signatures, the encrypted shares it
-relays (it cannot read them), the seed commitments, one running modular sum (never an individual
-masked vector: the previous sum file is replaced, not kept), the contributor list (device, payload
-SHA-256, example count, training metrics, no content), and after unmasking the shares revealed for
+relays (it cannot read them), the seed commitments, one running modular sum (the previous sum file is
+replaced, not kept), each masked vector as uploaded (uniform in the ring without seeds the protocol never
+reveals for an honest survivor; kept so that a cheater's can be taken out), the contributor list (device,
+payload SHA-256, example count, training metrics, no content), and after unmasking the shares revealed for
 reconstruction and the unmasked sum. Everything but the contributor list and a summary is deleted
 when the round closes or is abandoned.
 
@@ -62,15 +65,20 @@ A cheating peer (issue #18) is excluded and named instead of costing the round, 
 tell who cheated: advertised keys of small order, non-canonical or already advertised by another device
 are refused (secagg_bad_key, secagg_duplicate_key) and the device is out of the round, like one that
 left; so is a device whose masked input is outside what the protocol allows (another ring or length,
-metadata out of range). Devices treat a peer whose encrypted share fails (or is missing) as a dropped
-holder: they go on, list it in their unmasking message (complaints) and, if it dropped, reveal the one
-pairwise seed they masked with it. Reconstruction leaves out revealed shares that are off the others'
+metadata out of range), and one whose encrypted shares are not signed by it. Devices treat a peer whose
+encrypted share fails (or is missing) as a dropped holder: they go on, list it in their unmasking message
+(complaints) and reveal the one pairwise seed they masked with it if it dropped, or if it survived but
+its own signature is on the ciphertext that failed (an honest device never signs one; the relay cannot
+forge one). A survivor whose self-mask seed then cannot be rebuilt is taken out: its kept masked input is
+subtracted and its pairwise masks removed with those seeds, and the round ends with the honest
+survivors' sum ("removed"). Reconstruction leaves out revealed shares that are off the others'
 polynomial (protocol.recover_sum). Every offender is recorded in the round's info ("offenders":
 device, stage, reason, detail, reported_by), kept with the summary the admin's round view shows.
-Limits: a device whose shares nobody can decrypt and whose masked input is already in the running sum
-still makes the round fail (its self-mask cannot be removed, nor its input taken out of the sum: that
-needs a share-check stage before masked inputs are accepted), though it is named; and any device can
-still send any input within the per-device bound (protocol.recover_sum), which masking hides by design.
+Limits: a cheater that gives valid shares to some holders and bad ones to others, so that fewer than t
+valid shares remain while some holders hold one (and so reveal no pairwise seed), still makes the round
+fail, though it is named (the holders would need the other complaints proven to them, which takes a
+verifiable decryption); and any device can still send any input within the per-device bound
+(protocol.recover_sum), which masking hides by design.
 
 Trust and identity: the device's identity key is registered once (POST /v1/devices/identity) and can
 never be replaced; devices verify every peer's advertised keys against the peer's identity key and pin

@@ -68,7 +68,7 @@ class Unmasker:
         if bound is None:
             raise ValueError("a SecAgg round needs clipped updates")
         rec = recover_sum(st, s_pks, rows.commitments(rid), rows.unmask_bodies(rid), current, s.graph(rid, st),
-                          s.host.dim, bound)
+                          s.host.dim, bound, lambda v: s.inputs.kept_input(rid, v))
         rel = f"secagg/r{rid:06d}/result-{secrets.token_hex(4)}.npy"
         s.store.write_atomic(rel, lambda f: np.save(f, rec.total, allow_pickle=False))
         with s.host.lock:
@@ -78,13 +78,17 @@ class Unmasker:
                 return
             with s.db.write():
                 s.rows.add_offenders(rid, rec.offenders)
+                for v in rec.removed:  # not in the sum: neither counted nor reported as a contributor
+                    s.db.delete_update(rid, v)
                 s.set_stage(rid, "done", None, result_file=rel, info={
                     "sum_sha256": rec.sum_sha256, "sum_norm": rec.norm, "max_abs_int": rec.max_abs_int,
                     "reconstruct_seconds": rec.reconstruct_seconds, "unmask_seconds": rec.unmask_seconds,
-                    "finish_seconds": time.perf_counter() - t0, "dropped_recovered": rec.dropped_recovered})
+                    "finish_seconds": time.perf_counter() - t0, "dropped_recovered": rec.dropped_recovered,
+                    "removed": rec.removed})
                 s.db.update_round(rid, state="aggregating")
-        log.info("round %d secagg: unmasked the sum of %d inputs (%d dropped devices' masks removed) in %.2fs",
-                 rid, len(st.u3), len(rec.dropped_recovered), time.perf_counter() - t0)
+        log.info("round %d secagg: unmasked the sum of %d inputs (%d dropped devices' masks removed, %d cheaters' "
+                 "inputs taken out) in %.2fs", rid, len(st.u3) - len(rec.removed), len(rec.dropped_recovered),
+                 len(rec.removed), time.perf_counter() - t0)
         s.waiters.notify(rid)
         s.host.wake()
 

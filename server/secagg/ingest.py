@@ -3,7 +3,13 @@
 A masked input is validated and added to a staging sum (the request body can go), then committed with
 whatever else was staged meanwhile (group commit): the new sum file is written durably (temp, fsync,
 rename), then one transaction adds every contributor row and points the round's row at the file,
-then the answers go out. Never an individual masked vector on disk.
+then the answers go out.
+
+Each masked input is also kept as uploaded (in_rel) until the round closes: a device that gave its
+holders bad shares cannot be unmasked, and its input is then taken out of the sum instead
+(protocol.recover_sum). A masked vector is uniform in the ring: it shows nothing without the seeds the
+protocol never reveals for an honest survivor. These files are written without fsync (a crash loses at
+most the ability to take a cheater out: that round then fails safely, as before).
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ from models.privacy_wire import FrameError
 from server.errors import Rejection
 from server.secagg import protocol as proto
 from server.secagg.running_sum import Claim, RunningSum
+from server.secagg.store import in_rel
 from server.strategy import parse_metadata
 
 if TYPE_CHECKING:
@@ -83,7 +90,17 @@ class MaskedInputs:
             self._exclude(rid, device_id, exc.reason, exc.detail)
             raise
         running = self.running(rid)
+        s.store.write_unsynced(in_rel(rid, device_id, sha), lambda f: np.save(f, y, allow_pickle=False))
         return running, running.stage(Claim(device_id, sha, num_examples, metrics), y)
+
+    def kept_input(self, rid: int, device_id: str) -> np.ndarray | None:
+        """The masked input of a contributor as it was added to the sum, or None if it is not at hand."""
+        row = self.s.db.get_update(rid, device_id)
+        path = self.s.store.path(in_rel(rid, device_id, row["payload_sha256"])) if row else None
+        try:
+            return np.load(path, allow_pickle=False) if path is not None else None
+        except (OSError, ValueError):
+            return None
 
     def _exclude(self, rid: int, device_id: str, reason: str, detail: str) -> None:
         """A masked input outside what the protocol allows (another ring or length, another round or device,

@@ -34,6 +34,7 @@ ACTIVE = ("advertise", "share", "masked", "consistency", "unmask", "finishing")
 GET_READY_AFTER = {"advertise_keys": "advertise", "share_keys": "share", "masked_input": "masked",
                    "consistency": "consistency", "unmasking": "unmask"}
 MAX_SHARE_CT = 512
+SIGNATURE_BYTES = 64  # Ed25519
 MAX_WAIT_S = 25.0
 MAX_ABORT_REASON = 64
 
@@ -299,29 +300,38 @@ def offender(device_id: str, stage: str, reason: str, detail: str, reported_by: 
     return {**out, "reported_by": sorted(reported_by)} if reported_by else out
 
 
-def parse_shares(body: Mapping[str, Any], want: set[str]) -> tuple[list[tuple[str, bytes]], str]:
-    """([(recipient, ciphertext)], b_commitment) of a share_keys message: one share per neighbour in `want`."""
+def parse_shares(body: Mapping[str, Any], want: set[str]) -> tuple[list[tuple[str, bytes, bytes]], str]:
+    """([(recipient, ciphertext, signature)], b_commitment) of a share_keys message: one share per neighbour
+    in `want`, each signed by the sender (models.secagg_math.share_message; the caller checks the signatures)."""
     shares = body.get("shares")
     commit = body.get("b_commitment")
     if not isinstance(shares, list) or not isinstance(commit, str) or len(commit) != 64:
-        raise Rejection("bad_request", "share_keys needs {shares: [{to, ct}], b_commitment: sha256 hex}", status=422)
-    out: list[tuple[str, bytes]] = []
+        raise Rejection("bad_request", "share_keys needs {shares: [{to, ct, sig}], b_commitment: sha256 hex}",
+                        status=422)
+    out: list[tuple[str, bytes, bytes]] = []
     seen: set[str] = set()
     for s in shares:
-        to, ct = (s.get("to"), s.get("ct")) if isinstance(s, dict) else (None, None)
-        if not isinstance(to, str) or to not in want or to in seen or not isinstance(ct, str):
-            raise Rejection("bad_request", f"share addressed to {to!r}: not a neighbour, or repeated", status=422)
+        to, ct, sig = (s.get("to"), s.get("ct"), s.get("sig")) if isinstance(s, dict) else (None, None, None)
+        if not isinstance(to, str) or to not in want or to in seen or not isinstance(ct, str) \
+                or not isinstance(sig, str):
+            raise Rejection("bad_request", f"share addressed to {to!r}: not a neighbour, repeated or unsigned",
+                            status=422)
         try:
-            blob = sm.unb64(ct)
+            blob, signature = sm.unb64(ct), sm.unb64(sig, SIGNATURE_BYTES)
         except sm.SecAggMathError as exc:
             raise Rejection("bad_request", f"share to {to}: {exc}", status=422) from None
         if len(blob) > MAX_SHARE_CT:
             raise Rejection("bad_request", f"share to {to} is too large", status=422)
         seen.add(to)
-        out.append((to, blob))
+        out.append((to, blob, signature))
     if seen != want:
         raise Rejection("bad_request", f"shares must go to every neighbour ({len(want)}), got {len(seen)}", status=422)
     return out, commit
+
+
+def split_signed_share(stored: bytes) -> tuple[bytes, bytes]:
+    """(signature, ciphertext) of a share as stored (store.add_shares)."""
+    return stored[:SIGNATURE_BYTES], stored[SIGNATURE_BYTES:]
 
 
 def parse_abort(body: Mapping[str, Any]) -> str:
@@ -352,12 +362,14 @@ def parse_unmask(body: Mapping[str, Any], want_b: set[str], want_s: set[str], me
                  ) -> tuple[dict[str, str], dict[str, str], dict[str, str], dict[str, str]]:
     """(b_shares, s_shares, pair_seeds, complaints) of an unmasking message: shares of b_v for `want_b`,
     of s_sk_v for `want_s`. A share the device never got (it failed to decrypt: v cheated, or the relay
-    altered it) is listed in complaints {v: reason} instead; for a dropped v it then reveals the pairwise
-    seed s_uv it masked with (v is not in U3: this reveals nothing of a survivor's input)."""
+    altered it) is listed in complaints {v: reason} instead, with the pairwise seed s_uv it masked with for
+    a dropped v, or for a survivor v whose own signed share failed (device_app.secagg unmask_body says why
+    that reveals nothing of an honest survivor's input)."""
     b_sh, s_sh = body.get("b_shares"), body.get("s_shares")
     p_sh, comp = body.get("pair_seeds") or {}, body.get("complaints") or {}
     if not all(isinstance(x, dict) for x in (b_sh, s_sh, p_sh, comp)) or not set(b_sh) <= want_b \
-            or not set(s_sh) <= want_s or not set(p_sh) <= want_s - set(s_sh) or (me in want_b and me not in b_sh):
+            or not set(s_sh) <= want_s or not set(p_sh) <= (want_s - set(s_sh)) | (want_b - set(b_sh)) \
+            or (me in want_b and me not in b_sh):
         raise Rejection("bad_request", f"unmasking needs b_shares for {sorted(want_b)} and s_shares for "
                                        f"{sorted(want_s)}", status=422)
     missing = (want_b - set(b_sh)) | (want_s - set(s_sh))
@@ -385,17 +397,24 @@ class Recovered:
     reconstruct_seconds: float = 0.0
     unmask_seconds: float = 0.0
     offenders: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # named cheaters (protocol.offender)
+    removed: list[str] = dataclasses.field(default_factory=list)  # survivors whose inputs were taken out
 
 
 def recover_sum(state: SecAggState, s_pks: Mapping[str, bytes], commitments: Mapping[str, str],
                 unmask_bodies: Mapping[str, Mapping[str, Mapping[str, str]]], masked_sum: np.ndarray,
-                graph: Mapping[str, list[str]], dim: int, bound: UploadBound) -> Recovered:
+                graph: Mapping[str, list[str]], dim: int, bound: UploadBound,
+                masked_input: Callable[[str], np.ndarray | None] | None = None) -> Recovered:
     """The unmasked, checked sum of the survivors' updates, or SecAggFailure.
 
     unmask_bodies: device -> {"b": {v: share}, "s": {v: share}, "p": {v: pair seed}, "c": {v: complaint}}
     (parse_unmask). Each self-mask seed must match its commitment, each dropped device's mask key its
     public key; a revealer whose share is off the polynomial is left out (other t shares are tried) and
     named, as are devices whose holders could not decrypt their shares (complaints): `offenders`.
+
+    A survivor whose self-mask seed cannot be rebuilt because it sent its holders bad shares (under its
+    own signature: models.secagg_math.SENDER_FAULTS) is taken out: masked_input(v) (its masked vector as
+    uploaded, kept until the round closes) is subtracted and its pairwise masks removed with the seeds its
+    neighbours revealed; the sum is then that of the honest survivors (`removed`).
 
     The lifted sum must be within the range and norm honest inputs can reach (a mask left in makes it
     uniform garbage). These bound the SUM, the only place the server can: a masked input shows nothing
@@ -410,7 +429,7 @@ def recover_sum(state: SecAggState, s_pks: Mapping[str, bytes], commitments: Map
     u3 = list(state.u3 or [])
     b_points: dict[str, dict[int, int]] = {v: {} for v in u3}
     s_points: dict[str, dict[int, int]] = {v: {} for v in state.dropped}
-    pair_seeds: dict[str, dict[str, bytes]] = {}  # dropped v -> {surviving neighbour u: s_uv}
+    pair_seeds: dict[str, dict[str, bytes]] = {}  # v -> {surviving neighbour u: s_uv}
     complaints: dict[str, dict[str, str]] = {}  # accused v -> {reporter: reason}
     for device, body in unmask_bodies.items():
         x = index[device]
@@ -422,9 +441,7 @@ def recover_sum(state: SecAggState, s_pks: Mapping[str, bytes], commitments: Map
             pair_seeds.setdefault(v, {})[device] = sm.unb64(seed, sm.KEY_BYTES)
         for v, why in (body.get("c") or {}).items():
             complaints.setdefault(v, {})[device] = why
-    offenders = [offender(v, "share", "secagg_bad_share_ciphertext", f"{len(by)} of its share holders got no "
-                          f"valid share from it ({', '.join(sorted(set(by.values())))})", sorted(by))
-                 for v, by in sorted(complaints.items())]
+    offenders = [_accused(v, by) for v, by in sorted(complaints.items())]
     bad_revealers: set[int] = set()  # share points proven bad: left out of every later reconstruction
 
     def reconstruct(v: str, pts: dict[int, int], accept: Callable[[bytes], bool], what: str) -> bytes | None:
@@ -451,15 +468,32 @@ def recover_sum(state: SecAggState, s_pks: Mapping[str, bytes], commitments: Map
         return SecAggFailure("secagg_bad_share", f"no {t} of the {usable} shares of device {v}'s {what} reconstruct "
                                                  "it (shares were altered)", offenders)
 
+    def pairs_of(v: str, survivors: set[str]) -> dict[str, bytes] | None:
+        """The pairwise seeds every surviving neighbour of v revealed for it, or None if one is missing."""
+        need = {u for u in graph.get(v, ()) if u in survivors}
+        have = pair_seeds.get(v, {})
+        return {u: have[u] for u in need} if need <= set(have) else None
+
     self_seeds: dict[str, bytes] = {}
+    unrecoverable: dict[str, dict[int, int]] = {}
     for v, pts in b_points.items():
         seed = reconstruct(v, pts, lambda b, v=v: secrets.compare_digest(
             sm.commitment(state.session, rid, v, b), commitments[v]), "self-mask seed")
         if seed is None:
-            raise fail(v, pts, "self-mask seed")
-        self_seeds[v] = seed
-    dropped_sks: dict[str, bytes] = {}
+            unrecoverable[v] = pts
+        else:
+            self_seeds[v] = seed
+    survivors = set(u3) - set(unrecoverable)
+    removed: dict[str, np.ndarray] = {}
     dropped_pairs: dict[str, dict[str, bytes]] = {}
+    for v, pts in sorted(unrecoverable.items()):
+        at_fault = any(why in sm.SENDER_FAULTS for why in complaints.get(v, {}).values())
+        pairs = pairs_of(v, survivors) if at_fault and masked_input is not None else None
+        y = masked_input(v) if pairs is not None else None
+        if y is None or y.shape != masked_sum.shape or y.dtype != masked_sum.dtype:
+            raise fail(v, pts, "self-mask seed")
+        removed[v], dropped_pairs[v] = y, pairs
+    dropped_sks: dict[str, bytes] = {}
     for v, pts in s_points.items():
         sk = reconstruct(v, pts, lambda k, v=v: sm.x25519_public(k) == s_pks[v], "mask key")
         if sk is not None:
@@ -467,34 +501,53 @@ def recover_sum(state: SecAggState, s_pks: Mapping[str, bytes], commitments: Map
             continue
         # v's mask key cannot be rebuilt (it gave bad shares): every surviving neighbour revealed the
         # one pairwise seed it used with v instead
-        need = {u for u in graph.get(v, ()) if u in set(u3)}
-        have = pair_seeds.get(v, {})
-        if not need <= set(have):
+        pairs = pairs_of(v, survivors)
+        if pairs is None:
             raise fail(v, pts, "mask key")
-        dropped_pairs[v] = {u: have[u] for u in need}
+        dropped_pairs[v] = pairs
+    for v in removed:
+        for o in offenders:
+            if o["device_id"] == v and o["stage"] == "share":
+                o["detail"] = (o["detail"] + "; its masked input was taken out of the sum")[:300]
     t_rec = time.perf_counter()
     total = np.array(masked_sum, copy=True)
+    for y in removed.values():
+        np.subtract(total, y, out=total)  # unsigned: wraps modulo 2^bits
     ctx = sm.round_context(state.session, rid)
-    sm.unmask(total, q.bits, u3, self_seeds, dropped_sks, s_pks, graph, ctx, sm.PRG(dim, q.bits), dropped_pairs)
+    sm.unmask(total, q.bits, survivors, self_seeds, dropped_sks, s_pks, graph, ctx, sm.PRG(dim, q.bits),
+              dropped_pairs)
     lifted = sm.lift(total, q.bits)
-    ok, peak = sm.check_range(lifted, len(u3), q)
+    n = len(survivors)
+    ok, peak = sm.check_range(lifted, n, q)
     t_unmask = time.perf_counter()
     if not ok:
         raise SecAggFailure("secagg_integrity", f"unmasked sum has a coordinate of {peak}, beyond the "
-                            f"{len(u3)} x {q.qmax} any honest sum can reach (a masked vector was altered)", offenders)
+                            f"{n} x {q.qmax} any honest sum can reach (a masked vector was altered)", offenders)
     sum_sha = hashlib.sha256(memoryview(np.ascontiguousarray(lifted, dtype="<i8"))).hexdigest()  # no copy
     total_f = sm.dequantize(lifted, q)
     norm = float(np.linalg.norm(total_f))
-    limit = len(u3) * bound.tolerance(dim) + math.sqrt(dim) * len(u3) / q.scale
+    limit = n * bound.tolerance(dim) + math.sqrt(dim) * n / q.scale
     if norm > limit:
         raise SecAggFailure("secagg_integrity", f"unmasked sum norm {norm:.4g} exceeds {limit:.4g}", offenders)
-    return Recovered(total_f, sum_sha, norm, peak, sorted(set(dropped_sks) | set(dropped_pairs)), t_rec - t0,
-                     t_unmask - t_rec, offenders)
+    return Recovered(total_f, sum_sha, norm, peak, sorted(set(dropped_sks) | (set(dropped_pairs) - set(removed))),
+                     t_rec - t0, t_unmask - t_rec, offenders, sorted(removed))
+
+
+def _accused(v: str, by: Mapping[str, str]) -> dict[str, Any]:
+    """The offender entry for a device its holders complained about: a cheater when a complaint proves it
+    (its own signed share failed), else a share that did not arrive intact (the relay or the transport)."""
+    why = sorted(set(by.values()))
+    if any(r in sm.SENDER_FAULTS for r in why):
+        return offender(v, "share", "secagg_bad_share_ciphertext",
+                        f"{len(by)} of its share holders got no valid share from it ({', '.join(why)})", sorted(by))
+    return offender(v, "share", "secagg_share_not_delivered",
+                    f"{len(by)} of its share holders got its share altered or not at all ({', '.join(why)})",
+                    sorted(by))
 
 
 __all__ = ["ACTIVE", "GET_READY_AFTER", "MAX_SHARE_CT", "MAX_WAIT_S", "STAGES", "Advance", "Fail", "Recovered",
            "SecAggFailure", "SecAggState", "Tally", "close_advertise", "close_consistency", "close_masked",
            "close_share", "close_unmask", "decide_early", "min_participants", "neighbourhood_warning",
            "key_problem", "offender", "parse_abort", "parse_advertise", "parse_shares", "parse_signature",
-           "parse_unmask", "quantization_for",
+           "parse_unmask", "quantization_for", "split_signed_share",
            "recover_sum", "stage_needs", "summary", "task_params", "threshold_reachable", "unmask_wants"]

@@ -7,8 +7,8 @@
                                                              refused and the device is out of the round
     GET  /v1/rounds/{id}/secagg/advertise_keys?wait  device  {ready, participants [{device_id, index, c_pk, s_pk,
                                                               signature, identity_key}], threshold, neighbors, ...}
-    POST /v1/rounds/{id}/secagg/share_keys           device  {shares: [{to, ct}], b_commitment}
-    GET  /v1/rounds/{id}/secagg/share_keys?wait      device  {ready, u2, shares: [{from, ct}] addressed to the caller}
+    POST /v1/rounds/{id}/secagg/share_keys           device  {shares: [{to, ct, sig}], b_commitment}
+    GET  /v1/rounds/{id}/secagg/share_keys?wait      device  {ready, u2, shares: [{from, ct, sig}] addressed to the caller}
     POST /v1/rounds/{id}/secagg/masked_input         device  binary FKSA frame (models.secagg_math.encode_masked)
     GET  /v1/rounds/{id}/secagg/masked_input?wait    device  {ready, u3}
     POST /v1/rounds/{id}/secagg/consistency          device  {signature over U3}
@@ -38,14 +38,17 @@ from server.secagg.service import SecAggService
 _POST_BODIES = {
     "advertise_keys": json_body({"c_pk": B64, "s_pk": B64, "signature": B64}, ("c_pk", "s_pk", "signature")),
     "share_keys": json_body({"shares": {"type": "array", "items": {
-        "type": "object", "properties": {"to": {"type": "string"}, "ct": B64}, "required": ["to", "ct"]}},
+        "type": "object", "properties": {"to": {"type": "string"}, "ct": B64, "sig": {
+            **B64, "description": "the sender's Ed25519 signature (models.secagg_math.share_message)"}},
+        "required": ["to", "ct", "sig"]}},
         "b_commitment": {"type": "string", "description": "SHA-256 hex"}}, ("shares", "b_commitment")),
     "consistency": json_body({"signature": B64}, ("signature",)),
     "unmasking": json_body({"b_shares": {"type": "object", "additionalProperties": B64},
                             "s_shares": {"type": "object", "additionalProperties": B64},
                             "pair_seeds": {"type": "object", "additionalProperties": B64, "description":
-                                           "for a dropped device whose share this device never got: the "
-                                           "pairwise mask seed it used with it"},
+                                           "for a device whose share this device never got (a dropped one, "
+                                           "or a survivor whose own signed share failed): the pairwise mask "
+                                           "seed it used with it"},
                             "complaints": {"type": "object", "additionalProperties": {"type": "string"},
                                            "description": "device -> why this device holds no valid share "
                                                           "of it (every share left out is listed)"}},
@@ -58,7 +61,7 @@ _POST_BODIES = {
 _STAGE_REASONS = ("unknown_round", "not_admitted", "round_closed", "duplicate_upload", "bad_request")
 _POST_REASONS = {"advertise_keys": (*_STAGE_REASONS, "no_identity", "bad_signature", "secagg_bad_key",
                                     "secagg_duplicate_key"),
-                 "share_keys": _STAGE_REASONS,
+                 "share_keys": (*_STAGE_REASONS, "no_identity", "bad_signature"),
                  "consistency": (*_STAGE_REASONS, "no_identity", "bad_signature"),
                  "unmasking": _STAGE_REASONS,
                  "abort": ("unknown_round", "not_admitted", "round_closed", "bad_request")}

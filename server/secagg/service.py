@@ -255,6 +255,7 @@ class SecAggService:
         if device_id not in st.u1:
             raise Rejection("not_admitted", "device did not advertise keys in time for this round")
         shares, commit = proto.parse_shares(body, set(self.graph(rid, st)[device_id]))
+        self._check_share_signatures(rnd, st, device_id, shares)
         with self.host.lock:
             rnd, st = self.round(rid, device_id)
             if self.rows.commitment_sha(rid, device_id) is not None:
@@ -269,6 +270,23 @@ class SecAggService:
                 self.drops.settle(rid)
             return self._accepted(rid)
 
+    def _check_share_signatures(self, rnd: Round, st: SecAggState, device_id: str,
+                                shares: list[tuple[str, bytes, bytes]]) -> None:
+        """Each ciphertext must be signed by its sender: a holder that cannot decrypt one can then tell the
+        sender's doing from the relay's (device_app.secagg unmask_body). A device that signs badly is out of
+        the round and named, so the stage stops waiting for it."""
+        ident, ctx = self.identities.key(device_id), sm.round_context(st.session, rnd.id)
+        bad = [to for to, ct, sig in shares if not sm.verify(ident, sig, sm.share_message(ctx, device_id, to, ct))]
+        if not bad:
+            return
+        detail = f"{len(bad)} of its {len(shares)} encrypted shares are not signed by its identity key"
+        with self.host.lock:
+            rnd, st = self.round(rnd.id, device_id)
+            if rnd.state == "open" and st.stage == "share":
+                self.drops.exclude(rnd.id, device_id, proto.offender(device_id, "share", "secagg_bad_share_signature",
+                                                                     detail))
+        raise Rejection("bad_signature", f"{detail}; this device is out of the round")
+
     def close_share(self, rnd: Round, st: SecAggState) -> None:
         if self._advance(rnd, proto.close_share(st, rnd.train, self.rows.sharers(rnd.id), time.time(), rnd.deadline)):
             log.info("round %d secagg: %d devices shared keys", rnd.id, len(self.rows.state(rnd.id).u2))
@@ -282,7 +300,9 @@ class SecAggService:
             u2, inbox = set(self.rows.state(rid).u2), {}
             for r in self.rows.shares_by_sender(rid):
                 if r["sender"] in u2:
-                    inbox.setdefault(r["recipient"], []).append({"from": r["sender"], "ct": sm.b64(bytes(r["ct"]))})
+                    sig, ct = proto.split_signed_share(bytes(r["ct"]))
+                    inbox.setdefault(r["recipient"], []).append({"from": r["sender"], "ct": sm.b64(ct),
+                                                                 "sig": sm.b64(sig)})
             return inbox
         return self._frozen_part("shares", rid, build)
 

@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS secagg_keys (
     signature TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (round_id, device_id)
 );
 CREATE TABLE IF NOT EXISTS secagg_shares (
-    round_id INTEGER NOT NULL, sender TEXT NOT NULL, recipient TEXT NOT NULL, ct BLOB NOT NULL,
+    round_id INTEGER NOT NULL, sender TEXT NOT NULL, recipient TEXT NOT NULL,
+    ct BLOB NOT NULL,                  -- the sender's Ed25519 signature (64 bytes), then the ciphertext
     PRIMARY KEY (round_id, sender, recipient)
 );
 CREATE INDEX IF NOT EXISTS secagg_shares_to ON secagg_shares(round_id, recipient);
@@ -67,6 +68,12 @@ CREATE TABLE IF NOT EXISTS secagg_unmask (
 """
 STAGE_TABLES = ("secagg_shares", "secagg_unmask", "secagg_consistency", "secagg_commitments", "secagg_keys",
                 "secagg_dropouts")
+
+
+def in_rel(rid: int, device_id: str, sha: str) -> str:
+    """Where a masked input is kept until its round closes (named by its hash: a refused second input
+    never replaces the one in the sum)."""
+    return f"secagg/r{rid:06d}/in-{device_id}-{sha[:16]}.npy"
 
 
 def install_schema(db: Db) -> None:
@@ -135,6 +142,9 @@ class SecAggStore:
         live: set[str] = set()
         for r in self.db.all("SELECT sum_file, result_file FROM secagg_rounds WHERE cleaned = 0"):
             live.update(x for x in (r["sum_file"], r["result_file"]) if x)
+        for r in self.db.all("SELECT u.round_id, u.device_id, u.payload_sha256 FROM updates u JOIN secagg_rounds s"
+                             " ON s.round_id = u.round_id WHERE s.cleaned = 0"):
+            live.add(in_rel(r["round_id"], r["device_id"], r["payload_sha256"]))
         return live
 
     def delete_stage_rows(self, rid: int) -> None:
@@ -186,10 +196,11 @@ class SecAggStore:
                           (rid, device_id))
         return row["body_sha"] if row is not None else None
 
-    def add_shares(self, rid: int, sender: str, shares: list[tuple[str, bytes]], commitment: str,
+    def add_shares(self, rid: int, sender: str, shares: list[tuple[str, bytes, bytes]], commitment: str,
                    body_sha: str) -> None:
+        """shares: (recipient, ciphertext, sender's signature); stored as signature || ciphertext."""
         self.db.executemany("INSERT INTO secagg_shares(round_id, sender, recipient, ct) VALUES (?, ?, ?, ?)",
-                            [(rid, sender, to, ct) for to, ct in shares])
+                            [(rid, sender, to, sig + ct) for to, ct, sig in shares])
         self.db.execute("INSERT INTO secagg_commitments(round_id, device_id, b_commit, body_sha, at)"
                         " VALUES (?, ?, ?, ?, ?)", (rid, sender, commitment, body_sha, time.time()))
 
@@ -255,4 +266,4 @@ class SecAggStore:
             "SELECT device_id, stage FROM secagg_dropouts WHERE round_id = ?", (rid,))}
 
 
-__all__ = ["SCHEMA", "SecAggStore", "install_schema"]
+__all__ = ["SCHEMA", "SecAggStore", "in_rel", "install_schema"]
