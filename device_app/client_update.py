@@ -4,8 +4,9 @@
     output = train_round(task, examples, base, config, rng=rng)   # train -> delta -> clip/noise
 
 `output.delta` is what leaves the device (in the clear, masked by SecAgg or encrypted by Paillier:
-device_app/uploads.py decides); `output.metadata()` travels with it. TensorFlow is imported with
-this module (device_app/local_training.py), so the client imports it only when it trains.
+device_app/uploads.py decides); `output.metadata()` travels with it. Training runs on the trainer
+device_app/local_training.trainer_for picks at run time (Keras, or the TFLite `train` signature where
+TensorFlow is absent): TensorFlow is imported only when the Keras trainer is built.
 """
 from __future__ import annotations
 

@@ -13,9 +13,19 @@ it beat the global model on enough held-back text); otherwise the global model. 
 model is blended with the personal n-gram cache of the user's own messages (typing_cache.py) at
 the weight the same rule chose for it, or models.personal_cache.DEFAULT_WEIGHT before one was
 chosen; "use personal model" off switches the cache off too (both are learned from the user's
-text). The predictor is a models.keras_model.NextWordPredictor (one
-tf.function traced once; swapping weights assigns variables, so nothing retraces), built
-lazily so headless fleet devices that never suggest never build one.
+text).
+
+The predictor is built lazily (headless fleet devices that never suggest never build one), on
+one of two paths chosen at run time ($FK_SUGGEST_BACKEND: auto, the default, tflite or keras) and
+shown in status():
+
+* "tflite": models.tflite_predictor.TFLitePredictor, which imports no TensorFlow. The config's
+  inference template comes from models.tflite_templates: shipped beside the committed bundle, or
+  built once with TensorFlow into <model_dir>/tflite/<config hash> when TensorFlow is installed,
+  so later starts need none. New global or personal weights are written into the template
+  (models.tflite_weights.write_weights) and the interpreter reloaded.
+* "keras": models.keras_model.NextWordPredictor (one tf.function traced once; swapping weights
+  assigns variables, so nothing retraces): where no TFLite interpreter or template is available.
 """
 from __future__ import annotations
 
@@ -29,16 +39,22 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from device_app.local_training import training_backend
 from device_app.typing_cache import TypingCache
 from models.bundle import Bundle, BundleError, load_bundle, save_bundle
 from models.config import ModelConfig
 from models.personal_cache import DEFAULT_WEIGHT, blend
 from models.pretrained import default_bundle_path
 from models.suggest import Suggester
+from models.tflite_templates import (Templates, ensure_templates, has_templates, register_search_dir, runtime_available,
+                                     tensorflow_available)
 from models.vocab import Vocabulary
 
 GLOBAL_DIR = "global"
 PERSONAL_DIR = "personal"
+TEMPLATES_DIR = "tflite"  # per-config TFLite templates built on this device (models.tflite_templates)
+SUGGEST_BACKEND_ENV = "FK_SUGGEST_BACKEND"
+SUGGEST_BACKENDS = ("tflite", "keras")
 INITIAL_BUNDLE_ENV = "FK_INITIAL_BUNDLE"
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 # Where a bundled initial model may live, first found wins (see find_initial_bundle).
@@ -126,8 +142,9 @@ class ModelState:
         self._lock = threading.RLock()
         self._bundle: Bundle | None = None
         self._personal: PersonalModel | None = None
-        self._predictor: Any = None  # NextWordPredictor, built lazily (imports TensorFlow)
+        self._predictor: Any = None  # TFLitePredictor or NextWordPredictor, built lazily
         self._predictor_config: ModelConfig | None = None
+        self._backend: str | None = None  # the predictor's path: "tflite" | "keras"
         self._serving: str | None = None  # "global" | "personal" weights currently in the predictor
         self._suggester: Suggester | None = None
         self._cache_size = cache_size
@@ -135,6 +152,8 @@ class ModelState:
         self.personal_enabled = True
         self.typing_cache = TypingCache(messages or (lambda: []))
         self._blend_key: tuple[Any, ...] | None = None  # (serving, weight, cache version) the LRU was filled under
+        if self.templates_root.is_dir():  # templates built on an earlier run: local training looks here too
+            register_search_dir(self.templates_root)
         self._load(initial_bundle)
 
     # ------------------------------------------------------------------ loading
@@ -146,6 +165,10 @@ class ModelState:
     @property
     def personal_path(self) -> Path:
         return self.model_dir / PERSONAL_DIR
+
+    @property
+    def templates_root(self) -> Path:
+        return self.model_dir / TEMPLATES_DIR
 
     def _load(self, initial_bundle: str | os.PathLike | None | bool) -> None:
         bundle = None
@@ -283,18 +306,58 @@ class ModelState:
 
     # ------------------------------------------------------------------ suggestions
 
+    def _serving_weights(self, which: str | None) -> Sequence[np.ndarray]:
+        assert self._bundle is not None
+        return self._personal.weights if which == "personal" and self._personal else self._bundle.weights
+
+    def _templates(self, config: ModelConfig, build: bool) -> Templates | None:
+        """The config's TFLite templates (shipped, cached, or built now with TensorFlow when `build`)."""
+        templates = ensure_templates(config, self.templates_root, build=build)
+        if templates is not None and templates.directory.parent == self.templates_root:
+            register_search_dir(self.templates_root)  # local training finds its training template here too
+        return templates
+
+    def planned_backend(self) -> str | None:
+        """The suggestion path: the predictor's once built, else the one it would be built on."""
+        if self._predictor is not None and self._predictor_config == self.config:
+            return self._backend
+        if self._bundle is None:
+            return None
+        setting = suggest_backend_setting()
+        if setting != "auto":
+            return setting
+        if not runtime_available():
+            return "keras"
+        # a missing template is built on the first suggestion where TensorFlow is installed
+        found = has_templates(self._bundle.config, [self.templates_root])
+        return "tflite" if found or tensorflow_available() else "keras"
+
+    def _build_predictor(self, config: ModelConfig, weights: Sequence[np.ndarray]) -> tuple[Any, str]:
+        """(predictor with `weights`, its path) on the path suggest_backend_setting() allows."""
+        setting = suggest_backend_setting()
+        if setting != "keras" and (setting == "tflite" or runtime_available()):
+            templates = self._templates(config, build=True)
+            if templates is not None:
+                from models.tflite_predictor import TFLitePredictor  # numpy + tflite_runtime
+
+                return TFLitePredictor.from_template_bytes(templates.infer, templates.sidecar, weights=weights), "tflite"
+            if setting == "tflite":
+                raise RuntimeError(f"no TFLite template for model config {config.config_hash()[:8]} and no "
+                                   "TensorFlow to build one")
+        from models.keras_model import NextWordPredictor  # TensorFlow: only on the Keras path
+
+        return NextWordPredictor(config, list(weights)), "keras"
+
     def _ensure_predictor(self) -> None:
         assert self._bundle is not None
-        if self._predictor is None or self._predictor_config != self._bundle.config:
-            from models.keras_model import NextWordPredictor  # TensorFlow only when suggesting
-
-            self._predictor = NextWordPredictor(self._bundle.config)
-            self._predictor_config = self._bundle.config
-            self._serving = None
         want = self.serving
+        if self._predictor is None or self._predictor_config != self._bundle.config:
+            self._predictor, self._backend = self._build_predictor(self._bundle.config, self._serving_weights(want))
+            self._predictor_config = self._bundle.config
+            self._serving = want
+            self._blend_key = None
         if self._serving != want:
-            weights = self._personal.weights if want == "personal" and self._personal else self._bundle.weights
-            self._predictor.set_weights(weights)
+            self._predictor.set_weights(self._serving_weights(want))
             self._serving = want
             self._blend_key = None  # new weights (perhaps of the same kind): every cached row is stale
         weight = self.cache_weight
@@ -355,7 +418,22 @@ class ModelState:
             "personal": None if p is None else {"base_version": p.base_version, "current": self.personal_is_current, **p.gain},
             "cache": {"weight": self.cache_weight, "weight_source": "chosen" if chosen else "default",
                       "built": self.typing_cache.built, "tokens": self.typing_cache.tokens},
+            "backends": self.backends(),
         }
 
+    def backends(self) -> dict[str, str | None]:
+        """What suggestions and local training run on: "tflite" (no TensorFlow) or "keras"."""
+        config = self.config
+        return {"suggestions": self.planned_backend(), "training": training_backend(config) if config else None}
 
-__all__ = ["ModelState", "PersonalModel", "find_initial_bundle", "INITIAL_BUNDLE_ENV"]
+
+def suggest_backend_setting() -> str:
+    """$FK_SUGGEST_BACKEND: "tflite", "keras" or "auto" (the default: TFLite where it is available)."""
+    value = os.environ.get(SUGGEST_BACKEND_ENV, "auto").strip().lower() or "auto"
+    if value not in (*SUGGEST_BACKENDS, "auto"):
+        raise ValueError(f"${SUGGEST_BACKEND_ENV} must be tflite, keras or auto, not {value!r}")
+    return value
+
+
+__all__ = ["ModelState", "PersonalModel", "find_initial_bundle", "INITIAL_BUNDLE_ENV", "SUGGEST_BACKEND_ENV",
+           "suggest_backend_setting"]

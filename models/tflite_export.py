@@ -14,6 +14,12 @@ Writes into DIR:
                            builtin ops only, so tflite_runtime trains it (the device keeps its
                            weights in the wire format anyway: get_weights / set_weights)
 
+With --templates, only what a device needs per config (models.tflite_templates), gzipped:
+    tflite_sidecar.json, infer_template.tflite.gz, train_template.tflite.gz (train_builtin with
+    zero weights: set_weights puts a model's weights in)
+    .venv/bin/python -m models.tflite_export --bundle models/pretrained/small --templates \
+        --out models/pretrained/small-tflite
+
 The inference models use TFLite builtin ops only, so tflite_runtime runs them. The Keras
 layer runs its LSTM in tf.scan, whose TensorList ops need Select TF ops; here `infer` unrolls
 the LSTM over the fixed seq_len (plain FULLY_CONNECTED and elementwise ops) and `next_word`
@@ -26,8 +32,10 @@ loops carrying only the state, which needs no TensorList. Signatures of the infe
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -367,6 +375,35 @@ def export_all(config: ModelConfig, weights: Sequence[np.ndarray], out: str | os
     return {name: len(data) for name, data in files.items()}
 
 
+def write_templates(config: ModelConfig, out: str | os.PathLike, train_batch: int = DEVICE_BATCH_SIZE,
+                    compress: bool = False) -> dict[str, int]:
+    """The per-config templates a device needs (models.tflite_templates) into `out`, replacing it whole:
+    written into a sibling first and renamed, so a reader never sees half a directory."""
+    out = Path(out)
+    template, sidecar = make_template(config)
+    zeros = [np.zeros(shape, np.float32) for _, shape in config.weight_specs()]
+    files = {
+        "tflite_sidecar.json": (json.dumps(sidecar, indent=1) + "\n").encode("utf-8"),
+        "infer_template.tflite": template,
+        "train_template.tflite": export_train_builtin(config, zeros, train_batch),
+    }
+    if compress:  # mtime=0: the same model gives the same bytes (committed files stay stable)
+        for name in ("infer_template.tflite", "train_template.tflite"):
+            files[f"{name}.gz"] = gzip.compress(files.pop(name), 9, mtime=0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    for name, data in files.items():
+        (tmp / name).write_bytes(data)
+    shutil.rmtree(out, ignore_errors=True)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process wrote the same templates meanwhile: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not out.is_dir():
+            raise
+    return {name: len(data) for name, data in files.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = ap.add_mutually_exclusive_group(required=True)
@@ -374,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--bundle", help="a model bundle directory (models.bundle)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train-batch", type=int, default=DEVICE_BATCH_SIZE, help="train_builtin.tflite's fixed batch")
+    ap.add_argument("--templates", action="store_true",
+                    help="only the device templates (sidecar, inference and training templates), gzipped")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     if args.bundle:
@@ -384,7 +423,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         config = preset(args.preset)
         weights = get_weights(build_model(config, seed=args.seed))
-    for name, size in export_all(config, weights, args.out, args.train_batch).items():
+    if args.templates:
+        written = write_templates(config, args.out, args.train_batch, compress=True)
+    else:
+        written = export_all(config, weights, args.out, args.train_batch)
+    for name, size in written.items():
         print(f"{Path(args.out) / name}: {size:,} bytes")
     return 0
 

@@ -64,6 +64,14 @@ class TFLitePredictor:
             raise ValueError("give exactly one of weights or bundle")
         template = Path(template_path).read_bytes()
         sidecar = load_sidecar(sidecar_path)
+        return cls.from_template_bytes(template, sidecar, weights=weights, bundle=bundle, num_threads=num_threads)
+
+    @classmethod
+    def from_template_bytes(cls, template: bytes, sidecar: Mapping[str, Any], weights: Sequence[Any] | None = None,
+                            bundle: str | os.PathLike | None = None, num_threads: int | None = 1) -> "TFLitePredictor":
+        """As from_template, with the template and sidecar already in memory (models.tflite_templates)."""
+        if (weights is None) == (bundle is None):
+            raise ValueError("give exactly one of weights or bundle")
         if bundle is not None:
             from models.bundle import load_bundle  # numpy only
 

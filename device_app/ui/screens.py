@@ -28,6 +28,13 @@ BG = (0.09, 0.10, 0.12, 1)
 TEXT_BG = (0.97, 0.97, 0.98, 1)
 
 
+def describe_backends(backends: dict[str, Any] | None) -> str:
+    """ "suggest tflite, train keras": which interpreter each job runs on (ModelState.backends())."""
+    if not backends or not backends.get("suggestions"):
+        return "-"
+    return f"suggest {backends['suggestions']}, train {backends.get('training') or '-'}"
+
+
 def _paint(widget: Any, rgba: tuple[float, float, float, float]) -> None:
     with widget.canvas.before:
         Color(*rgba)
@@ -92,6 +99,7 @@ class StatusScreen(Screen):
         ("connection", "Connection"),
         ("global_version", "Global model"),
         ("serving", "Suggestions from"),
+        ("backends", "Runs on"),
         ("gain", "Top-1 on held-back text"),
         ("last_round", "Last round joined"),
         ("contributions", "Contributions"),
@@ -193,6 +201,7 @@ class StatusScreen(Screen):
         gv = status.get("global_version")
         v["global_version"].text = "none yet" if gv is None else f"v{gv} ({model.get('preset')}, {model.get('vocab_size')} words)"
         v["serving"].text = describe_serving(model)
+        v["backends"].text = describe_backends(model.get("backends"))
         v["gain"].text = "\n".join(describe_gain(status.get("personal_gain")))
         last = status.get("last_round")
         v["last_round"].text = "none" if not last else f"round {last['round_id']} (base v{last['base_version']})"
