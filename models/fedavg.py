@@ -21,6 +21,11 @@ TFF 0.87's tff.learning.optimizers compute (tests/test_fedavg.py checks them aga
     yogi       as adam, but p <- p + (1-b2) sign(g^2 - p) g^2, p starts at 1e-6   build_yogi
     adagrad    p <- p + g^2 (p starts at 0.1);  w <- w - lr g / sqrt(p + eps)          build_adagrad
 
+A server learning-rate schedule (models/lr_schedule.py) makes lr a function of the round: server_update
+with `schedule` steps round state.round + 1 at schedule.lr_at(state.round + 1, optimizer.lr), the rate
+TFF's state holds for that round in tff_sim (the runner sets it through set_hparams). For adam / yogi the
+scheduled lr is the one bias correction scales, as in TFF.
+
 Defaults (FedAdam/FedYogi per Reddi et al.): b1 0.9, b2 0.99, eps (their tau) 1e-3, momentum 0.9.
 Optimizer state is a dict of per-tensor numpy arrays ("accumulator", "preconditioner") plus an
 integer "step", so a server can persist it as .npz. Pure numpy: no TensorFlow here.
@@ -32,6 +37,8 @@ import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from models.lr_schedule import LrSchedule
 
 Weights = list[np.ndarray]
 OptState = dict[str, Any]  # "accumulator" / "preconditioner": list of arrays like the weights; "step": int
@@ -206,6 +213,10 @@ class ServerOptimizer:
                 "adam": ("accumulator", "preconditioner"), "yogi": ("accumulator", "preconditioner"),
                 "adagrad": ("preconditioner",)}[self.name]
 
+    def with_lr(self, lr: float) -> "ServerOptimizer":
+        """The same optimizer at learning rate `lr` (a schedule's rate for one round)."""
+        return dataclasses.replace(self, lr=float(lr))
+
     def init(self, weights: Sequence[np.ndarray]) -> OptState:
         state: OptState = {}
         if "accumulator" in self.state_keys:
@@ -265,18 +276,22 @@ def server_init(weights: Sequence[np.ndarray], optimizer: ServerOptimizer) -> Se
     return ServerState(weights, optimizer.init(weights), 0)
 
 
-def server_update(state: ServerState, mean_delta: Sequence[np.ndarray], optimizer: ServerOptimizer) -> ServerState:
-    """One server step: the optimizer applied to the pseudo-gradient g = -mean_delta."""
+def server_update(state: ServerState, mean_delta: Sequence[np.ndarray], optimizer: ServerOptimizer,
+                  schedule: LrSchedule | None = None) -> ServerState:
+    """One server step: the optimizer applied to the pseudo-gradient g = -mean_delta; with `schedule`, at
+    the rate of round state.round + 1 (optimizer.lr is the schedule's base rate)."""
+    if schedule is not None and not schedule.is_constant:
+        optimizer = optimizer.with_lr(schedule.lr_at(state.round + 1, optimizer.lr))
     grads = [-np.asarray(d, np.asarray(w).dtype) for d, w in zip(mean_delta, state.weights)]
     opt_state, weights = optimizer.apply(state.opt_state, state.weights, grads)
     return ServerState(weights, opt_state, state.round + 1)
 
 
 def fedavg_round(state: ServerState, trained: Sequence[Sequence[np.ndarray]], num_examples: Sequence[int],
-                 optimizer: ServerOptimizer) -> ServerState:
+                 optimizer: ServerOptimizer, schedule: LrSchedule | None = None) -> ServerState:
     """A whole round from the clients' trained weights (each started from state.weights)."""
     deltas = [client_delta(t, state.weights) for t in trained]
-    return server_update(state, weighted_mean(deltas, num_examples), optimizer)
+    return server_update(state, weighted_mean(deltas, num_examples), optimizer, schedule)
 
 
 # ---------------------------------------------------------------------- persistence (flat .npz dicts)

@@ -17,6 +17,7 @@ from models.dp import ACCOUNTANTS, DEFAULT_DELTA, DP_MODES, FTRL_RULES
 from models.dp_ftrl import adaptive_value_noise_multiplier
 from models.dp_noise_check import DEFAULT_MAX_NOISE_TO_CLIP
 from models.fedavg import SERVER_OPTIMIZERS, FedAvgHyperparams, task_fields
+from models.lr_schedule import DEFAULT_GAMMA, DEFAULT_MIN_LR_FRACTION, LrSchedule
 
 AGGREGATORS = ("mean", "trimmed_mean", "median")
 SERVER_DP_MODES = (*DP_MODES, "ftrl")  # ftrl: central DP-FTRL, tree-aggregated noise (server/strategy/dp.py FtrlDP)
@@ -158,6 +159,13 @@ class ServerConfig:
     beta1: float = 0.9  # adam / yogi (FedAdam / FedYogi, Reddi et al. 2021)
     beta2: float = 0.99  # adam / yogi
     eps: float = 1e-3  # adam / yogi / adagrad: Reddi et al.'s tau
+    # server lr schedule over server steps (models/lr_schedule.py, tff_sim's flags; server/optimizers.py counts)
+    server_lr_schedule: str = "constant"  # constant | cosine | step | inverse_sqrt
+    server_lr_warmup_rounds: int = 0  # linear warmup over the first N steps
+    server_lr_min_fraction: float = DEFAULT_MIN_LR_FRACTION  # cosine: the floor, a fraction of server_lr
+    server_lr_total_rounds: int | None = None  # cosine: the steps it decays over (required here)
+    server_lr_step_rounds: int | None = None  # step: multiply by server_lr_gamma every N steps
+    server_lr_gamma: float = DEFAULT_GAMMA
     seed: int = 0  # random init of a preset model (central-DP noise uses a secret random seed per round)
 
     # --- uploads
@@ -280,8 +288,11 @@ class ServerConfig:
                  f"use --server-optimizer sgd or momentum, not {self.server_optimizer}")
         try:
             self.fedavg  # noqa: B018 - builds (so validates) the FedAvg hyperparameters
+            schedule = LrSchedule.from_fields(self)  # validates it
         except ValueError as exc:
             need(False, str(exc))
+        need(self.dp_mode != "ftrl" or schedule.is_constant, "DP-FTRL needs a constant server learning rate (FTRL's "
+             "tree noise cancels across rounds only with one lr): drop server_lr_schedule / server_lr_warmup_rounds")
         need(all(d in WIRE_DTYPES for d in self.upload_dtypes) and self.upload_dtypes, "bad upload_dtypes")
         need(self.max_upload_bytes is None or self.max_upload_bytes > 0, "max_upload_bytes must be > 0")
         need(self.upload_slots >= 1, "upload_slots must be >= 1")

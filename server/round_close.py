@@ -111,7 +111,7 @@ class RoundCloser:
             outcome = {"aggregated": n, "admitted": admitted, "dropouts": max(0, admitted - n),
                        "aggregator": strategy.name, "examples": int(sum(r["num_examples"] for r in rows)),
                        "delta_norm": float(np.linalg.norm(delta)), "local_metrics": local_metrics,
-                       "result_version": version}
+                       "result_version": version, "server_lr": optimizer.last_lr}
             noise = dp_sanity.round_noise_summary(rnd.train, n, m.dim, max_noise_to_clip=m.config.max_noise_to_clip,
                                                   server_optimizer=m.config.server_optimizer,
                                                   server_lr=m.config.server_lr)

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from models.dp_noise_check import DEFAULT_MAX_NOISE_TO_CLIP
 from models.fedavg import SERVER_OPTIMIZERS, FedAvgHyperparams
+from models.lr_schedule import DEFAULT_GAMMA, DEFAULT_MIN_LR_FRACTION, SCHEDULES, LrSchedule
 
 SAMPLING = ("auto", "uniform", "poisson", "shuffled", "cyclic")
 DP_MECHANISMS = ("dp-fedavg", "dp-ftrl")
@@ -35,7 +36,10 @@ _NON_IDENTITY = {
 # Fields added after runs were made: left out of the identity while at these (their old, built-in)
 # values, so an existing run keeps its config hash and can still be resumed.
 _ADDED_LATER = {"beta1": 0.9, "beta2": 0.99, "eps": 1e-3, "dp_mechanism": "dp-fedavg", "ftrl_restart": "epoch",
-                "ftrl_efficient": True, "population": "all", "vocab_source": None, "init_bundle": None}
+                "ftrl_efficient": True, "population": "all", "vocab_source": None, "init_bundle": None,
+                "server_lr_schedule": "constant", "server_lr_warmup_rounds": 0,
+                "server_lr_min_fraction": DEFAULT_MIN_LR_FRACTION, "server_lr_total_rounds": None,
+                "server_lr_step_rounds": None, "server_lr_gamma": DEFAULT_GAMMA}
 POPULATIONS = ("all", "donors", "federated")  # = models.data.POPULATIONS (docs/donors.md)
 VOCAB_SOURCES = ("all", "donors", "wordfreq")  # = models.data.VOCAB_SOURCES
 
@@ -68,6 +72,14 @@ class SimConfig:
     beta1: float = 0.9  # adam / yogi
     beta2: float = 0.99  # adam / yogi
     eps: float = 1e-3  # adam / yogi / adagrad (Reddi et al.'s tau)
+    # server learning-rate schedule (models/lr_schedule.py): the lr of round r is a function of r, set
+    # before each round, so a resumed run recomputes it
+    server_lr_schedule: str = "constant"  # constant | cosine | step | inverse_sqrt
+    server_lr_warmup_rounds: int = 0  # linear warmup from server_lr / W to server_lr over the first W rounds
+    server_lr_min_fraction: float = DEFAULT_MIN_LR_FRACTION  # cosine: the floor, as a fraction of server_lr
+    server_lr_total_rounds: int | None = None  # cosine: the rounds it decays over (warmup included); None: rounds
+    server_lr_step_rounds: int | None = None  # step: multiply by server_lr_gamma every N rounds
+    server_lr_gamma: float = DEFAULT_GAMMA  # step
     sampling: str = "auto"  # uniform: m clients without replacement; poisson: each with prob m/N; auto: poisson iff DP
     seed: int = 0
     tff_loop: str = "iterator"  # iterator (fast) | reduce (TFF's default): how clients loop over batches
@@ -120,6 +132,7 @@ class SimConfig:
         for name in ("rounds", "clients_per_round", "max_examples_per_client", "eval_max_examples_per_client"):
             positive(name)
         self.fedavg  # noqa: B018 - builds (so validates) the FedAvg hyperparameters
+        self.lr_schedule  # noqa: B018 - builds (so validates) the server lr schedule
         if self.population not in POPULATIONS:
             raise ValueError(f"population must be one of {POPULATIONS}, got {self.population!r}")
         if self.vocab_source is not None and self.vocab_source not in VOCAB_SOURCES:
@@ -130,6 +143,7 @@ class SimConfig:
             raise ValueError(f"sampling must be one of {SAMPLING}, got {self.sampling!r}")
         if self.tff_loop not in TFF_LOOPS:
             raise ValueError(f"tff_loop must be one of {TFF_LOOPS}, got {self.tff_loop!r}")
+
         if self.dp_noise not in DP_NOISE:
             raise ValueError(f"dp_noise must be one of {DP_NOISE}, got {self.dp_noise!r}")
         self.accountants = tuple(self.accountants)
@@ -164,6 +178,11 @@ class SimConfig:
             if self.server_optimizer not in ("sgd", "momentum"):
                 raise ValueError("DP-FTRL's server step is SGD over the tree residuals (FTRL) or heavy-ball momentum "
                                  "(DP-FTRLM): use --server-optimizer sgd or momentum")
+            if not self.lr_schedule.is_constant:
+                # w_t = w_0 - lr * (noised cumulative sum) needs one lr: the residuals' tree noise telescopes
+                # only then. A varying lr keeps the privacy (post-processing) but not FTRL's noise.
+                raise ValueError("DP-FTRL needs a constant server learning rate (its tree noise cancels across "
+                                 "rounds only with one lr): drop --server-lr-schedule / --server-lr-warmup-rounds")
             if self.sampling not in ("auto", self.ftrl_sampling):
                 raise ValueError(f"DP-FTRL's accounting assumes its own participation rule: use --sampling auto "
                                  f"(= {self.ftrl_sampling} for --ftrl-restart {self.ftrl_restart})")
@@ -180,6 +199,16 @@ class SimConfig:
             server_optimizer=self.server_optimizer, server_lr=self.server_lr, server_momentum=self.server_momentum,
             beta1=self.beta1, beta2=self.beta2, eps=self.eps,
         )
+
+    @property
+    def lr_schedule(self) -> LrSchedule:
+        """The server learning-rate schedule (models/lr_schedule.py); cosine decays over `rounds` unless
+        server_lr_total_rounds says otherwise."""
+        return LrSchedule.from_fields(self, self.rounds if self.server_lr_schedule == "cosine" else None)
+
+    def server_lr_at(self, round_num: int) -> float:
+        """The server learning rate of round `round_num` (1-based)."""
+        return self.lr_schedule.lr_at(round_num, self.server_lr)
 
     @property
     def ftrl_sampling(self) -> str:
@@ -209,11 +238,13 @@ class SimConfig:
     def identity(self) -> dict[str, Any]:
         """The fields that determine the computation (what a checkpoint must agree with).
 
-        `rounds` is left out unless the noise is calibrated for it: rounds r depend only on
-        (seed, r), so a finished run can be extended, and an interrupted one resumed, with
-        a different --rounds.
+        `rounds` is left out unless the noise is calibrated for it or a cosine schedule decays over
+        it: rounds r depend only on (seed, r), so a finished run can be extended, and an interrupted
+        one resumed, with a different --rounds.
         """
-        skip = set(_NON_IDENTITY) | ({"rounds"} if self.target_epsilon is None else set())
+        rounds_matter = self.target_epsilon is not None or (
+            self.server_lr_schedule == "cosine" and self.server_lr_total_rounds is None)
+        skip = set(_NON_IDENTITY) | (set() if rounds_matter else {"rounds"})
         skip |= {k for k, v in _ADDED_LATER.items() if getattr(self, k) == v}
         return {k: v for k, v in self.to_dict().items() if k not in skip}
 
@@ -307,6 +338,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--beta1", type=float, help=f"adam/yogi first-moment decay (default {default('beta1')})")
     g.add_argument("--beta2", type=float, help=f"adam/yogi second-moment decay (default {default('beta2')})")
     g.add_argument("--eps", type=float, help=f"adam/yogi/adagrad epsilon, Reddi et al.'s tau (default {default('eps')})")
+    g.add_argument("--server-lr-schedule", choices=SCHEDULES,
+                   help="server learning rate per round (models/lr_schedule.py): constant; cosine down to "
+                   "--server-lr-min-fraction x --server-lr over --server-lr-total-rounds; step (x --server-lr-gamma "
+                   f"every --server-lr-step-rounds); inverse_sqrt (default {default('server_lr_schedule')})")
+    g.add_argument("--server-lr-warmup-rounds", type=int,
+                   help="linear warmup from server_lr / W to server_lr over the first W rounds, any schedule "
+                   f"(default {default('server_lr_warmup_rounds')})")
+    g.add_argument("--server-lr-min-fraction", type=float,
+                   help=f"cosine: the floor as a fraction of --server-lr (default {default('server_lr_min_fraction')})")
+    g.add_argument("--server-lr-total-rounds", type=int,
+                   help="cosine: the rounds it decays over, warmup included; later rounds stay at the floor "
+                   "(default: --rounds)")
+    g.add_argument("--server-lr-step-rounds", type=int, help="step: multiply the lr by --server-lr-gamma every N rounds")
+    g.add_argument("--server-lr-gamma", type=float, help=f"step: the factor (default {default('server_lr_gamma')})")
     g.add_argument("--sampling", choices=SAMPLING,
                    help="client sampling per round; auto = poisson with DP-FedAvg (what the accountant assumes), "
                    "shuffled/cyclic with DP-FTRL, else uniform")

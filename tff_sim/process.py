@@ -5,6 +5,10 @@
     DP-FTRL:         the same, with the tree-aggregation DP mean (dp_aggregators.ftrl_factory) and
                      server SGD (momentum = DP-FTRLM; see models/dp_ftrl.py)
     evaluation:      tff.learning.algorithms.build_fed_eval           (sums of models/ keras metrics)
+
+The server learning rate of a round (models/lr_schedule.py) goes into the state before the round through
+the process's get_hparams / set_hparams (`set_server_lr`): every server optimizer here (TFF's sgdm, adam,
+yogi, adagrad and tff_sim/nesterov.py) keeps it in its state under LEARNING_RATE_KEY.
 """
 from __future__ import annotations
 
@@ -173,6 +177,28 @@ def build_learning_process(
         model_aggregator=aggregator,
         loop_implementation=loop,
     )
+
+
+def server_lr(process: tff.learning.templates.LearningProcess, state) -> float:
+    """The server optimizer's learning rate in `state` (the finalizer's hyperparameters)."""
+    return float(np.asarray(_finalizer_hparams(process.get_hparams(state))[tff.learning.optimizers.LEARNING_RATE_KEY]))
+
+
+def set_server_lr(process: tff.learning.templates.LearningProcess, state, lr: float):
+    """`state` with the server optimizer's learning rate set to `lr`, everything else unchanged."""
+    hparams = process.get_hparams(state)
+    _finalizer_hparams(hparams)[tff.learning.optimizers.LEARNING_RATE_KEY] = np.float32(lr)
+    return process.set_hparams(state, hparams)
+
+
+def _finalizer_hparams(hparams: Any) -> Any:
+    """The server optimizer's part of a composed process's hyperparameters ({client_work, finalizer})."""
+    key = tff.learning.optimizers.LEARNING_RATE_KEY
+    finalizer = hparams.get("finalizer") if hasattr(hparams, "get") else None
+    if finalizer is None or key not in finalizer:
+        raise ValueError(f"this learning process exposes no server {key!r} in its hyperparameters "
+                         f"({hparams!r}): it cannot follow a server lr schedule")
+    return finalizer
 
 
 def build_eval_process(model_config: ModelConfig, loop: str = "iterator") -> tff.learning.templates.LearningProcess:

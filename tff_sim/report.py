@@ -10,7 +10,7 @@ from typing import Any, Iterable, Sequence
 
 # Columns of metrics.csv, in order (missing values are left empty).
 COLUMNS = (
-    "round", "clients", "examples", "tokens", "train_loss", "round_seconds", "clip",
+    "round", "clients", "examples", "tokens", "train_loss", "round_seconds", "server_lr", "clip",
     "eval_top1_recall", "eval_top3_recall", "eval_loss", "eval_tokens",
     "epsilon_rdp", "epsilon_pld",
 )
@@ -79,7 +79,8 @@ class TensorBoard:
                     continue
                 if isinstance(value, float) and not math.isfinite(value):
                     continue
-                group = "eval" if key.startswith("eval_") else "privacy" if key.startswith("epsilon") or key == "clip" else "train"
+                group = ("eval" if key.startswith("eval_") else "privacy" if key.startswith("epsilon") or key == "clip"
+                         else "train")  # server_lr: train/server_lr
                 self._tf.summary.scalar(f"{group}/{key}", value)
         self._writer.flush()
 
@@ -182,6 +183,12 @@ def plot_all(out: Path, history: Sequence[dict[str, Any]], baselines: Sequence[d
         ax.plot([r["round"] for r in evals], [r["eval_loss"] for r in evals], "o-", color="C3", label="eval (held-out users)")
     save(fig, ax, "loss.png", "cross-entropy per token", "Loss vs round")
 
+    lrs = [(r["round"], r["server_lr"]) for r in history if isinstance(r.get("server_lr"), (int, float))]
+    if len({lr for _, lr in lrs}) > 1:  # a schedule: show it (a constant rate says nothing a plot would add)
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        ax.plot(*zip(*lrs), color="C4", label="server learning rate")
+        save(fig, ax, "server_lr.png", "learning rate", "Server learning rate vs round")
+
     if any(r.get("epsilon_rdp") is not None or r.get("epsilon_pld") is not None for r in history):
         fig, ax = plt.subplots(figsize=(7, 4.2))
         for key, label in (("epsilon_rdp", "RDP"), ("epsilon_pld", "PLD")):
@@ -217,7 +224,7 @@ def write_report(out: Path, summary: dict[str, Any], history: Sequence[dict[str,
     algo = "DP-FedAvg (unweighted mean of clipped, noised updates)" if cfg["dp"] else "FedAvg (weighted by examples)"
     lines += [
         f"- Algorithm: {algo}, TFF {summary.get('tff_version', '?')}; server optimizer {cfg['server_optimizer']} "
-        f"(lr {cfg['server_lr']}), client SGD lr {cfg['client_lr']}",
+        f"(lr {summary.get('server_lr_schedule') or cfg['server_lr']}), client SGD lr {cfg['client_lr']}",
         f"- Rounds: {summary['rounds_done']} of {cfg['rounds']}, {cfg['clients_per_round']} clients per round "
         f"({summary.get('sampling')} sampling), {cfg['client_epochs']} local epoch(s), batch {cfg['batch_size']}, "
         f"at most {cfg['max_examples_per_client']} examples per client per round",
@@ -266,12 +273,16 @@ def write_report(out: Path, summary: dict[str, Any], history: Sequence[dict[str,
     evals = [r for r in history if r.get("eval_top1_recall") is not None]
     if evals:
         seen = cumulative_examples(history)
+        with_lr = any("server_lr" in r for r in evals)
         lines += ["", "## Learning curve: federated evaluation on held-out clients", "",
-                  "| round | client examples processed | top-1 | top-3 | loss | epsilon |", "|---|---|---|---|---|---|"]
+                  "| round | client examples processed | top-1 | top-3 | loss | epsilon |" + (" server lr |" if with_lr else ""),
+                  "|---|---|---|---|---|---|" + ("---|" if with_lr else "")]
         for r in evals:
             eps = r.get("epsilon_rdp", r.get("epsilon_pld"))
+            lr = (f" {r['server_lr']:.4g} |" if isinstance(r.get("server_lr"), (int, float)) else " - |") if with_lr else ""
             lines.append(f"| {r['round']} | {seen.get(r['round'], 0):,} | {_pct(r['eval_top1_recall'])} | "
-                         f"{_pct(r['eval_top3_recall'])} | {_num(r.get('eval_loss'))} | {_num(eps) if eps is not None else '-'} |")
+                         f"{_pct(r['eval_top3_recall'])} | {_num(r.get('eval_loss'))} | {_num(eps) if eps is not None else '-'} |"
+                         + lr)
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", "## Configuration", "", "```json", json.dumps(_jsonable(cfg), indent=2, sort_keys=True), "```", ""]

@@ -54,7 +54,8 @@ def load_data(cfg: SimConfig) -> client_data.SimData:
     )
 
 
-def train_row(round_num: int, clients: int, output: Any, seconds: float) -> dict[str, Any]:
+def train_row(round_num: int, clients: int, output: Any, seconds: float, server_lr: float | None = None
+              ) -> dict[str, Any]:
     from tff_sim.process import flatten_metrics
 
     m = flatten_metrics(output.metrics) if output is not None else {}
@@ -66,6 +67,8 @@ def train_row(round_num: int, clients: int, output: Any, seconds: float) -> dict
         "train_loss": m.get("client_work/train/loss"),  # mean over the cohort's batches of the masked token loss
         "round_seconds": round(seconds, 4),
     }
+    if server_lr is not None:
+        row["server_lr"] = server_lr  # the server step's learning rate (models/lr_schedule.py)
     for key in ("clip", "tree_agg_dpftrl_clip", "current_clip"):  # DP-FedAvg, DP-FTRL fixed, DP-FTRL adaptive
         if f"aggregator/dp_query_metrics/{key}" in m:
             row["clip"] = m[f"aggregator/dp_query_metrics/{key}"]
@@ -99,7 +102,9 @@ def run(cfg: SimConfig, data: client_data.SimData | None = None,
         if refusal is not None:
             raise SystemExit(f"python -m tff_sim: refusing to run: {refusal}")
     sampling_mode = cfg.sampling_mode
+    schedule = cfg.lr_schedule
     log.info("data: %s", data.summary())
+    log.info("server optimizer %s, learning rate %s", cfg.server_optimizer, schedule.describe(cfg.server_lr))
     if plan and plan.mechanism == "dp-ftrl":
         log.info("DP-FTRL: noise multiplier %.4g, %d rounds per epoch (%s), delta %.3g", plan.noise_multiplier,
                  plan.rounds_per_epoch, plan.ftrl_rule, plan.delta)
@@ -164,9 +169,14 @@ def run(cfg: SimConfig, data: client_data.SimData | None = None,
                                            cfg.max_examples_per_client)
                 for cid in ids
             ]
+            lr = cfg.server_lr_at(r)
+            if not schedule.is_constant:
+                # A function of r alone, set before every round: a resumed run recomputes it, and the
+                # checkpointed state's rate (the previous round's) is overwritten here.
+                state = process.set_server_lr(learning, state, lr)
             started = time.time()
             output = learning.next(state, datasets) if datasets else None  # Poisson may draw nobody
-            row = train_row(r, len(ids), output, time.time() - started)
+            row = train_row(r, len(ids), output, time.time() - started, server_lr=lr)
             # The round is done: state, history and last_done move together, so a checkpoint
             # written from here on (even by the error handler) is consistent.
             if output is not None:
@@ -244,6 +254,7 @@ def finish(cfg: SimConfig, data: client_data.SimData, out: Path, weights: list[n
         "output": str(out),
         "rounds_done": len(trained),
         "sampling": cfg.sampling_mode,
+        "server_lr_schedule": cfg.lr_schedule.describe(cfg.server_lr),
         "data": data.summary(),
         "model_config": data.model_config.to_dict(),
         "model_parameters": data.model_config.num_parameters(),
