@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent setup: a Python 3.11 venv in .venv with the pinned stack, plus the system
-# packages Kivy (Xvfb, mtdev, xclip, Mesa) and the status-page test (Chromium) need headless. Fast (a hash check) when nothing changed.
+# packages Kivy (Xvfb, mtdev, xclip, Mesa), the status-page test (Chromium) and the PostgreSQL
+# store tests (postgresql) need headless. Fast (a hash check) when nothing changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.venv
@@ -16,6 +17,9 @@ install_system_packages() {
   dpkg -s libgl1-mesa-dri >/dev/null 2>&1 || missing+=(libgl1-mesa-dri)
   # Headless Chromium renders the server's status page in its browser test.
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  # The store tests start a throwaway PostgreSQL cluster (tests/pg_fixture.py); Debian keeps its binaries
+  # off PATH, in /usr/lib/postgresql/<version>/bin.
+  command -v initdb >/dev/null 2>&1 || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing system packages: ${missing[*]}"

@@ -6,6 +6,8 @@
 Every ServerConfig field is a flag (--round-goal 100, --dp-mode distributed, --no-training-on-start ...);
 --config FILE.json sets several at once (flags win). --port 0 binds a free port; --port-file writes it.
 --init-bundle / --init-preset only act on a data dir that has no model yet.
+The store is <data-dir>/server.sqlite3 unless --database postgresql://... selects PostgreSQL (the blobs stay
+in the data dir either way; docs/scaling.md, "Running on PostgreSQL").
 HTTPS: --tls-cert FILE --tls-key FILE, or --tls-self-signed (created once in the data dir; its path and
 SHA-256 fingerprint are printed for the devices' --ca-file / --pin-sha256).
 DP settings whose noise would swamp the model (a round's expected noise norm on the mean of min_count
@@ -121,9 +123,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from server import bootstrap, dp_sanity
     from server.app import create_app
+    from server.db_dialect import StoreUnavailable
     from server.services import build_services
 
-    services = build_services(config)
+    try:
+        services = build_services(config)
+    except StoreUnavailable as exc:  # a bad or unreachable --database: say so, no traceback
+        print(f"python -m server: {exc}", file=sys.stderr)
+        return 2
     models = services.models
     if not models.initialized and (args.init_bundle or args.init_preset):
         if args.init_bundle:
@@ -165,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp.write_text(f"{port}\n")
         os.replace(tmp, args.port_file)
     scheme = "https" if tls_files else "http"
-    log.info("listening on %s://%s:%d (data dir %s)", scheme, config.host, port, config.data_dir)
+    log.info("listening on %s://%s:%d (data dir %s, %s store %s)", scheme, config.host, port, config.data_dir,
+             services.db.engine, services.db.dialect.describe())
     ssl_files = {"ssl_certfile": str(tls_files[0]), "ssl_keyfile": str(tls_files[1])} if tls_files else {}
     server = uvicorn.Server(uvicorn.Config(app, log_level=config.log_level, access_log=False,
                                            timeout_keep_alive=30, limit_concurrency=None, **ssl_files))

@@ -18,6 +18,7 @@ from models.dp_ftrl import adaptive_value_noise_multiplier
 from models.dp_noise_check import DEFAULT_MAX_NOISE_TO_CLIP
 from models.fedavg import SERVER_OPTIMIZERS, FedAvgHyperparams, task_fields
 from models.lr_schedule import DEFAULT_GAMMA, DEFAULT_MIN_LR_FRACTION, LrSchedule
+from server.db_url import POSTGRES_SCHEMES, redact_url
 
 AGGREGATORS = ("mean", "trimmed_mean", "median")
 SERVER_DP_MODES = (*DP_MODES, "ftrl")  # ftrl: central DP-FTRL, tree-aggregated noise (server/strategy/dp.py FtrlDP)
@@ -73,6 +74,9 @@ class ServerConfig:
     port: int = 8080
     data_dir: str = "server_data"
     db_path: str | None = None  # default: <data_dir>/server.sqlite3
+    # PostgreSQL instead of the SQLite file: a postgresql:// URL (libpq's: also $PGPASSWORD, ~/.pgpass). The
+    # blobs (models, updates, sums) stay in data_dir either way (docs/scaling.md: "Running on PostgreSQL").
+    database: str | None = None
 
     # --- auth
     admin_token: str | None = None  # --admin-token or $FK_ADMIN_TOKEN; if neither, generated into <data_dir>/admin_token
@@ -336,6 +340,9 @@ class ServerConfig:
              "registration_rate_per_s must be >= 0 (0: no limit)")
         need(self.registration_burst >= 1, "registration_burst must be >= 1")
         need(self.max_devices >= 0, "max_devices must be >= 0 (0: no cap)")
+        need(self.database is None or self.database.startswith(POSTGRES_SCHEMES),
+             "database must be a postgresql:// URL (the default store is the SQLite file in data_dir; db_path moves it)")
+        need(not (self.database and self.db_path), "database (PostgreSQL) and db_path (SQLite) exclude each other")
         need((self.tls_cert is None) == (self.tls_key is None), "tls_cert and tls_key go together")
         need(not (self.tls_self_signed and self.tls_cert), "tls_self_signed and tls_cert exclude each other")
         for tls_file in (self.tls_cert, self.tls_key):
@@ -371,6 +378,11 @@ class ServerConfig:
     @property
     def sqlite_path(self) -> Path:
         return Path(self.db_path) if self.db_path else self.data_path / "server.sqlite3"
+
+    @property
+    def db_target(self) -> str | Path:
+        """What server.db.Db opens: the PostgreSQL URL if one is configured, else the SQLite file."""
+        return self.database or self.sqlite_path
 
     @property
     def max_admitted(self) -> int:
@@ -438,6 +450,7 @@ class ServerConfig:
         data["admin_token"] = "***" if self.admin_token else None
         data["registration_key"] = "***" if self.registration_key else None
         data["paillier_keyholder_token"] = "***" if self.paillier_keyholder_token else None
+        data["database"] = redact_url(self.database) if self.database else None
         data["rr_questions"] = list(self.rr_questions)
         data["upload_dtypes"] = list(self.upload_dtypes)
         return data

@@ -1,23 +1,26 @@
-"""SQLite schema and queries (WAL mode, one writer at a time, readers never block it).
+"""The server's store: schema and queries on SQLite (embedded, the default) or PostgreSQL (--database URL).
 
-Every state change is one `with db.write():` transaction (BEGIN IMMEDIATE ... COMMIT) on the
-single writer connection, serialised by a re-entrant lock; with synchronous=FULL a commit is on
-disk when `write()` returns, which is what makes "durable before the 2xx" hold. Reads use one
-connection per thread (WAL lets them run beside the writer); a thread inside a write
-transaction reads through the writer so it sees its own uncommitted rows.
+Every state change is one `with db.write():` transaction on the single writer connection, serialised by a
+re-entrant lock; a commit is durable when `write()` returns (SQLite: BEGIN IMMEDIATE and synchronous=FULL;
+PostgreSQL: BEGIN ... COMMIT with synchronous_commit on), which is what makes "durable before the 2xx" hold.
+Reads use one connection per thread and never wait for the writer (SQLite's WAL, PostgreSQL's MVCC); a thread
+inside a write transaction reads through the writer so it sees its own uncommitted rows.
 
-The tables hold counts, hashes, file names and parameters: never the content of an update.
+Queries are written once in SQLite's spelling; server/db_dialect.py opens the engine's connections and
+rewrites the text for PostgreSQL. The tables hold counts, hashes, file names and parameters: never the
+content of an update (the blobs stay in the data dir).
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
+from server.db_cache import RowCache
+from server.db_dialect import StoreUnavailable, open_dialect
 from server.round import Round
 
 SCHEMA_VERSION = 1
@@ -109,91 +112,61 @@ CREATE TABLE IF NOT EXISTS eval_reports (
 """
 
 
-def _dict(row: sqlite3.Row | None) -> dict[str, Any] | None:
+def _dict(row: Any) -> dict[str, Any] | None:
     return dict(row) if row is not None else None
 
 
-class RowCache:
-    """Parsed rows of one table by key, kept coherent with the database so hot paths (every request of
-    a round reads its round row) need no SQLite read.
-
-    A write invalidates its key at once (`invalidate`, inside the transaction) and the key stays
-    uncached until the transaction ends (commit or rollback: Db.write calls `settle`). A read that
-    overlapped any write or transaction end does not fill the cache, so it never holds a row older
-    than the last commit. Rows handed out are shared: callers must not mutate them.
-    """
-
-    def __init__(self) -> None:
-        self._rows: dict[Any, Any] = {}
-        self._dirty: set[Any] = set()
-        self._gen = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: Any, load: Callable[[], Any]) -> Any:
-        row = self._rows.get(key)
-        if row is not None:
-            return row
-        gen = self._gen
-        row = load()
-        if row is not None:
-            with self._lock:
-                if gen == self._gen and key not in self._dirty:
-                    self._rows[key] = row
-        return row
-
-    def invalidate(self, key: Any) -> None:
-        with self._lock:
-            self._gen += 1
-            self._dirty.add(key)
-            self._rows.pop(key, None)
-
-    def settle(self) -> None:
-        with self._lock:
-            self._gen += 1
-            for key in self._dirty:
-                self._rows.pop(key, None)
-            self._dirty.clear()
-
-
 class Db:
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    """The store. `target`: a SQLite file path, or a postgresql:// URL (server/db_dialect.py)."""
+
+    def __init__(self, target: str | Path) -> None:
+        self.dialect = open_dialect(target)
+        self.path: Path | None = getattr(self.dialect, "path", None)  # the SQLite file; None on PostgreSQL
         self._lock = threading.RLock()
         self._depth = 0
         self._owner: int | None = None
         self._local = threading.local()
+        self._readers: list[tuple[threading.Thread, Any]] = []  # (thread, its connection): closed with the db
+        self._readers_lock = threading.Lock()
         self._caches: list[RowCache] = []
         self._rounds = self.cache()
-        self._writer = self._connect()
-        self._writer.execute("PRAGMA journal_mode=WAL")
-        self._writer.executescript(SCHEMA)
-        with self.write():
-            if self.get_meta("schema_version") is None:
-                self.set_meta("schema_version", SCHEMA_VERSION)
-        found = self.get_meta("schema_version")
+        self._writer = self.dialect.connect(writer=True)
+        try:
+            self.dialect.install(self._writer, SCHEMA)
+            with self.write():
+                if self.get_meta("schema_version") is None:
+                    self.set_meta("schema_version", SCHEMA_VERSION)
+            found = self.get_meta("schema_version")
+        except Exception:
+            self.close()
+            raise
         if found != SCHEMA_VERSION:
-            raise RuntimeError(f"{self.path}: schema version {found}, this server knows {SCHEMA_VERSION}")
+            self.close()
+            raise StoreUnavailable(f"{self.dialect.describe()}: schema version {found}, this server knows {SCHEMA_VERSION}")
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=30000")
-        return conn
+    @property
+    def engine(self) -> str:
+        """"sqlite" or "postgresql"."""
+        return self.dialect.name
 
     def close(self) -> None:
         with self._lock:
             self._writer.close()
+        with self._readers_lock:
+            readers, self._readers = self._readers, []
+        for _, conn in readers:
+            conn.close()
 
     # ------------------------------------------------------------------ plumbing
     @contextlib.contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
-        """One transaction; nested calls join the outer one. Committed (and fsynced) on exit."""
+    def write(self) -> Iterator[Any]:
+        """One transaction; nested calls join the outer one. Committed (and durable) on exit."""
         with self._lock:
             outer = self._depth == 0
             if outer:
-                self._writer.execute("BEGIN IMMEDIATE")
+                if not self.dialect.alive(self._writer):  # e.g. PostgreSQL restarted: a fresh session
+                    self._writer = self.dialect.connect(writer=True)
+                self.dialect.begin(self._writer)
                 self._owner = threading.get_ident()
             self._depth += 1
             try:
@@ -203,7 +176,8 @@ class Db:
                 if outer:
                     self._owner = None
                     try:
-                        self._writer.execute("ROLLBACK")
+                        if self.dialect.alive(self._writer):
+                            self.dialect.rollback(self._writer)
                     finally:
                         self._settle()
                 raise
@@ -211,7 +185,7 @@ class Db:
             if outer:
                 self._owner = None
                 try:
-                    self._writer.execute("COMMIT")
+                    self.dialect.commit(self._writer)
                 finally:
                     self._settle()
 
@@ -225,20 +199,39 @@ class Db:
         for c in self._caches:
             c.settle()
 
-    def _reader(self) -> sqlite3.Connection:
+    def _reader(self) -> Any:
         if self._owner == threading.get_ident():
             return self._writer
         conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = self._connect()
+        if conn is None or not self.dialect.alive(conn):
+            conn = self._local.conn = self.dialect.connect()
+            self._track_reader(conn)
         return conn
 
-    def _exec(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+    def _track_reader(self, conn: Any) -> None:
+        """Remember the connection so close() closes it; close those of threads that have ended (a
+        PostgreSQL connection is a server process: a pool's short-lived threads must not pile them up)."""
+        with self._readers_lock:
+            ended = [c for t, c in self._readers if not t.is_alive()]
+            self._readers = [(t, c) for t, c in self._readers if t.is_alive()]
+            self._readers.append((threading.current_thread(), conn))
+        for c in ended:
+            c.close()
+
+    def _run(self, conn: Any, sql: str, args: tuple) -> Any:
+        return conn.execute(self.dialect.sql(sql), self.dialect.params(tuple(args)))
+
+    def _exec(self, sql: str, args: tuple = ()) -> Any:
         if self._owner != threading.get_ident():
             raise RuntimeError("writes must run inside db.write()")
-        return self._writer.execute(sql, args)
+        return self._run(self._writer, sql, args)
 
-    def execute(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+    def _insert(self, sql: str, args: tuple, key: str) -> int:
+        """INSERT one row and return its generated `key` (RETURNING: SQLite >= 3.35 and PostgreSQL)."""
+        rows = self._exec(f"{sql} RETURNING {key}", args).fetchall()  # fetch all: the statement is then done
+        return int(rows[0][key])
+
+    def execute(self, sql: str, args: tuple = ()) -> Any:
         """One statement of a service's own tables, inside the caller's `write()` transaction."""
         return self._exec(sql, args)
 
@@ -246,22 +239,23 @@ class Db:
         """One statement for many rows, inside the caller's `write()` transaction."""
         if self._owner != threading.get_ident():
             raise RuntimeError("writes must run inside db.write()")
-        self._writer.executemany(sql, rows)
+        if rows:
+            self.dialect.executemany(self._writer, self.dialect.sql(sql), [self.dialect.params(tuple(r)) for r in rows])
 
     def install_schema(self, schema: str) -> None:
         """CREATE ... IF NOT EXISTS of a service's own tables (idempotent; outside any transaction)."""
         with self._lock:
-            self._writer.executescript(schema)
+            self.dialect.install(self._writer, schema)
 
     def one(self, sql: str, args: tuple = ()) -> dict[str, Any] | None:
-        return _dict(self._reader().execute(sql, args).fetchone())
+        return _dict(self._run(self._reader(), sql, args).fetchone())
 
     def all(self, sql: str, args: tuple = ()) -> list[dict[str, Any]]:
-        return [dict(r) for r in self._reader().execute(sql, args).fetchall()]
+        return [dict(r) for r in self._run(self._reader(), sql, args).fetchall()]
 
     def scalar(self, sql: str, args: tuple = ()) -> Any:
-        row = self._reader().execute(sql, args).fetchone()
-        return row[0] if row is not None else None
+        row = self.one(sql, args)
+        return next(iter(row.values())) if row else None
 
     # ------------------------------------------------------------------ meta
     def get_meta(self, key: str, default: Any = None) -> Any:
@@ -352,12 +346,10 @@ class Db:
     # ------------------------------------------------------------------ rounds
     def create_round(self, *, kind: str, base_version: int, params: dict, seed: int,
                      candidate_version: int | None = None) -> int:
-        cur = self._exec(
+        return self._insert(
             "INSERT INTO rounds(kind, state, base_version, candidate_version, created_at, params, seed)"
             " VALUES (?, 'open', ?, ?, ?, ?, ?)",
-            (kind, base_version, candidate_version, time.time(), json.dumps(params), seed),
-        )
-        return int(cur.lastrowid)
+            (kind, base_version, candidate_version, time.time(), json.dumps(params), seed), "id")
 
     def get_round(self, round_id: int) -> Round | None:
         """The round (cached; immutable, so it is shared)."""
@@ -403,9 +395,10 @@ class Db:
     def dp_rounds(self, ftrl: bool = False) -> list[tuple[float, float]]:
         """(noise_multiplier, sampling_prob) of every closed round that released a noisy aggregate: the
         Gaussian-mechanism rounds, or (ftrl=True) the DP-FTRL rounds, the leaves of its noise tree."""
+        # the comparison is chosen here, not bound: PostgreSQL will not compare a boolean with a 0/1 parameter
         rows = self.all("SELECT noise_multiplier, sampling_prob FROM rounds WHERE state = 'closed' AND kind = 'train'"
-                        " AND noise_multiplier IS NOT NULL AND (COALESCE(json_extract(params, '$.dp_mode'), '') = 'ftrl')"
-                        " = ? ORDER BY id", (int(ftrl),))
+                        " AND noise_multiplier IS NOT NULL AND COALESCE(json_extract(params, '$.dp_mode'), '')"
+                        f" {'=' if ftrl else '!='} 'ftrl' ORDER BY id")
         return [(float(r["noise_multiplier"]), float(r["sampling_prob"])) for r in rows]
 
     # ------------------------------------------------------------------ admissions
@@ -421,12 +414,11 @@ class Db:
     # ------------------------------------------------------------------ updates
     def add_update(self, *, round_id: int, device_id: str, payload_sha256: str, file: str, num_examples: int,
                    weight: float, norm: float, dtype: str, metrics: dict, received_at: float) -> int:
-        cur = self._exec(
+        return self._insert(
             "INSERT INTO updates(round_id, device_id, payload_sha256, file, num_examples, weight, norm, dtype,"
             " metrics, received_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
             (round_id, device_id, payload_sha256, file, num_examples, weight, norm, dtype, json.dumps(metrics), received_at),
-        )
-        return int(cur.lastrowid)
+            "seq")
 
     def get_update(self, round_id: int, device_id: str) -> dict[str, Any] | None:
         return self.one("SELECT * FROM updates WHERE round_id = ? AND device_id = ?", (round_id, device_id))
@@ -452,11 +444,9 @@ class Db:
     # ------------------------------------------------------------------ evaluation reports
     def add_eval_report(self, *, round_id: int, device_id: str, payload_sha256: str, report: dict,
                         received_at: float) -> int:
-        cur = self._exec(
+        return self._insert(
             "INSERT INTO eval_reports(round_id, device_id, payload_sha256, report, received_at) VALUES (?,?,?,?,?)",
-            (round_id, device_id, payload_sha256, json.dumps(report), received_at),
-        )
-        return int(cur.lastrowid)
+            (round_id, device_id, payload_sha256, json.dumps(report), received_at), "seq")
 
     def get_eval_report(self, round_id: int, device_id: str) -> dict[str, Any] | None:
         return self.one("SELECT * FROM eval_reports WHERE round_id = ? AND device_id = ?", (round_id, device_id))

@@ -1,6 +1,6 @@
 """Where the server's services are built and handed to each other (the one place that wires them).
 
-    Db, Store, Metrics                 persistence and counters
+    Db, Store, Metrics                 persistence (SQLite or PostgreSQL rows; blobs in the data dir) and counters
     RoundManager (+ ModelVersions, PrivacyAccount, RoundCloser)   rounds: locking, persistence, scheduling
     SecAggService, PaillierService secure-aggregation protocols: attached to the manager by name,
                                        reached by a round's strategy (server/strategy/factory.py)
@@ -51,7 +51,7 @@ class Services:
 
 def build_services(config: ServerConfig) -> Services:
     config.data_path.mkdir(parents=True, exist_ok=True)
-    db, store, metrics = Db(config.sqlite_path), Store(config.data_path), Metrics()
+    db, store, metrics = Db(config.db_target), Store(config.data_path), Metrics()
     manager = RoundManager(config, db, store, metrics)
     secagg = SecAggService(config, db, store, manager, metrics)
     paillier = PaillierService(config, db, store, manager, metrics)

@@ -21,6 +21,7 @@ import pytest
 
 from models import wire
 from models.config import ModelConfig, preset
+from tests.pg_fixture import server_database_args
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "test-admin-token"
@@ -86,9 +87,11 @@ class ServerProcess:
         # Registrations come from one address here: no per-address burst limit unless a test sets one.
         burst = [] if any(a.startswith("--registration-burst") for a in self.args) else ["--registration-burst",
                                                                                           "1000000"]
+        # FK_TEST_DATABASE=postgresql: the store on PostgreSQL (tests/pg_fixture.py), unless the test chose one
+        database = [] if "--database" in self.args else server_database_args(self.data_dir)
         cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
                "--data-dir", str(self.data_dir), "--admin-token", ADMIN_TOKEN, "--log-level", "warning", *gate,
-               *burst, *self.args]
+               *burst, *database, *self.args]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("FK_ADMIN_TOKEN", None)
         for name, value in self.env.items():
@@ -125,6 +128,23 @@ class ServerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @property
+    def db_target(self) -> str | Path:
+        """The server's store: its --database URL (given, or FK_TEST_DATABASE's) or its SQLite file."""
+        args = [*server_database_args(self.data_dir), *self.args]
+        return args[args.index("--database") + 1] if "--database" in args else self.data_dir / "server.sqlite3"
+
+    def query(self, sql: str, args: tuple = ()) -> list[dict[str, Any]]:
+        """Rows of the server's store, on either engine (SQL in SQLite's spelling, as the server writes it)."""
+        from server.db_dialect import open_dialect
+
+        dialect = open_dialect(self.db_target)
+        conn = dialect.connect()
+        try:
+            return [dict(r) for r in conn.execute(dialect.sql(sql), dialect.params(tuple(args))).fetchall()]
+        finally:
+            conn.close()
 
     def kill9(self) -> None:
         assert self.proc is not None

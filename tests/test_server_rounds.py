@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import sqlite3
 
 import numpy as np
 import pytest
@@ -172,9 +171,8 @@ def test_central_dp_adds_seeded_noise_to_the_sum(server_factory):
     assert srv.wait_round(rid)["state"] == "closed"
     _, weights = srv.model()
     flat_sum = np.concatenate([(deltas[0][k].astype(np.float64) + deltas[1][k]).ravel() for k in range(len(base))])
-    # the noise seed is a per-round secret: read it from the server's SQLite file
-    with sqlite3.connect(srv.data_dir / "server.sqlite3") as conn:
-        seed = conn.execute("SELECT seed FROM rounds WHERE id = ?", (rid,)).fetchone()[0]
+    # the noise seed is a per-round secret: read it from the server's store
+    seed = srv.query("SELECT seed FROM rounds WHERE id = ?", (rid,))[0]["seed"]
     noise = np.random.default_rng([seed, rid]).standard_normal(flat_sum.size) * 0.5
     want_flat = np.concatenate([b.ravel().astype(np.float64) for b in base]) + (flat_sum + noise) / 2
     got_flat = np.concatenate([w.ravel() for w in weights])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import sqlite3
 import time
 
 import pytest
@@ -26,13 +25,12 @@ Z = 1.0
 
 
 def open_round(srv) -> tuple[int, int]:
-    """(id, secret seed) of the open training round, read from the server's SQLite file (never served)."""
+    """(id, secret seed) of the open training round, read from the server's store (never served)."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        with sqlite3.connect(srv.data_dir / "server.sqlite3") as conn:
-            row = conn.execute("SELECT id, seed FROM rounds WHERE kind = 'train' AND state = 'open'").fetchone()
-        if row:
-            return int(row[0]), int(row[1])
+        rows = srv.query("SELECT id, seed FROM rounds WHERE kind = 'train' AND state = 'open'")
+        if rows:
+            return int(rows[0]["id"]), int(rows[0]["seed"])
         time.sleep(0.05)
     raise AssertionError("no open training round")
 

@@ -32,9 +32,10 @@ class TelemetryStore:
         """(In a transaction.) Count one answer and remember that the device answered in this period."""
         self.db.execute("INSERT INTO rr_reported(device_id, question, period) VALUES (?, ?, ?)",
                         (device_id, question, period))
+        # rr_counts.yes, not a bare yes: PostgreSQL finds that ambiguous between the row and `excluded`
         self.db.execute("INSERT INTO rr_counts(question, p_first, p_second, yes, n) VALUES (?, ?, ?, ?, 1)"
-                        " ON CONFLICT(question, p_first, p_second) DO UPDATE SET yes = yes + excluded.yes,"
-                        " n = n + 1", (question, p_first, p_second, int(yes)))
+                        " ON CONFLICT(question, p_first, p_second) DO UPDATE SET yes = rr_counts.yes + excluded.yes,"
+                        " n = rr_counts.n + 1", (question, p_first, p_second, int(yes)))
 
     def forget_before(self, period: int) -> None:
         """(In a transaction.)"""
