@@ -53,13 +53,24 @@ def _run(argv: list[str] | None) -> int:
     if (refusal := dp_noise_refusal(cfg)) is not None:  # before TensorFlow loads: a refused run costs a second
         print(f"python -m tff_sim: refusing to start: {refusal}", file=sys.stderr, flush=True)
         return 2
+    if cfg.workers:  # an unreachable worker is refused before TensorFlow loads
+        from tff_sim.workers import reachability_problem
+
+        if (problem := reachability_problem(cfg.workers)) is not None:
+            print(f"python -m tff_sim: refusing to start: {problem}", file=sys.stderr, flush=True)
+            return 2
     from tff_sim.reaper import install_atexit_reaper
 
     install_atexit_reaper()
     logging.getLogger("tff_sim").info("phase: loading TensorFlow and TFF")
     from tff_sim.runner import run
+    from tff_sim.workers import WorkerError
 
-    result = run(cfg)
+    try:
+        result = run(cfg)
+    except WorkerError as exc:  # a worker lost mid-run (checkpoint kept) or a process that cannot be split
+        print(f"\npython -m tff_sim: {exc}", file=sys.stderr, flush=True)
+        return 3
     _print_summary(result.summary)
     return 0
 

@@ -32,6 +32,7 @@ TFF_LOOPS = ("iterator", "reduce")
 _NON_IDENTITY = {
     "output", "fresh", "push", "admin_token", "push_path", "tensorboard", "progress", "checkpoint_every",
     "plots", "baselines", "final_eval_max_sentences", "accountants", "max_noise_to_clip", "allow_noisy_dp",
+    "workers",
 }
 # Fields added after runs were made: left out of the identity while at these (their old, built-in)
 # values, so an existing run keeps its config hash and can still be resumed.
@@ -83,6 +84,7 @@ class SimConfig:
     sampling: str = "auto"  # uniform: m clients without replacement; poisson: each with prob m/N; auto: poisson iff DP
     seed: int = 0
     tff_loop: str = "iterator"  # iterator (fast) | reduce (TFF's default): how clients loop over batches
+    workers: str | None = None  # "HOST:PORT[,HOST:PORT...]": run the clients on TFF workers (tff_sim/workers.py)
     # differential privacy (DP-FedAvg, unweighted mean of clipped updates + Gaussian noise)
     dp: bool = False
     noise_multiplier: float | None = None  # None with --dp: calibrated from target_epsilon, else 1.0
@@ -143,7 +145,10 @@ class SimConfig:
             raise ValueError(f"sampling must be one of {SAMPLING}, got {self.sampling!r}")
         if self.tff_loop not in TFF_LOOPS:
             raise ValueError(f"tff_loop must be one of {TFF_LOOPS}, got {self.tff_loop!r}")
+        if self.workers is not None:  # a string, or a list from a config file: normalized to "h:p,h:p"
+            from tff_sim.workers import parse_workers
 
+            self.workers = ",".join(parse_workers(self.workers))
         if self.dp_noise not in DP_NOISE:
             raise ValueError(f"dp_noise must be one of {DP_NOISE}, got {self.dp_noise!r}")
         self.accountants = tuple(self.accountants)
@@ -359,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tff-loop", choices=TFF_LOOPS,
                    help="client loop over batches: iterator (DATASET_ITERATOR, fast) or reduce (TFF's default "
                    "DATASET_REDUCE, ~5x slower per batch here)")
+    g.add_argument("--workers", metavar="HOST:PORT[,HOST:PORT...]",
+                   help="run the clients on these TFF workers (python -m tff_sim.worker --port P on each), the "
+                   "cohort split evenly between them; the same model as a local run (default: local)")
     g = p.add_argument_group("differential privacy")
     _bool_flag(g, "dp", "DP-FedAvg: clip each client's update, average unweighted, add Gaussian noise")
     g.add_argument("--noise-multiplier", type=float, help="noise stddev / clip (default 1.0 unless --target-epsilon)")

@@ -236,6 +236,11 @@ def write_report(out: Path, summary: dict[str, Any], history: Sequence[dict[str,
     ]
     if summary.get("resumed_from"):
         lines.append(f"- Resumed from the checkpoint of round {summary['resumed_from']}")
+    if summary.get("workers"):  # --workers (tff_sim/workers.py)
+        w = summary["workers"]
+        lines.append(f"- Clients on {w['count']} TFF worker(s) ({', '.join(w['addresses'])}) for "
+                     f"{w['rounds_on_workers']} rounds: {w['mean_bytes_to_workers'] / 1e6:.2f} MB to and "
+                     f"{w['mean_bytes_from_workers'] / 1e6:.2f} MB from the workers per round (mean)")
     privacy = summary.get("privacy")
     if privacy:
         eps = privacy.get("final_epsilon", {})

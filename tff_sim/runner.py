@@ -86,8 +86,11 @@ def run(cfg: SimConfig, data: client_data.SimData | None = None,
     """
     import tensorflow_federated as tff
 
-    from tff_sim import process
+    from tff_sim import process, workers
 
+    if cfg.workers and workers.current() is None:  # --workers: TFF's context is the workers for the whole run
+        with workers.installed(cfg.workers):
+            return run(cfg, data, on_round)
     out = cfg.output_dir()
     out.mkdir(parents=True, exist_ok=True)
     timer = _Timer()
@@ -174,9 +177,10 @@ def run(cfg: SimConfig, data: client_data.SimData | None = None,
                 # A function of r alone, set before every round: a resumed run recomputes it, and the
                 # checkpointed state's rate (the previous round's) is overwritten here.
                 state = process.set_server_lr(learning, state, lr)
-            started = time.time()
+            started, traffic = time.time(), workers.mark()
             output = learning.next(state, datasets) if datasets else None  # Poisson may draw nobody
             row = train_row(r, len(ids), output, time.time() - started, server_lr=lr)
+            row.update(workers.since(traffic))  # --workers: worker count, bytes each way this round
             # The round is done: state, history and last_done move together, so a checkpoint
             # written from here on (even by the error handler) is consistent.
             if output is not None:
@@ -238,6 +242,7 @@ def final_evaluation(data: client_data.SimData, weights: list[np.ndarray]) -> di
 def finish(cfg: SimConfig, data: client_data.SimData, out: Path, weights: list[np.ndarray],
            history: list[dict[str, Any]], plan: privacy.PrivacyPlan | None, timer: _Timer,
            resumed_from: int | None, tff_version: str) -> dict[str, Any]:
+    from tff_sim import workers
     from tff_sim.export import export_model
 
     log.info("phase: final evaluation (%d test, %d held-out sentences)", len(data.test_sentences),
@@ -263,6 +268,8 @@ def finish(cfg: SimConfig, data: client_data.SimData, out: Path, weights: list[n
         "mean_round_seconds": round(train_seconds / max(1, len(trained)), 4),
         "resumed_from": resumed_from,
     }
+    if (on_workers := workers.run_summary(cfg.workers, trained)) is not None:  # --workers: count, bytes per round
+        summary["workers"] = on_workers
     if plan:
         summary["privacy"] = {**plan.to_dict(), "final_epsilon": plan.epsilon(len(trained)),
                               "guarantee": plan.guarantee(len(trained))}
