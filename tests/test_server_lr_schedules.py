@@ -155,6 +155,7 @@ tff = pytest.importorskip("tensorflow_federated")
 
 from tff_sim import client_data, process, sampling  # noqa: E402
 from tff_sim.runner import run  # noqa: E402
+from tests.tff_fixtures import interrupt_and_resume  # noqa: E402
 
 FAST = dict(preset="tiny", max_train_clients=8, clients_per_round=4, max_examples_per_client=32, batch_size=16,
             eval_clients=4, eval_max_examples_per_client=64, final_eval_max_sentences=200, tensorboard=False,
@@ -201,10 +202,6 @@ def test_dp_fedavg_process_exposes_the_server_lr(data):
     assert process.server_lr(learning, state) == 0.25
 
 
-class _Stop(Exception):
-    pass
-
-
 def test_tiny_cosine_run_records_the_lr_per_round_and_a_resumed_run_continues_the_schedule(data, tmp_path):
     cfg = SimConfig(**FAST, rounds=5, eval_every=5, server_lr_schedule="cosine", server_lr_warmup_rounds=1,
                     server_lr_min_fraction=0.1)
@@ -228,15 +225,8 @@ def test_tiny_cosine_run_records_the_lr_per_round_and_a_resumed_run_continues_th
                     logged[e.step] = float(tf.make_ndarray(v.tensor))
     assert [logged[r] for r in range(1, 6)] == pytest.approx(want)
 
-    def stop_after_two(row):
-        if row["round"] == 2:
-            raise _Stop  # like Ctrl-C after round 2: the run checkpoints and stops
-
     parts = cfg.replace(output=str(tmp_path / "parts"), checkpoint_every=3)
-    with pytest.raises(_Stop):
-        run(parts, data, on_round=stop_after_two)
-    resumed = run(parts, data)
-    assert resumed.summary["resumed_from"] == 2
+    resumed = interrupt_and_resume(parts, data)
     assert [row["server_lr"] for row in resumed.history if row["round"] > 0] == want
     for a, b in zip(whole.weights, resumed.weights):
         np.testing.assert_array_equal(a, b)  # the resumed run recomputed rounds 3-5's rates: bit-exact

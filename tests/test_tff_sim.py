@@ -16,6 +16,7 @@ tff = pytest.importorskip("tensorflow_federated")
 from tff_sim import client_data, process  # noqa: E402
 from tff_sim.config import SimConfig  # noqa: E402
 from tff_sim.runner import run  # noqa: E402
+from tests.tff_fixtures import interrupt_and_resume  # noqa: E402
 
 FAST = dict(preset="tiny", max_train_clients=8, clients_per_round=4, max_examples_per_client=32, batch_size=16,
             eval_clients=4, eval_max_examples_per_client=64, final_eval_max_sentences=400, tensorboard=False,
@@ -112,10 +113,6 @@ def test_tff_round_equals_plain_keras_fedavg(data, server_optimizer):
     assert moved > 1e-2  # far beyond the tolerance: the comparison can fail
 
 
-class _Stop(Exception):
-    pass
-
-
 def test_dp_epsilon_is_finite_and_grows_and_resume_equals_uninterrupted(data, tmp_path):
     cfg = SimConfig(**FAST, rounds=4, dp=True, noise_multiplier=0.8, clip=0.5, eval_every=0, allow_noisy_dp=True)
     whole = run(cfg.replace(output=str(tmp_path / "whole")), data)
@@ -125,15 +122,8 @@ def test_dp_epsilon_is_finite_and_grows_and_resume_equals_uninterrupted(data, tm
     assert whole.summary["privacy"]["final_epsilon"]["rdp"] == eps[0][-1]
     assert any(row["clients"] != 4 for row in whole.history)  # DP samples Poisson cohorts (q = 4/8)
 
-    def stop_after_two(row):
-        if row["round"] == 2:
-            raise _Stop  # like Ctrl-C after round 2: the run checkpoints and stops
-
     parts = cfg.replace(output=str(tmp_path / "parts"), checkpoint_every=3)
-    with pytest.raises(_Stop):
-        run(parts, data, on_round=stop_after_two)
-    resumed = run(parts, data)
-    assert resumed.summary["resumed_from"] == 2
+    resumed = interrupt_and_resume(parts, data)
     assert [r["round"] for r in resumed.history] == [1, 2, 3, 4]
     for a, b in zip(whole.weights, resumed.weights):
         np.testing.assert_array_equal(a, b)  # bit-exact, DP noise included (seeded noise)
