@@ -35,6 +35,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Sequence
 
 import httpx
 import numpy as np
@@ -79,21 +80,27 @@ def rss_kb(pid: int, field: str) -> int:
 
 
 class Server:
-    def __init__(self, workdir: Path, goal: int) -> None:
+    """A `python -m server` subprocess (gboard preset). `extra`: more flags (e.g. --database, --cluster);
+    `name`: its port and log files' name (processes sharing a data dir differ in it)."""
+
+    def __init__(self, workdir: Path, goal: int, extra: Sequence[str] = (), name: str | None = None) -> None:
         self.data = workdir / f"data-{goal}"
-        port_file = workdir / f"port-{goal}"
+        name = name or str(goal)
+        port_file = workdir / f"port-{name}"
         cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
                "--data-dir", str(self.data), "--admin-token", ADMIN, "--init-preset", "gboard",
                "--round-goal", str(goal), "--min-count", str(goal), "--over-admit", "1.0", "--deadline-s", "3600",
                "--clip-norm", "1.0", "--log-level", "warning",
+               # each run's round trains the previous round's result: no evaluation round between them
+               "--release-gate", "off",
                # every device registers from 127.0.0.1: the key, and no per-address limit
-               "--registration-key", REGISTRATION_KEY, "--registration-rate-per-s", "0"]
-        self.log = open(workdir / f"server-{goal}.log", "wb")
+               "--registration-key", REGISTRATION_KEY, "--registration-rate-per-s", "0", *extra]
+        self.log = open(workdir / f"server-{name}.log", "wb")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError((workdir / f"server-{goal}.log").read_text())
+                raise RuntimeError((workdir / f"server-{name}.log").read_text())
             if port_file.exists() and port_file.read_text().strip():
                 self.url = f"http://127.0.0.1:{int(port_file.read_text())}"
                 try:
@@ -163,15 +170,18 @@ class Uploader:
         self.conn.close()
 
 
-def upload_all(srv: Server, tokens: list[str], round_id: int, payloads: list[bytes], concurrency: int) -> float:
-    """Upload one payload per device from `concurrency` connections; seconds from first send to last 200."""
+def upload_all(srv: Server, tokens: list[str], round_id: int, payloads: list[bytes], concurrency: int,
+               urls: Sequence[str] | None = None) -> float:
+    """Upload one payload per device from `concurrency` connections; seconds from first send to last 200.
+    `urls`: connection i goes to urls[i % len(urls)] (default: the server's)."""
+    urls = list(urls or [srv.url])
     queue = list(enumerate(tokens))
     lock = threading.Lock()
     errors: list[str] = []
     start = threading.Barrier(concurrency + 1)
 
-    def worker() -> None:
-        up = Uploader(srv.url)
+    def worker(url: str) -> None:
+        up = Uploader(url)
         start.wait()
         try:
             while True:
@@ -185,7 +195,7 @@ def upload_all(srv: Server, tokens: list[str], round_id: int, payloads: list[byt
         finally:
             up.close()
 
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    threads = [threading.Thread(target=worker, args=(urls[i % len(urls)],)) for i in range(concurrency)]
     for t in threads:
         t.start()
     start.wait()  # connections are open: time the uploads only
@@ -207,15 +217,20 @@ def wait_closed(srv: Server, round_id: int) -> dict:
             time.sleep(0.2)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_load_args(ap: argparse.ArgumentParser) -> None:
+    """The load's flags, shared with benchmarks/bench_cluster_ingest.py."""
     # 256: a run then lasts ~2.5 s; with 64 (0.6 s) the pipeline's fill and drain (the first and last
     # uploads find the other connections idle) weigh ~10% against the server, while the floor is a
     # steady-state loop.
     ap.add_argument("--uploads", type=int, default=256, help="uploads per timed run (one round)")
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--concurrency", type=int, default=8, help="concurrent client connections")
+    ap.add_argument("--runs", type=int, default=5, help="timed runs (of each setting)")
+    ap.add_argument("--concurrency", type=int, default=8, help="concurrent client connections, in all")
     ap.add_argument("--distinct", type=int, default=8, help="distinct payloads (reused round-robin)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_load_args(ap)
     ap.add_argument("--big-round", type=int, default=1000, help="updates in the peak-memory round (0: skip)")
     ap.add_argument("--workdir", help="keep server data here instead of a temp dir")
     args = ap.parse_args()

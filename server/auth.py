@@ -137,6 +137,8 @@ class Auth:
             raise Rejection("registration_refused", "a valid registration_key is required to register")
         cap = config.max_devices if config is not None else 0
         with self._lock:
+            if cap and self.db.shared:  # other server processes register and block devices too (--cluster)
+                self._in_good_standing = self.db.count_devices_in_good_standing()
             if cap and self._in_good_standing >= cap:
                 raise Rejection("device_cap_reached", f"this deployment has its maximum of {cap} registered devices")
             self._in_good_standing += 1  # reserved before the write, released if it fails
@@ -154,9 +156,12 @@ class Auth:
     def registration_status(self, config: ServerConfig | None = None) -> dict[str, Any]:
         """For the admin status: how devices register and how many hold a valid token."""
         config = self._policy(config)
-        with self._lock:
-            states = list(self._blocked.values())
-            good = self._in_good_standing
+        if self.db.shared:
+            states, good = list(self.db.device_blocks().values()), self.db.count_devices_in_good_standing()
+        else:
+            with self._lock:
+                states = list(self._blocked.values())
+                good = self._in_good_standing
         return {"mode": "open" if self.open_registration else "key",
                 "devices_in_good_standing": good,
                 "revoked": states.count("revoked"), "banned": states.count("banned"),
@@ -228,7 +233,8 @@ class Auth:
         device = self.device_for(token)
         if device is None:
             raise Rejection("unauthorized", "unknown or revoked device token")
-        state = self._blocked.get(device)
+        # (--cluster: another process may have blocked it, so the table is asked, not this process's copy)
+        state = self.db.device_block_state(device) if self.db.shared else self._blocked.get(device)
         if state == "banned":
             raise Rejection("banned", "this device is banned: its token is refused for good")
         if state == "revoked":

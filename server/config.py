@@ -77,6 +77,10 @@ class ServerConfig:
     # PostgreSQL instead of the SQLite file: a postgresql:// URL (libpq's: also $PGPASSWORD, ~/.pgpass). The
     # blobs (models, updates, sums) stay in data_dir either way (docs/scaling.md: "Running on PostgreSQL").
     database: str | None = None
+    # Several server processes serve one fleet on that PostgreSQL database and a data dir they share
+    # (server/cluster.py, docs/scaling.md): the round lock and the aggregator's lease are PostgreSQL advisory locks.
+    # Plain and central/local DP rounds; secure aggregation keeps per-round state in one process and is refused.
+    cluster: bool = False
 
     # --- auth
     admin_token: str | None = None  # --admin-token or $FK_ADMIN_TOKEN; if neither, generated into <data_dir>/admin_token
@@ -343,6 +347,11 @@ class ServerConfig:
         need(self.database is None or self.database.startswith(POSTGRES_SCHEMES),
              "database must be a postgresql:// URL (the default store is the SQLite file in data_dir; db_path moves it)")
         need(not (self.database and self.db_path), "database (PostgreSQL) and db_path (SQLite) exclude each other")
+        need(not self.cluster or self.database is not None,
+             "cluster needs a PostgreSQL database (--database postgresql://...) shared by the server processes")
+        need(not self.cluster or self.secure_aggregation == "none",
+             "cluster serves plain and DP rounds; secure aggregation (secagg, paillier) keeps each round's protocol "
+             "state in one process: run it on a single server process")
         need((self.tls_cert is None) == (self.tls_key is None), "tls_cert and tls_key go together")
         need(not (self.tls_self_signed and self.tls_cert), "tls_self_signed and tls_cert exclude each other")
         for tls_file in (self.tls_cert, self.tls_key):

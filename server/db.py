@@ -117,10 +117,12 @@ def _dict(row: Any) -> dict[str, Any] | None:
 
 
 class Db:
-    """The store. `target`: a SQLite file path, or a postgresql:// URL (server/db_dialect.py)."""
+    """The store. `target`: a SQLite file path, or a postgresql:// URL (server/db_dialect.py). `shared`: other
+    server processes write to the same database (--cluster, server/cluster.py): no row is cached."""
 
-    def __init__(self, target: str | Path) -> None:
+    def __init__(self, target: str | Path, shared: bool = False) -> None:
         self.dialect = open_dialect(target)
+        self.shared = shared
         self.path: Path | None = getattr(self.dialect, "path", None)  # the SQLite file; None on PostgreSQL
         self._lock = threading.RLock()
         self._depth = 0
@@ -191,7 +193,7 @@ class Db:
 
     def cache(self) -> RowCache:
         """A RowCache settled at the end of every write transaction of this database."""
-        c = RowCache()
+        c = RowCache(enabled=not self.shared)
         self._caches.append(c)
         return c
 
@@ -292,6 +294,10 @@ class Db:
             self._exec("INSERT INTO device_blocks(device_id, state, reason, at) VALUES (?, ?, ?, ?) ON CONFLICT(device_id)"
                        " DO UPDATE SET state = excluded.state, reason = excluded.reason, at = excluded.at",
                        (device_id, state, reason, time.time()))
+
+    def device_block_state(self, device_id: str) -> str | None:
+        """"revoked" | "banned" | None (in good standing)."""
+        return self.scalar("SELECT state FROM device_blocks WHERE device_id = ?", (device_id,))
 
     def device_blocks(self) -> dict[str, str]:
         """device id -> "revoked" | "banned", for every blocked device."""

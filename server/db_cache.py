@@ -14,17 +14,20 @@ class RowCache:
     overlapped any write or transaction end does not fill the cache, so it never holds a row older
     than the last commit. Rows handed out are shared: callers must not mutate them.
 
-    Coherent with this process's commits only: with a second server process on the same PostgreSQL database
-    (issue #17 item 3) its writes must invalidate here too (e.g. LISTEN/NOTIFY), or the cache must be off.
+    Coherent with this process's commits only: a Db shared by several server processes (--cluster) hands out
+    disabled caches (`enabled=False`: every get loads), since another process's commit cannot invalidate here.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
         self._rows: dict[Any, Any] = {}
         self._dirty: set[Any] = set()
         self._gen = 0
         self._lock = threading.Lock()
 
     def get(self, key: Any, load: Callable[[], Any]) -> Any:
+        if not self.enabled:
+            return load()
         row = self._rows.get(key)
         if row is not None:
             return row

@@ -14,7 +14,9 @@ processes), and the PRAGMAs (SQLite only).
 from __future__ import annotations
 
 import functools
+import os
 import re
+import socket
 import sqlite3
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,6 +27,11 @@ from server.db_url import is_postgres_url, redact_url, scrub
 # concurrent identical CREATE in another session (it can fail on the catalog's unique index).
 SCHEMA_LOCK_KEY = 0x666B5F736368  # "fk_sch"
 WRITER_LOCK_KEY = 0x666B5F777269  # "fk_wri": held by the transaction of Db.write() (PostgresDialect.begin)
+
+
+# Every session of this process says which server process it is (host and pid), so one process can tell
+# whether others are connected (server/cluster.py other_server_processes).
+APPLICATION_NAME = f"fk-server {socket.gethostname()[:30]} {os.getpid()}"
 
 
 class StoreUnavailable(RuntimeError):
@@ -116,7 +123,7 @@ class PostgresDialect:
             raise StoreUnavailable("PostgreSQL needs the psycopg package (pip install 'psycopg[binary]')") from exc
         try:
             return psycopg.connect(self.url, autocommit=True, row_factory=dict_row, connect_timeout=10,
-                                   application_name="fk-server")
+                                   application_name=APPLICATION_NAME)
         except (psycopg.Error, ValueError) as exc:  # ValueError: a malformed URL
             detail = scrub(_one_line(exc), self.url)  # a parse error may quote the URL
             raise StoreUnavailable(f"cannot connect to PostgreSQL at {self.describe()}: {detail}") from None

@@ -63,11 +63,15 @@ class PrivacyAccount:
                 for r in self.db.all(GAUSSIAN_ROUNDS_SQL)]
 
     def ledger(self) -> dp.PrivacyLedger:
-        if self._ledger is None:
+        """The ledger of the database's released rounds. Kept in memory and composed incrementally: rounds
+        another server process closed (--cluster) are added when seen; a ledger that disagrees is rebuilt."""
+        rounds = self.gaussian_rounds()
+        ledger = self._ledger
+        if ledger is None or ledger.rounds != rounds[:len(ledger.rounds)]:
             ledger = dp.PrivacyLedger(self.config.accountant)
-            ledger.extend(self.gaussian_rounds())
-            self._ledger = ledger
-        return self._ledger
+        ledger.extend(rounds[len(ledger.rounds):])
+        self._ledger = ledger
+        return ledger
 
     def record(self, event: LedgerEvent | None, population: int) -> dict[str, Any]:
         """(Caller holds the lock, just before the round's closing transaction.) Add the round's event to

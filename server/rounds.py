@@ -24,6 +24,11 @@ Concurrency: heavy work (decoding, hashing, writing update files, aggregation ma
 transaction. Crash safety: files are durable before the row that references them commits; at start
 `recover()` deletes unreferenced files, and rounds left "aggregating" are aggregated again
 (deterministically: same updates, same order, same noise seed).
+
+Several processes (--cluster, server/cluster.py): `self.lock` is a ClusterLock (the same serialisation
+across processes), and only the process holding the aggregator's lease runs the round worker's duties;
+the others serve the API. The lease's new holder does what a start does (`take_over`), except that files
+younger than ORPHAN_MIN_AGE_S stay: another process may be about to commit the row naming one.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ from typing import Any, Callable, Protocol
 
 from models import wire
 from server import evaluation
+from server.cluster import ClusterLock, Leadership, other_server_processes
 from server.config import ServerConfig
 from server.db import Db
 from server.errors import Rejection
@@ -55,6 +61,7 @@ log = logging.getLogger("server.rounds")
 
 ELIGIBILITY_KEYS = ("charging", "unmetered", "idle")
 Doomed = list[tuple[int, list[str | None]]]  # (round id, update files) to delete once a transaction committed
+ORPHAN_MIN_AGE_S = 600.0  # --cluster: an unreferenced file this young may still be another process's upload
 
 
 class Background(Protocol):
@@ -72,7 +79,8 @@ class RoundManager:
         self.db = db
         self.store = store
         self.metrics = metrics or Metrics()
-        self.lock = threading.RLock()
+        self.lock: threading.RLock | ClusterLock = ClusterLock(db) if config.cluster else threading.RLock()
+        self.leadership = Leadership(db) if config.cluster else None
         self.models = ModelVersions(config, db, store, self.lock)
         self._states: dict[int, Any] = {}  # round id -> strategy state (e.g. the running sum)
         self._in_flight: dict[int, int] = {}  # round id -> accepted updates still being added to its state
@@ -89,6 +97,7 @@ class RoundManager:
         self._retired: list[str] = []  # model-side files (optimizer states) to delete once their rows let go
         self.account = PrivacyAccount(config, db, self.lock, self._strategy_for_params)
         self.closer = RoundCloser(self)
+        self._orphans_collected = 0.0  # time.monotonic() of the last collect_orphans
 
     # ================================================================== wiring (server/services.py)
     def attach_protocol(self, name: str, protocol: SecureProtocol) -> None:
@@ -344,7 +353,8 @@ class RoundManager:
         # serialises its own adds), so other uploads validate and commit meanwhile. Aggregation
         # waits for in-flight adds (wait_for_adds) and rebuilds from disk if one failed.
         try:
-            strategy.accept(state, update, weight)
+            if state is not None or self.leadership is None:
+                strategy.accept(state, update, weight)
         except BaseException:
             with self.lock:
                 if self._states.get(round_id) is state:
@@ -367,7 +377,10 @@ class RoundManager:
             self._accepting.wait_for(lambda: not self._in_flight.get(round_id), timeout=timeout)
 
     def _round_state(self, rnd: Round, strategy: Strategy) -> Any:
-        """The strategy's in-memory state for an open round, rebuilt from disk after a restart."""
+        """The strategy's in-memory state for an open round, rebuilt from disk after a restart. None under
+        --cluster: each process would hold only its own uploads, so the aggregator reads them all from disk."""
+        if self.leadership is not None:
+            return None
         if rnd.id not in self._states:
             state = strategy.new_state(self.dim)
             rows = self.db.list_updates(rnd.id)
@@ -519,15 +532,25 @@ class RoundManager:
         return []
 
     # ================================================================== lifecycle
+    @property
+    def role(self) -> str:
+        """"single" (one server process), else under --cluster "aggregator" (holds the lease) or "api"."""
+        if self.leadership is None:
+            return "single"
+        return "aggregator" if self.leadership.holds else "api"
+
     def recover(self) -> None:
-        """At start: drop unreferenced files; rounds left aggregating are picked up by the worker."""
+        """At start: drop unreferenced files; rounds left aggregating are picked up by the worker. Under
+        --cluster the aggregator's lease decides who does it (tick -> take_over)."""
         params = parse_params("train", self.config.round_params())
         start_warm_up(self._strategy_for_params(params).ledger_event(params, 1, 1) is not None, self.warm)
+        if self.leadership is None or self.leadership.held():
+            self.take_over()
+
+    def take_over(self) -> None:
+        """What the one process running rounds does first: drop unreferenced files, resume rounds."""
         with self.lock:
-            live = self.db.live_model_files() | self.db.live_update_files()
-            removed = self.store.collect_garbage(live)
-            if removed:
-                log.info("removed %d unreferenced files left by an interrupted run", len(removed))
+            self.collect_orphans()
             for rnd in self.db.rounds_in_state("open", "train"):
                 n = self.db.count_updates(rnd.id)
                 if n:
@@ -536,8 +559,29 @@ class RoundManager:
                 service.recover()
             self.ensure_rounds()
 
+    def collect_orphans(self) -> None:
+        """Delete files no row references (an interrupted upload's, a crashed aggregation's). Under --cluster,
+        while other server processes are connected, only those older than ORPHAN_MIN_AGE_S: a younger one
+        may be an upload whose row another process is about to commit."""
+        self._orphans_collected = time.monotonic()
+        shared = self.leadership is not None and other_server_processes(self.db) > 0
+        with self.lock:
+            live = self.db.live_model_files() | self.db.live_update_files()
+            removed = self.store.collect_garbage(live, min_age_s=ORPHAN_MIN_AGE_S if shared else 0.0)
+        if removed:
+            log.info("removed %d unreferenced files left by an interrupted upload or run", len(removed))
+
     def tick(self) -> None:
-        """Deadlines, new rounds, pending aggregations. Takes the lock only when something is due."""
+        """Deadlines, new rounds, pending aggregations. Takes the lock only when something is due. Under
+        --cluster only the lease's holder does this."""
+        if self.leadership is not None:
+            was = self.leadership.holds
+            if not self.leadership.held():
+                return
+            if not was:
+                self.take_over()
+            elif time.monotonic() - self._orphans_collected > ORPHAN_MIN_AGE_S:  # e.g. a killed peer's uploads
+                self.collect_orphans()
         now = time.time()
         due = any(r.past_deadline(now) for r in self.db.rounds_in_state("open"))
         missing = self.models.initialized and (self._training_due() or self._due_candidate() is not None)
@@ -554,6 +598,10 @@ class RoundManager:
 
     def stop(self) -> None:
         self._worker.stop()
+        if self.leadership is not None:
+            self.leadership.release()
+        if isinstance(self.lock, ClusterLock):
+            self.lock.close()
 
 
 __all__ = ["RoundManager", "ELIGIBILITY_KEYS", "Background", "Doomed"]

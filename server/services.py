@@ -51,7 +51,7 @@ class Services:
 
 def build_services(config: ServerConfig) -> Services:
     config.data_path.mkdir(parents=True, exist_ok=True)
-    db, store, metrics = Db(config.db_target), Store(config.data_path), Metrics()
+    db, store, metrics = Db(config.db_target, shared=config.cluster), Store(config.data_path), Metrics()
     manager = RoundManager(config, db, store, metrics)
     secagg = SecAggService(config, db, store, manager, metrics)
     paillier = PaillierService(config, db, store, manager, metrics)

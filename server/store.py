@@ -20,6 +20,7 @@ import hashlib
 import io
 import os
 import secrets
+import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -147,18 +148,30 @@ class Store:
             return {k: data[k] for k in data.files}
 
     # ------------------------------------------------------------------ recovery
-    def collect_garbage(self, live: set[str]) -> list[str]:
-        """Delete temp files and any blob no database row references; returns what was removed."""
+    def collect_garbage(self, live: set[str], min_age_s: float = 0.0) -> list[str]:
+        """Delete temp files and any blob no database row references; returns what was removed. Files and
+        folders modified within the last `min_age_s` stay (another server process may be writing them)."""
         removed = []
+        cutoff = time.time() - min_age_s
+
+        def old(p: Path) -> bool:
+            try:
+                return min_age_s <= 0 or p.stat().st_mtime < cutoff
+            except FileNotFoundError:
+                return False
+
         for sub in ("models", "updates", "optimizer"):
             for p in sorted((self.root / sub).rglob("*")):
                 if not p.is_file():
                     continue
                 rel = p.relative_to(self.root).as_posix()
-                if p.name.endswith(TMP_SUFFIX) or rel not in live:
+                if (p.name.endswith(TMP_SUFFIX) or rel not in live) and old(p):
                     p.unlink(missing_ok=True)
                     removed.append(rel)
         for d in sorted((self.root / "updates").iterdir()):
-            if d.is_dir() and not any(d.iterdir()):
-                d.rmdir()
+            if d.is_dir() and not any(d.iterdir()) and old(d):
+                try:
+                    d.rmdir()
+                except OSError:  # a file appeared meanwhile
+                    pass
         return removed

@@ -31,6 +31,7 @@ class ModelVersions:
     def __init__(self, config: ServerConfig, db: Db, store: Store, lock: threading.RLock) -> None:
         self.config, self.db, self.store, self.lock = config, db, store, lock
         self._blobs: collections.OrderedDict[int, tuple[bytes, str]] = collections.OrderedDict()
+        self._blobs_lock = threading.Lock()  # the LRU only: a download must not wait for the round lock
         self._weights_cache: tuple[int, np.ndarray] | None = None
         self.model_config: ModelConfig | None = None
         self.vocab: Vocabulary | None = None
@@ -51,6 +52,8 @@ class ModelVersions:
 
     @property
     def initialized(self) -> bool:
+        if self.model_config is None and self.db.shared:  # another server process may have initialised it
+            self._load_identity()
         return self.model_config is not None
 
     def require_initialized(self) -> None:
@@ -104,7 +107,7 @@ class ModelVersions:
     # ------------------------------------------------------------------ blobs and weights
     def model_blob(self, version: int) -> tuple[bytes, str]:
         """(wire bytes, sha256) of a stored version; small LRU so the current model is served from memory."""
-        with self.lock:
+        with self._blobs_lock:
             hit = self._blobs.get(version)
             if hit is not None:
                 self._blobs.move_to_end(version)
@@ -117,7 +120,7 @@ class ModelVersions:
         return blob, row["sha256"]
 
     def _remember(self, version: int, blob: bytes, sha: str) -> None:
-        with self.lock:
+        with self._blobs_lock:
             self._blobs[version] = (blob, sha)
             while len(self._blobs) > BLOB_CACHE:
                 self._blobs.popitem(last=False)

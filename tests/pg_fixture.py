@@ -9,6 +9,8 @@ fail and say why; they skip only when FK_SKIP_POSTGRES=1 is set.
 
 FK_TEST_DATABASE=postgresql runs every test server of tests/server_fixtures.py on its own database here, so
 any server test file runs against PostgreSQL: `FK_TEST_DATABASE=postgresql pytest tests/test_server_rounds.py`.
+FK_TEST_DATABASE=postgresql-cluster also starts them with --cluster (server/cluster.py: the round lock and the
+aggregator's lease in the database, no row caches), except those with secure aggregation, which --cluster refuses.
 
     from tests.pg_fixture import pg_url  # noqa: F401 - a fixture: a fresh database's URL per test
 """
@@ -67,10 +69,12 @@ def _unprivileged_user() -> str:
 
 
 class PgCluster:
-    """One postgres server on a unix socket in a temp dir."""
+    """One postgres server on a unix socket in a temp dir. `durable`: PostgreSQL's default fsync and commit
+    durability (for benchmarks); else (tests) no flushes."""
 
-    def __init__(self, bin_dir: Path) -> None:
+    def __init__(self, bin_dir: Path, durable: bool = False) -> None:
         self.bin_dir = bin_dir
+        self.durable = durable
         self.root = Path(tempfile.mkdtemp(prefix="fkpg-", dir="/tmp"))  # short: a socket path has ~100 bytes
         self.data = self.root / "data"
         self.user = _unprivileged_user() if os.geteuid() == 0 else None
@@ -95,8 +99,8 @@ class PgCluster:
             os.chown(self.root, pw.pw_uid, pw.pw_gid)
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
         # Tests measure behaviour, not durability: no fsync makes each commit ~1 ms instead of a disk flush.
-        options = (f"-c listen_addresses='' -c unix_socket_directories={self.root} -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+        fast = "" if self.durable else "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+        options = (f"-c listen_addresses='' -c unix_socket_directories={self.root} {fast}-c max_connections=200")
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "postgres.log"), "-w", "-t", "60",
                   "-o", options, "start")
         self.running = True
@@ -149,8 +153,8 @@ def server_database_args(data_dir: Path) -> list[str]:
     engine = os.environ.get(DATABASE_ENV, "sqlite")
     if engine == "sqlite":
         return []
-    if engine != "postgresql":
-        raise ValueError(f"{DATABASE_ENV} must be sqlite or postgresql, not {engine!r}")
+    if engine not in ("postgresql", "postgresql-cluster"):
+        raise ValueError(f"{DATABASE_ENV} must be sqlite, postgresql or postgresql-cluster, not {engine!r}")
     key = Path(data_dir).resolve()
     with _shared_lock:
         url = _server_databases.get(key)
@@ -158,7 +162,7 @@ def server_database_args(data_dir: Path) -> list[str]:
         url = shared_cluster().create_database()
         with _shared_lock:
             url = _server_databases.setdefault(key, url)
-    return ["--database", url]
+    return ["--database", url, *(["--cluster"] if engine == "postgresql-cluster" else [])]
 
 
 @pytest.fixture

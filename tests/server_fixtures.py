@@ -40,8 +40,9 @@ class ServerProcess:
     unless `args` give --release-gate (tests/test_server_gating.py does)."""
 
     def __init__(self, data_dir: Path, args: Sequence[str], log_path: Path,
-                 env: dict[str, str | None] | None = None) -> None:
+                 env: dict[str, str | None] | None = None, name: str | None = None) -> None:
         self.data_dir = data_dir
+        self.name = name or data_dir.name  # its port file's name: processes sharing a data dir (--cluster) differ
         self.args = list(args)
         self.log_path = log_path
         self.env = dict(env or {})  # the server's environment on top of ours; None removes a variable
@@ -79,7 +80,7 @@ class ServerProcess:
         return f"{'https' if self.ca_file else 'http'}://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60.0) -> "ServerProcess":
-        port_file = self.data_dir.parent / f"{self.data_dir.name}.port"
+        port_file = self.data_dir.parent / f"{self.name}.port"
         port_file.unlink(missing_ok=True)
         # Release gating (an evaluation round before a trained version is served) is off unless a test asks for
         # it: the other tests check rounds, privacy and transport, and expect each round's version served at once.
@@ -89,6 +90,9 @@ class ServerProcess:
                                                                                           "1000000"]
         # FK_TEST_DATABASE=postgresql: the store on PostgreSQL (tests/pg_fixture.py), unless the test chose one
         database = [] if "--database" in self.args else server_database_args(self.data_dir)
+        if "--secure-aggregation" in self.args and \
+                self.args[self.args.index("--secure-aggregation") + 1] != "none":  # --cluster refuses it
+            database = [a for a in database if a != "--cluster"]
         cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
                "--data-dir", str(self.data_dir), "--admin-token", ADMIN_TOKEN, "--log-level", "warning", *gate,
                *burst, *database, *self.args]
@@ -132,7 +136,7 @@ class ServerProcess:
     @property
     def db_target(self) -> str | Path:
         """The server's store: its --database URL (given, or FK_TEST_DATABASE's) or its SQLite file."""
-        args = [*server_database_args(self.data_dir), *self.args]
+        args = self.args if "--database" in self.args else server_database_args(self.data_dir)  # as start() does
         return args[args.index("--database") + 1] if "--database" in args else self.data_dir / "server.sqlite3"
 
     def query(self, sql: str, args: tuple = ()) -> list[dict[str, Any]]:

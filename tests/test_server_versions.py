@@ -6,6 +6,7 @@ import re
 import numpy as np
 
 from models import wire
+from tests.pg_fixture import server_database_args
 from tests.server_fixtures import (  # noqa: F401  (server_factory is a fixture)
     TINY, assert_weights_equal, dyadic_delta, encode_delta, server_factory,
 )
@@ -178,7 +179,9 @@ def test_status_page_metrics_and_openapi(server_factory):
     for path in ("/v1/checkin", "/v1/rounds/{round_id}/update", "/v1/models/{version}", "/v1/admin/rollback",
                  "/healthz", "/metrics", "/status"):
         assert path in spec["paths"], path
-    assert anon.get("/healthz").json() == {"status": "ok", "initialized": True, "global_version": 3, "warm": True}
+    health = anon.get("/healthz").json()
+    assert health == {"status": "ok", "initialized": True, "global_version": 3, "warm": True, "role": health["role"]}
+    assert health["role"] == ("aggregator" if "--cluster" in srv.args + server_database_args(srv.data_dir) else "single")
 
 
 def test_uninitialised_server_and_admin_init(server_factory):

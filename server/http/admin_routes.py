@@ -110,7 +110,7 @@ def add_ops_routes(app: FastAPI, services: Services, deps: AuthDeps) -> None:
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict[str, Any]:
         return {"status": "ok", "initialized": models.initialized, "global_version": models.global_version(),
-                "warm": manager.warm.is_set()}
+                "warm": manager.warm.is_set(), "role": manager.role}
 
     @app.get("/metrics", tags=["ops"], response_class=Response, dependencies=status_auth,
              responses={200: {"description": "Prometheus text exposition format",
