@@ -153,9 +153,9 @@ def test_the_documented_cosine_runs_and_the_sweep_report(tmp_path):
 
 tff = pytest.importorskip("tensorflow_federated")
 
-from tff_sim import client_data, process, sampling  # noqa: E402
+from tff_sim import client_data, process  # noqa: E402
 from tff_sim.runner import run  # noqa: E402
-from tests.tff_fixtures import interrupt_and_resume  # noqa: E402
+from tests.tff_fixtures import FedAvgComparison, interrupt_and_resume  # noqa: E402
 
 FAST = dict(preset="tiny", max_train_clients=8, clients_per_round=4, max_examples_per_client=32, batch_size=16,
             eval_clients=4, eval_max_examples_per_client=64, final_eval_max_sentences=200, tensorboard=False,
@@ -172,26 +172,18 @@ def data():
 def test_tff_rounds_with_the_lr_set_through_hparams_equal_numpy_fedavg_with_the_schedule(data, name):
     """Each TFF server optimizer takes its lr from the state set through set_hparams: two TFF rounds at a
     warmup's 0.5x and 1x rates equal plain Keras clients + models.fedavg's scheduled server step."""
-    from tff_sim.plain_fedavg import KerasClientTrainer
-
     base_lr = 0.5 if name in ("adam", "yogi", "adagrad") else 1.0
     cfg = SimConfig(**FAST, rounds=2, server_optimizer=name, server_lr=base_lr, server_lr_warmup_rounds=2)
-    mc = data.model_config
-    w0 = process.initial_weights(mc, cfg.seed)
-    learning = process.build_learning_process(cfg, mc)
-    state = process.initialize(learning, w0)
-    trainer, server = KerasClientTrainer(mc, cfg.client_lr), fedavg.build_server_optimizer(cfg.fedavg)
-    plain = fedavg.server_init(w0, server)
+    both = FedAvgComparison(cfg, data)
     for r in (1, 2):
-        state = process.set_server_lr(learning, state, cfg.server_lr_at(r))
-        assert process.server_lr(learning, state) == pytest.approx(base_lr * r / 2)
-        ids = sampling.sample_clients(data.train_ids, r, cfg.seed, cfg.clients_per_round, "uniform")
-        state = learning.next(state, [client_data.client_dataset(data.train[c], r, cfg.seed, 1, 16, 32) for c in ids]).state
-        results = [trainer.train(plain.weights, client_data.client_batches(data.train[c], r, cfg.seed, 1, 16, 32))
-                   for c in ids]
-        plain = fedavg.fedavg_round(plain, [t for t, _, _ in results], [n for _, n, _ in results], server, cfg.lr_schedule)
-    for a, b in zip(process.get_weights_from_state(learning, state), plain.weights):
-        np.testing.assert_allclose(a, b, atol=2e-5)
+        both.state = process.set_server_lr(both.learning, both.state, cfg.server_lr_at(r))
+        assert process.server_lr(both.learning, both.state) == pytest.approx(base_lr * r / 2)
+        datasets, batches = both.cohort(r)
+        both.state = both.learning.next(both.state, datasets).state
+        results = [both.trainer.train(both.plain.weights, b) for b in batches]
+        both.plain = fedavg.fedavg_round(both.plain, [t for t, _, _ in results], [n for _, n, _ in results], both.server,
+                                         cfg.lr_schedule)
+    both.assert_same_weights()
 
 
 def test_dp_fedavg_process_exposes_the_server_lr(data):

@@ -16,7 +16,7 @@ tff = pytest.importorskip("tensorflow_federated")
 from tff_sim import client_data, process  # noqa: E402
 from tff_sim.config import SimConfig  # noqa: E402
 from tff_sim.runner import run  # noqa: E402
-from tests.tff_fixtures import interrupt_and_resume  # noqa: E402
+from tests.tff_fixtures import FedAvgComparison, interrupt_and_resume  # noqa: E402
 
 FAST = dict(preset="tiny", max_train_clients=8, clients_per_round=4, max_examples_per_client=32, batch_size=16,
             eval_clients=4, eval_max_examples_per_client=64, final_eval_max_sentences=400, tensorboard=False,
@@ -88,28 +88,18 @@ def test_exported_model_loads_with_models_alone_and_predicts_like_tff(fedavg, da
 def test_tff_round_equals_plain_keras_fedavg(data, server_optimizer):
     """The TFF process computes exactly FedAvg: the same result as plain Keras clients + models/fedavg.py
     (weighted mean of trained - base, server optimizer on -mean), for every server optimizer."""
-    from models import fedavg
-    from tff_sim import sampling
-    from tff_sim.plain_fedavg import KerasClientTrainer, plain_round
+    from tff_sim.plain_fedavg import plain_round
 
     # server_lr 0.5: the adaptive optimizers' first steps are ~lr per coordinate, so keep them moderate
     cfg = SimConfig(**FAST, rounds=3, server_optimizer=server_optimizer, server_lr=0.5 if server_optimizer in
                     ("adam", "yogi", "adagrad") else 1.0)
-    mc = data.model_config
-    w0 = process.initial_weights(mc, cfg.seed)
-    learning = process.build_learning_process(cfg, mc)
-    state = process.initialize(learning, w0)
-    trainer, server = KerasClientTrainer(mc, cfg.client_lr), fedavg.build_server_optimizer(cfg.fedavg)
-    plain = fedavg.server_init(w0, server)
+    both = FedAvgComparison(cfg, data)
     for r in (1, 2, 3):
-        ids = sampling.sample_clients(data.train_ids, r, cfg.seed, cfg.clients_per_round, "uniform")
-        state = learning.next(state, [client_data.client_dataset(data.train[c], r, cfg.seed, 1, 16, 32) for c in ids]).state
-        plain, _ = plain_round(trainer, plain, [client_data.client_batches(data.train[c], r, cfg.seed, 1, 16, 32)
-                                                for c in ids], server)
-    tff_w = process.get_weights_from_state(learning, state)
-    for a, b in zip(tff_w, plain.weights):
-        np.testing.assert_allclose(a, b, atol=2e-5)
-    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(tff_w, w0))
+        datasets, batches = both.cohort(r)
+        both.state = both.learning.next(both.state, datasets).state
+        both.plain, _ = plain_round(both.trainer, both.plain, batches, both.server)
+    tff_w = both.assert_same_weights()
+    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(tff_w, both.w0))
     assert moved > 1e-2  # far beyond the tolerance: the comparison can fail
 
 
