@@ -118,7 +118,7 @@ def bench_preset(name: str, bundle: Any, sentences: Sequence[Sequence[str]], cal
     latency = {k: percentiles_ms(v) for k, v in time_interleaved(fns, texts).items()}
     full = time_interleaved(fns, full_window_texts(vocab, max(calls // 3, 30), config.seq_len, seed))
     # The model alone (next_word_logprobs on the same contexts' ids): Suggester's tokenizing and
-    # ranking (~0.1-0.4 ms, the same for every path) left out.
+    # ranking (about 0.03-0.1 ms, the same for every path) left out.
     context_ids = {text: suggesters["keras"].context_ids(text) for text in texts}
     model_fns = {k: (lambda text, p=p: p.next_word_logprobs(context_ids[text])) for k, p in predictors.items()}
     model_only = {k: percentiles_ms(v) for k, v in time_interleaved(model_fns, texts).items()}

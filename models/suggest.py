@@ -35,6 +35,8 @@ class Suggester:
         self.lowercase = lowercase
         suggestible = np.array([_is_suggestible(tok) for tok in vocab.tokens], dtype=bool)
         self._blocked = ~suggestible
+        self._blocked_ids = np.flatnonzero(self._blocked)
+        self._suggestible_ids = np.flatnonzero(suggestible)
         # Sorted words + ids make prefix lookup a bisect instead of a scan per keystroke.
         pairs = sorted((tok, i) for i, tok in enumerate(vocab.tokens) if suggestible[i])
         self._sorted_words = [tok for tok, _ in pairs]
@@ -56,7 +58,8 @@ class Suggester:
     def suggest(self, text: str, k: int = 3) -> list[str]:
         """Top-k suggestions for `text`: completions if it ends inside a word, else next words."""
         context, partial = split_partial(text)
-        logprobs = np.asarray(self.next_word_logprobs(self.context_ids(context)), dtype=np.float64)
+        # No float64 copy: ranking float32 log-probabilities gives the same order.
+        logprobs = np.asarray(self.next_word_logprobs(self.context_ids(context)))
         if partial:
             key = partial.lower() if self.lowercase else partial
             candidates = self._prefix_ids(key)
@@ -64,14 +67,38 @@ class Suggester:
                 return []
             order = candidates[np.argsort(-logprobs[candidates], kind="stable")[:k]]
         else:
-            scores = np.where(self._blocked, -np.inf, logprobs)
-            k_eff = min(k, int((~self._blocked).sum()))
-            if k_eff == 0:
-                return []
-            top = np.argpartition(-scores, k_eff - 1)[:k_eff]
-            order = top[np.argsort(-scores[top], kind="stable")]
+            order = self._top_next_words(logprobs, k)
         words = self.vocab.decode(int(i) for i in order)
         return [_match_case(word, partial) for word in words]
+
+    def _top_next_words(self, logprobs: np.ndarray, k: int) -> list[int]:
+        """The k best suggestible ids, best first, ties in id order (as a stable sort of the suggestible
+        ids would give; NaN counts as -inf). For a keyboard's few suggestions, k argmax
+        passes over a copy (~5 us for 10k words) instead of np.argpartition (~100 us)."""
+        k_eff = min(k, self._suggestible_ids.size)
+        if k_eff <= 0:
+            return []
+        if k_eff > 16:
+            scores = logprobs[self._suggestible_ids]
+            scores = np.where(np.isnan(scores), -np.inf, scores)
+            return [int(i) for i in self._suggestible_ids[np.argsort(-scores, kind="stable")[:k_eff]]]
+        scores = np.array(logprobs, dtype=np.result_type(logprobs.dtype, np.float32))  # a copy to mark picks in
+        scores[self._blocked_ids] = -np.inf
+        order: list[int] = []
+        while len(order) < k_eff:
+            i = int(scores.argmax())
+            best = scores[i]
+            if best != best:  # NaN: argmax stops at the first one
+                scores[np.isnan(scores)] = -np.inf
+                continue
+            if best == -np.inf:  # only -inf left (blocked ids among them): the lowest suggestible ids
+                picked = set(order)
+                order += [int(j) for j in self._suggestible_ids[scores[self._suggestible_ids] == -np.inf]
+                          if int(j) not in picked][: k_eff - len(order)]
+                break
+            order.append(i)
+            scores[i] = -np.inf
+        return order
 
 
 def _match_case(word: str, typed: str) -> str:

@@ -21,13 +21,15 @@ With --templates, only what a device needs per config (models.tflite_templates),
         --out models/pretrained/small-tflite
 
 The inference models use TFLite builtin ops only, so tflite_runtime runs them. The Keras
-layer runs its LSTM in tf.scan, whose TensorList ops need Select TF ops; here `infer` unrolls
-the LSTM over the fixed seq_len (plain FULLY_CONNECTED and elementwise ops) and `next_word`
-loops carrying only the state, which needs no TensorList. Signatures of the inference models:
+layer runs its LSTM in tf.scan, whose TensorList ops need Select TF ops; here both signatures
+loop in a WHILE (a builtin) over static shapes, which needs no TensorList (the training model's
+`train` and `infer` unroll the LSTM over the fixed seq_len instead: plain FULLY_CONNECTED and
+elementwise ops). Static shapes let XNNPACK run the loops (models.tflite_predictor). Signatures
+of the inference models:
     infer(ids [b, seq_len] int32) -> logits [b, seq_len, vocab]        (evaluation)
     next_word(ids [1, seq_len] int32, length [1] int32) -> logits [1, vocab]
-        ids right-padded; the logits after ids[:length]. A WHILE loop (a builtin) runs only
-        `length` steps, and only one row goes through the vocab matmul.
+        ids right-padded; the logits after ids[:length]. The WHILE loop runs only `length`
+        steps, and only one row goes through the vocab matmul.
 """
 from __future__ import annotations
 
@@ -77,16 +79,57 @@ def unrolled_states(weights: Sequence[Any], ids: tf.Tensor) -> tf.Tensor:
     return tf.stack(outputs, axis=1)
 
 
+def looped_states(weights: Sequence[Any], ids: tf.Tensor) -> tf.Tensor:
+    """unrolled_states' outputs [b, t, E] from a WHILE loop over the t steps: each weight appears in
+    one loop body instead of t unrolled copies. XNNPACK (models.tflite_predictor applies it) packs a
+    copy of a weight for every node that uses it: with the unrolled `infer` in the model, gboard's
+    interpreter took about 40 MiB more memory on XNNPACK (11 MiB with this loop), for a signature
+    the keyboard never calls.
+
+    The input half of the gates is one matmul over all steps; step 0 runs before the loop from the
+    zero state, as in unrolled_states (an earlier version started from tf.zeros of the dynamic
+    batch, a FILL op, with ONE_HOT in the body: XNNPACK then took nothing in the whole model). The
+    outputs gather in a static [b, t, E] tensor, r_t added at row t through a one-hot mask (r * 1 and
+    x + 0 are exact), since a TensorList would need Select TF ops.
+    """
+    embedding, kernel, recurrent_kernel, bias, projection = weights[:5]
+    steps = ids.shape[1]
+    x_gates = tf.matmul(tf.gather(embedding, ids), kernel) + bias  # [b, t, 3H]
+
+    def cell(z: tf.Tensor, c: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor]:
+        zi, zg, zo = tf.split(z, 3, axis=-1)
+        i, g, o = tf.sigmoid(zi), tf.tanh(zg), tf.sigmoid(zo)
+        c = i * g if c is None else c + i * (g - c)
+        return c, tf.matmul(o * tf.tanh(c), projection)
+
+    hot = tf.one_hot(tf.range(steps), steps)  # [t, t]: row t places a step's output at position t
+    c, r = cell(x_gates[:, 0], None)
+
+    def step(t: tf.Tensor, c: tf.Tensor, r: tf.Tensor, states: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        c, r = cell(tf.gather(x_gates, t, axis=1) + tf.matmul(r, recurrent_kernel), c)
+        return t + 1, c, r, states + r[:, None, :] * tf.gather(hot, t)[None, :, None]
+
+    start = (tf.constant(1), c, r, r[:, None, :] * hot[0][None, :, None])
+    _, _, _, states = tf.while_loop(lambda t, c, r, states: t < steps, step, start)
+    return states
+
+
 def looped_state(weights: Sequence[Any], ids: tf.Tensor, length: tf.Tensor, units: int) -> tuple[tf.Tensor, tf.Tensor]:
     """(c, r) [1, H], [1, E] after ids[:length] (ids [t]), one CIFG step per WHILE iteration.
 
-    As in CIFGLSTM, the input half of the gates is one matmul over the (length) real steps,
-    before the loop; the loop starts from the zero state and always adds the recurrent term
-    (x + 0 and 0 + i * (g - 0) are exact, so these are unrolled_states' floats too).
+    As in CIFGLSTM, the input half of the gates is one matmul before the loop, here over all t
+    positions (the padding rows are computed and never read); the loop starts from the zero state
+    and always adds the recurrent term (x + 0 and 0 + i * (g - 0) are exact, so these are
+    unrolled_states' floats too).
+
+    Every tensor has a static shape, which is what lets TFLite's XNNPACK delegate take the
+    matmuls and gate ops (of the loop body too): it leaves dynamic-shaped tensors to the builtin
+    kernels, and slicing the [length] real rows made x_gates, a loop variable, dynamic. Static,
+    gboard's next_word ran about 2x faster at 20 context ids (0.95 -> 0.46 ms); one id stays at
+    0.15 ms, the matmul over all t rows taking back what XNNPACK saves there.
     """
     embedding, kernel, recurrent_kernel, bias, projection = weights[:5]
-    x = tf.slice(tf.gather(embedding, ids), [0, 0], tf.stack([length, embedding.shape[-1]]))  # [length, E]
-    x_gates = tf.matmul(x, kernel) + bias  # one matmul: ~25% faster than per step for gboard
+    x_gates = tf.matmul(tf.gather(embedding, ids), kernel) + bias  # [t, 3H]: one matmul, rows past length unused
 
     def step(t: tf.Tensor, c: tf.Tensor, r: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         z = tf.reshape(tf.gather(x_gates, t), [1, -1]) + tf.matmul(r, recurrent_kernel)
@@ -137,7 +180,7 @@ class InferModule(tf.Module):
             tf.TensorSpec([1, t], tf.int32, name="ids"), tf.TensorSpec([1], tf.int32, name="length")])
 
     def _infer(self, ids: tf.Tensor) -> dict[str, tf.Tensor]:
-        return {"logits": tied_logits(self.w, unrolled_states(self.w, ids))}
+        return {"logits": tied_logits(self.w, looped_states(self.w, ids))}
 
     def _next_word(self, ids: tf.Tensor, length: tf.Tensor) -> dict[str, tf.Tensor]:
         # A WHILE loop over the first `length` ids only: a keyboard's context is usually a few
@@ -172,6 +215,10 @@ class TrainModule(InferModule):
         self.get_weights = tf.function(self._get_weights, input_signature=[])
         self.set_weights = tf.function(self._set_weights, input_signature=[
             tf.TensorSpec(shape, tf.float32, name=n) for n, (_, shape) in zip(self.names, config.weight_specs())])
+
+    def _infer(self, ids: tf.Tensor) -> dict[str, tf.Tensor]:
+        # The training model keeps the unrolled infer, as its `train` (its template is unchanged).
+        return {"logits": tied_logits(self.w, unrolled_states(self.w, ids))}
 
     def _train(self, x: tf.Tensor, y: tf.Tensor, learning_rate: tf.Tensor) -> dict[str, tf.Tensor]:
         """One plain SGD step (Keras SGD without momentum: w -= lr * grad) on the masked loss."""

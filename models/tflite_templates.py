@@ -8,7 +8,7 @@ A template directory holds, for one ModelConfig (models.tflite_export.write_temp
                                  get_weights, set_weights; builtin ops, train's batch fixed)
 
 Shipped directories come with the code (models/pretrained/small-tflite for the committed bundle,
-gzipped: about 17 KB + 50 KB). For any other config a device with TensorFlow builds the
+gzipped: about 8 KB + 50 KB). For any other config a device with TensorFlow builds the
 directory once into its data dir (ensure_templates), so later starts need no TensorFlow.
 """
 from __future__ import annotations

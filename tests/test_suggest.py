@@ -45,3 +45,26 @@ def test_apply_suggestion_replaces_partial_word():
     assert apply_suggestion("how are ", "you") == "how are you "
     assert apply_suggestion("", "Hi") == "Hi "
     assert apply_suggestion("ok,", "then") == "ok, then "
+
+
+def test_next_word_ranking_is_a_stable_sort_of_the_suggestible_words():
+    """The k-argmax ranking (k <= 16) and the sort (k > 16) agree with a stable descending sort of the
+    suggestible ids, NaN as -inf, ties in id order, blocked ids never, on random scores with ties."""
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(60)] + [".", ",", "!"]
+    vocab = Vocabulary(words)
+    scores_box: list[np.ndarray] = []
+    s = Suggester(vocab, lambda ids: scores_box[0])
+    suggestible = np.array([vocab.tokens[i] not in (".", ",", "!") and not vocab.tokens[i].startswith("<")
+                            for i in range(len(vocab))])
+    for trial in range(300):
+        scores = rng.integers(-4, 3, len(vocab)).astype(np.float32)  # many ties
+        scores[rng.random(len(vocab)) < 0.1] = -np.inf
+        scores[rng.random(len(vocab)) < 0.05] = np.nan
+        if trial % 50 == 0:
+            scores[:] = -np.inf  # nothing scores: the lowest suggestible ids, never a blocked one
+        scores_box[:] = [scores]
+        k = [1, 3, 5, 16, 17, 40][trial % 6]
+        ids = np.flatnonzero(suggestible)
+        ref = ids[np.argsort(-np.nan_to_num(scores[ids], nan=-np.inf), kind="stable")[:k]]
+        assert s.suggest("x ", k=k) == [vocab.tokens[i] for i in ref], (trial, k)
