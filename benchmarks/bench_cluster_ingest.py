@@ -88,6 +88,8 @@ def one_run(servers: list[Server], urls: list[str], uploads: int, concurrency: i
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_load_args(ap)
+    ap.add_argument("--tmp", help="put the servers' shared data dir under this folder (e.g. /dev/shm, to see what "
+                                  "the disk's write bandwidth costs); default: the system's temp dir")
     ap.add_argument("--out", help="write the results here as JSON")
     args = ap.parse_args()
 
@@ -95,7 +97,7 @@ def main() -> None:
     cores = os.cpu_count() or 1
     print(f"model: gboard preset, {config.num_parameters():,} parameters; {cores} CPUs; "
           f"{args.concurrency} client connections; {args.uploads} uploads per run")
-    workdir = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
+    workdir = Path(tempfile.mkdtemp(prefix="bench-cluster-", dir=args.tmp))
     pg = PgCluster(require_pg_bin(), durable=True).start()
     servers: list[Server] = []
     try:
@@ -141,6 +143,7 @@ def main() -> None:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"cores": cores, "uploads": args.uploads, "concurrency": args.concurrency,
+                                   "data_dir_parent": str(workdir.parent),
                                    "ratio": round(ratio, 3), "settings": summary,
                                    "date": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
         print(f"wrote {out}")
