@@ -74,13 +74,9 @@ class ServerConfig:
     port: int = 8080
     data_dir: str = "server_data"
     db_path: str | None = None  # default: <data_dir>/server.sqlite3
-    # PostgreSQL instead of the SQLite file: a postgresql:// URL (libpq's: also $PGPASSWORD, ~/.pgpass). The
-    # blobs (models, updates, sums) stay in data_dir either way (docs/scaling.md: "Running on PostgreSQL").
+    # PostgreSQL instead of the SQLite file: a postgresql:// URL (also libpq's $PGPASSWORD); blobs stay in data_dir
     database: str | None = None
-    # Several server processes serve one fleet on that PostgreSQL database and a data dir they share
-    # (server/cluster.py, docs/scaling.md): the round lock and the aggregator's lease are PostgreSQL advisory locks.
-    # Plain and central/local DP rounds; secure aggregation keeps per-round state in one process and is refused.
-    cluster: bool = False
+    cluster: bool = False  # several server processes on that database and a shared data dir (server/cluster.py)
 
     # --- auth
     admin_token: str | None = None  # --admin-token or $FK_ADMIN_TOKEN; if neither, generated into <data_dir>/admin_token
@@ -347,11 +343,8 @@ class ServerConfig:
         need(self.database is None or self.database.startswith(POSTGRES_SCHEMES),
              "database must be a postgresql:// URL (the default store is the SQLite file in data_dir; db_path moves it)")
         need(not (self.database and self.db_path), "database (PostgreSQL) and db_path (SQLite) exclude each other")
-        need(not self.cluster or self.database is not None,
-             "cluster needs a PostgreSQL database (--database postgresql://...) shared by the server processes")
-        need(not self.cluster or self.secure_aggregation == "none",
-             "cluster serves plain and DP rounds; secure aggregation (secagg, paillier) keeps each round's protocol "
-             "state in one process: run it on a single server process")
+        need(not self.cluster or (self.database is not None and self.secure_aggregation == "none"),
+             "cluster needs a PostgreSQL --database and no secure aggregation (its round state is one process's)")
         need((self.tls_cert is None) == (self.tls_key is None), "tls_cert and tls_key go together")
         need(not (self.tls_self_signed and self.tls_cert), "tls_self_signed and tls_cert exclude each other")
         for tls_file in (self.tls_cert, self.tls_key):

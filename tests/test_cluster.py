@@ -89,9 +89,9 @@ def test_the_aggregator_lease_passes_on_when_its_session_ends(pg_url: str, monke
 
 
 def test_cluster_needs_postgres_and_no_secure_aggregation() -> None:
-    with pytest.raises(ValueError, match="cluster needs a PostgreSQL database"):
+    with pytest.raises(ValueError, match="cluster needs a PostgreSQL --database"):
         ServerConfig(cluster=True).validate()
-    with pytest.raises(ValueError, match="secure aggregation"):
+    with pytest.raises(ValueError, match="no secure aggregation"):
         ServerConfig(cluster=True, database="postgresql://x@/y", secure_aggregation="secagg").validate()
     ServerConfig(cluster=True, database="postgresql://x@/y").validate()
 
