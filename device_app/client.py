@@ -99,7 +99,7 @@ class DeviceClient:
         a server_url other than the saved one drops the saved CA file and pin, which vouch for that
         server only. Raises transport.TransportPolicyError for a URL or TLS setting the device refuses
         (plain http:// to another machine, a malformed pin). An injected `transport` or `http_client`
-        verifies TLS by itself (build it with transport.make_transport). `registration_key`: the server's
+        verifies TLS by itself (build it with tls_transport.make_transport). `registration_key`: the server's
         registration key (saved in settings.json, 0600; default $FK_REGISTRATION_KEY)."""
         self.data_dir = private_dir(Path(data_dir).expanduser())  # 0700: token, typed text (issue #18)
         self._settings_path = self.data_dir / "settings.json"

@@ -42,7 +42,8 @@ from device_app.client import ClientSettings, DeviceClient, ModelCache, Outcome
 from device_app.eligibility import Eligibility, EligibilitySettings
 from device_app.fleet_progress import RoundSeen, round_progress
 from device_app.personalize import PersonalizationSettings
-from device_app.transport import check_settings, make_transport
+from device_app.tls_transport import make_transport
+from device_app.transport import check_settings
 from models import interrupts
 
 log = logging.getLogger("device_app.fleet")

@@ -5,8 +5,13 @@ what a device ever sends: a registration, check-ins (eligibility booleans and a 
 version), model/vocabulary downloads, wire-format deltas with an example count and a few
 training metrics, and evaluation reports (recall/loss numbers). Never text or token ids.
 
-`transport` and `on_request` are injection points: tests pass a recording transport (or a
-hook) to capture every request body, the fleet may share a connection pool.
+`transport` and `on_request` are injection points: tests pass a recording transport
+(device_app.testing.RecordingTransport) or a hook to capture every request body, the fleet may
+share a connection pool.
+
+httpx (and with it rich, pygments, click) is imported when the first ServerAPI is built, not with
+this module: the keyboard imports it at start for the errors and task types below and may never
+talk to a server (no server set, or suggestions before the first sync).
 
 Transport security (device_app/transport.py): the base URL, and any absolute URL the server hands
 out, must pass the URL policy (plain http:// only to loopback), checked before any connection. The
@@ -14,7 +19,7 @@ device token goes only to the configured server's origin (scheme, host and port)
 origin is fetched without the Authorization header (transport.same_origin).
 Registration sends the server's registration key: `registration_key=`, else $FK_REGISTRATION_KEY.
 `ca_file` / `pin_sha256` set how the client ServerAPI builds verifies the server; a `client` or
-`transport` passed in carries its own verification (build it with transport.make_transport).
+`transport` passed in carries its own verification (build it with tls_transport.make_transport).
 
 Errors: `Offline` when the server cannot be reached (connection refused, DNS, timeout), and its
 `UntrustedServer` when the server's certificate does not match the pin (nothing was sent);
@@ -26,14 +31,15 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable
-
-import httpx
+from typing import TYPE_CHECKING, Any, Callable
 
 from device_app import transport as transport_policy
 from models.config import ModelConfig
 from models.fedavg import hyperparams_from_task
 from models.vocab import Vocabulary
+
+if TYPE_CHECKING:
+    import httpx
 
 API = "/v1"
 ROUTES = {
@@ -47,9 +53,9 @@ ROUTES = {
     "eval_report": f"{API}/rounds/{{round_id}}/eval",
     "round": f"{API}/rounds/{{round_id}}",
 }
-DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+TIMEOUT_S, CONNECT_TIMEOUT_S = 30.0, 5.0  # a request's default timeout; connecting
 REGISTRATION_KEY_ENV = "FK_REGISTRATION_KEY"  # the server reads the same variable
-RequestHook = Callable[[httpx.Request], None]
+RequestHook = Callable[["httpx.Request"], None]
 
 
 class Offline(Exception):
@@ -167,16 +173,21 @@ class ServerAPI:
         device_id: str | None = None,
         transport: httpx.BaseTransport | None = None,
         on_request: RequestHook | None = None,
-        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        timeout: httpx.Timeout | float | None = None,
         registration_key: str | None = None,
         client: httpx.Client | None = None,
         ca_file: str | None = None,
         pin_sha256: str | None = None,
     ) -> None:
+        """timeout None: TIMEOUT_S, CONNECT_TIMEOUT_S to connect."""
+        import httpx  # the HTTP stack: on the first ServerAPI, not at the keyboard's start
+
+        from device_app.tls_transport import make_transport
+
         ca_file, pin_sha256 = transport_policy.check_settings(base_url, ca_file, pin_sha256)
         if (ca_file or pin_sha256) and (client is not None or transport is not None):
             raise ValueError("ca_file / pin_sha256 apply to the client ServerAPI builds; a given client or "
-                             "transport verifies by itself (device_app.transport.make_transport)")
+                             "transport verifies by itself (device_app.tls_transport.make_transport)")
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.device_id = device_id
@@ -184,7 +195,9 @@ class ServerAPI:
         hooks = {"request": [on_request]} if on_request is not None else {}
         self._owns_client = client is None
         if client is None and transport is None:
-            transport = transport_policy.make_transport(ca_file=ca_file, pin_sha256=pin_sha256)
+            transport = make_transport(ca_file=ca_file, pin_sha256=pin_sha256)
+        if timeout is None:
+            timeout = httpx.Timeout(TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
         self._client = client or httpx.Client(
             base_url=self.base_url, transport=transport, timeout=timeout, event_hooks=hooks,
             headers={"User-Agent": "fk-device/1"},
@@ -211,12 +224,16 @@ class ServerAPI:
         return f"{self.base_url}{path}"
 
     def _request(self, method: str, path: str, *, ok: tuple[int, ...] = (200,), **kwargs: Any) -> httpx.Response:
+        import httpx  # loaded by __init__ already
+
+        from device_app.tls_transport import CertificatePinMismatch
+
         url = self._url(path)
         absolute = path.startswith(("http://", "https://"))
         headers = self._headers(kwargs.pop("headers", None), url if absolute else None)
         try:
             response = self._client.request(method, url, headers=headers, **kwargs)
-        except transport_policy.CertificatePinMismatch as exc:
+        except CertificatePinMismatch as exc:
             raise UntrustedServer(f"{method} {path}: {exc}") from exc
         except (httpx.TransportError, OSError) as exc:
             raise Offline(f"{method} {path}: {exc.__class__.__name__}: {exc}") from exc
@@ -287,9 +304,11 @@ class ServerAPI:
 
     @staticmethod
     def _options(params: dict[str, Any] | None, timeout: float | None) -> dict[str, Any]:
+        import httpx  # loaded by __init__ already
+
         kw: dict[str, Any] = {"params": params} if params else {}
         if timeout is not None:
-            kw["timeout"] = httpx.Timeout(timeout, connect=5.0)
+            kw["timeout"] = httpx.Timeout(timeout, connect=CONNECT_TIMEOUT_S)
         return kw
 
     def get_json(self, path: str, params: dict[str, Any] | None = None, timeout: float | None = None) -> dict[str, Any]:
@@ -325,22 +344,6 @@ def _error_of(response: httpx.Response) -> ServerError:
     return ServerError(response.status_code, reason, detail)
 
 
-class RecordingTransport(httpx.BaseTransport):
-    """Wraps a transport and keeps (method, url, headers, body) of every request it sends."""
-
-    def __init__(self, inner: httpx.BaseTransport | None = None) -> None:
-        self.inner = inner or httpx.HTTPTransport()
-        self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        body = request.read()
-        self.requests.append((request.method, str(request.url), dict(request.headers), bytes(body)))
-        return self.inner.handle_request(request)
-
-    def close(self) -> None:
-        self.inner.close()
-
-
 __all__ = [
     "API",
     "ROUTES",
@@ -348,7 +351,6 @@ __all__ = [
     "FINAL_UPLOAD_REASONS",
     "ModelDownload",
     "Offline",
-    "RecordingTransport",
     "ServerAPI",
     "ServerError",
     "Task",

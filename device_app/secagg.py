@@ -50,12 +50,14 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from models import paillier_pack as pp
-from models import secagg_math as sm
+from models import secagg_math as sm  # cryptography itself only once a round needs a key or a cipher
+
+if TYPE_CHECKING:
+    from models import paillier_pack as pp  # phe + gmpy2: imported by PaillierHook when a Paillier round comes
 
 log = logging.getLogger("device_app.secagg")
 
@@ -630,9 +632,13 @@ class PaillierHook:
         """Nothing to forget: no secret exists before submit."""
 
     def supports(self, params: dict[str, Any]) -> bool:
+        from models import paillier_pack as pp
+
         return params.get("protocol") == pp.PROTOCOL and params.get("version") == pp.PROTOCOL_VERSION
 
     def _key(self, params: dict[str, Any]) -> pp.PublicKey:
+        from models import paillier_pack as pp
+
         info = params["public_key"]
         key = pp.PublicKey.from_dict(info)
         verify_key = str(info.get("verify_key", ""))
@@ -657,6 +663,7 @@ class PaillierHook:
 
     def submit(self, api: Any, task: Any, tensors: Sequence[np.ndarray], metadata: dict[str, Any]) -> dict[str, Any]:
         from device_app.http_client import ServerError
+        from models import paillier_pack as pp
 
         params = task.secure_aggregation
         key = self._key(params)

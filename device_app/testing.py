@@ -1,5 +1,5 @@
 """Helpers for the device tests, benchmarks and demos: a small corpus, bundles built from it,
-and an HTTP transport that can be switched offline. Not used by the app itself."""
+and HTTP transports that record every request (one can be switched offline). Not used by the app itself."""
 from __future__ import annotations
 
 import os
@@ -49,6 +49,22 @@ def make_bundle(
     return save_bundle(path, config, vocab, weights, model_version, {"source": "device_app.testing"})
 
 
+class RecordingTransport(httpx.BaseTransport):
+    """Wraps a transport and keeps (method, url, headers, body) of every request it sends."""
+
+    def __init__(self, inner: httpx.BaseTransport | None = None) -> None:
+        self.inner = inner or httpx.HTTPTransport()
+        self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        body = request.read()
+        self.requests.append((request.method, str(request.url), dict(request.headers), bytes(body)))
+        return self.inner.handle_request(request)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 class SwitchableTransport(httpx.BaseTransport):
     """Passes requests through, or fails them like a dead network while `.offline` is set
     (optionally only for URL paths containing one of `.fail_paths`). Records every request."""
@@ -70,4 +86,4 @@ class SwitchableTransport(httpx.BaseTransport):
         self.inner.close()
 
 
-__all__ = ["SAMPLE_MESSAGES", "SwitchableTransport", "make_bundle", "vocab_for"]
+__all__ = ["SAMPLE_MESSAGES", "RecordingTransport", "SwitchableTransport", "make_bundle", "vocab_for"]

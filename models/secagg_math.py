@@ -1,7 +1,9 @@
 """The math of secure aggregation (Bonawitz et al. 2017, "Practical Secure Aggregation for
 Privacy-Preserving Machine Learning"; the neighbour graph of SecAgg+, Bell et al. 2020).
 Shared by the server (server/secagg/) and the device (device_app/secagg.py); numpy + the
-`cryptography` package, nothing else (no TensorFlow).
+`cryptography` package, nothing else (no TensorFlow). `cryptography` is imported by the functions
+that use it (keys, signatures, AES): the keyboard imports this module at start (device_app/secagg.py)
+but loads cryptography only when a SecAgg or Paillier round first needs it.
 
 One module past 500 lines on purpose: the server's and the device's halves of the protocol must use
 the very same encodings (share framing, quantization bounds, PRG expansion); keeping them in one file
@@ -59,12 +61,6 @@ import threading
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from models import privacy_wire
 
@@ -204,6 +200,9 @@ def share_from_bytes(data: bytes) -> int:
 
 def x25519_keypair() -> tuple[bytes, bytes]:
     """(private raw 32 bytes, public raw 32 bytes)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
     sk = X25519PrivateKey.generate()
     return (sk.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                              serialization.NoEncryption()),
@@ -211,11 +210,17 @@ def x25519_keypair() -> tuple[bytes, bytes]:
 
 
 def x25519_public(private: bytes) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
     return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(
         serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def _hkdf(material: bytes, info: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(material)
 
 
@@ -248,6 +253,8 @@ def x25519_key_problem(public: bytes) -> str | None:
         return "non-canonical encoding (u >= 2^255 - 19)"
     if public in X25519_LOW_ORDER:
         return "a point of small order"
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
     try:
         X25519PrivateKey.from_private_bytes(_PROBE_SK).exchange(X25519PublicKey.from_public_bytes(public))
     except ValueError:
@@ -257,6 +264,8 @@ def x25519_key_problem(public: bytes) -> str | None:
 
 def agreed_key(private: bytes, peer_public: bytes, label: bytes, context: bytes) -> bytes:
     """HKDF-SHA256(X25519(private, peer_public), label | context): the same on both sides."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
     try:
         shared = X25519PrivateKey.from_private_bytes(private).exchange(X25519PublicKey.from_public_bytes(peer_public))
     except ValueError as exc:  # low-order point: an all-zero shared secret
@@ -270,6 +279,9 @@ def round_context(session: str, round_id: int) -> bytes:
 
 
 def ed25519_keypair() -> tuple[bytes, bytes]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     sk = Ed25519PrivateKey.generate()
     return (sk.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                              serialization.NoEncryption()),
@@ -277,15 +289,22 @@ def ed25519_keypair() -> tuple[bytes, bytes]:
 
 
 def ed25519_public(private: bytes) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     return Ed25519PrivateKey.from_private_bytes(private).public_key().public_bytes(
         serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def sign(private: bytes, message: bytes) -> bytes:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     return Ed25519PrivateKey.from_private_bytes(private).sign(message)
 
 
 def verify(public: bytes, signature: bytes, message: bytes) -> bool:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
         Ed25519PublicKey.from_public_bytes(public).verify(signature, message)
         return True
@@ -333,6 +352,8 @@ def _share_aad(context: bytes, sender: str, recipient: str) -> bytes:
 
 def encrypt_shares(key: bytes, context: bytes, sender: str, recipient: str, s_share: int, b_share: int) -> bytes:
     """nonce (12) || AES-256-GCM(sender | recipient | share of s_sk | share of b), AAD binds the pair and round."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     plain = b"|".join([sender.encode(), recipient.encode()]) + b"#" + share_to_bytes(s_share) + share_to_bytes(b_share)
     nonce = os.urandom(12)
     return nonce + AESGCM(key).encrypt(nonce, plain, _share_aad(context, sender, recipient))
@@ -340,6 +361,8 @@ def encrypt_shares(key: bytes, context: bytes, sender: str, recipient: str, s_sh
 
 def decrypt_shares(key: bytes, context: bytes, sender: str, recipient: str, blob: bytes) -> tuple[int, int]:
     """(share of s_sk, share of b); SecAggMathError if the ciphertext was altered or is for someone else."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     if len(blob) < 12 + 16:
         raise SecAggMathError("encrypted share too short")
     try:
@@ -417,6 +440,8 @@ class PRG:
 
     def expand(self, seed: bytes) -> np.ndarray:
         """The keystream of `seed` as dim ring words; the view is valid until the next call."""
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
         if len(seed) != KEY_BYTES:
             raise SecAggMathError("PRG seeds are 32 bytes")
         enc = Cipher(algorithms.AES(seed), modes.CTR(b"\0" * 16)).encryptor()

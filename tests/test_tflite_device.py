@@ -195,11 +195,15 @@ def test_backends_are_chosen_at_run_time_and_shown(tmp_path: Path, monkeypatch: 
 
 
 # The keyboard app as a phone runs it: the Kivy app and its status screen, suggestions with the
-# typing cache, and the background client's check-in (to a closed port: offline).
+# typing cache, the background client's check-in (to a closed port: offline), and the first device-side
+# step of a SecAgg and of a Paillier round. The HTTP, crypto and Paillier stacks and psutil are imported
+# only when first needed (test_the_keyboard_starts_without_its_network_crypto_and_battery_stacks), so
+# each is reached here through the device code that needs it, not listed by hand.
 IMPORTS_SCRIPT = '''
 before = set(sys.modules)
 import os
 from device_app.client import DeviceClient
+from device_app.secagg import PaillierHook, SecAggHook, choose
 from device_app.ui.app import _build_app_class, configure_kivy
 client = DeviceClient({data!r}, "http://127.0.0.1:{port}")
 client.commit("see you tomorrow at the station")
@@ -210,6 +214,11 @@ app = _build_app_class()(client, start_worker=False)
 app.build()
 app.status_screen.update(client.status(), None)
 assert client.status()["model"]["backends"] == {{"suggestions": "tflite", "training": "tflite"}}
+# A protected round's task: the hook that takes its protocol, the SecAgg identity key it registers
+# (cryptography), the Paillier protocol check (models.paillier_pack: phe, gmpy2).
+secagg = choose(client.secure_aggregation, {{"protocol": "secagg", "version": 1, "quantization": {{"bits": 32}}}})
+assert isinstance(secagg, SecAggHook) and len(secagg.identity.public) == 32
+assert isinstance(choose(client.secure_aggregation, {{"protocol": "paillier", "version": 1}}), PaillierHook)
 from importlib.metadata import packages_distributions
 names = packages_distributions()
 imported = {{top for top in (m.split(".")[0] for m in set(sys.modules) - before) if top in names}}
@@ -242,6 +251,36 @@ def test_buildozer_requirements_are_exactly_what_the_tflite_keyboard_imports(tmp
     exts = set(spec["app"]["source.include_exts"].split(","))
     shipped = [*default_bundle_path().iterdir(), *(default_bundle_path().parent / "small-tflite").iterdir()]
     assert {p.suffix.lstrip(".") for p in shipped} <= exts and (ROOT / "main.py").is_file()
+
+
+# The keyboard's start (issue #16): a DeviceClient on its data dir with no server, the first suggestion,
+# the app's typing screen and its status badge. Nothing there talks to a server, runs a protected round
+# or probes the battery, so none of their stacks is imported (the phone's start time and memory).
+LAZY_STACKS = ("httpx", "httpcore", "rich", "pygments", "click",  # HTTP: a sync, check-in or upload
+               "cryptography", "_cffi_backend", "phe", "gmpy2",  # SecAgg / Paillier rounds
+               "psutil")  # the eligibility probe (a check-in, the status screen)
+START_SCRIPT = '''
+import json
+from device_app.client import DeviceClient
+client = DeviceClient({data!r})
+assert client.suggest("see you to")
+assert client.models.status()["backends"]["suggestions"] == "tflite"
+suggested = sorted({{m.split(".")[0] for m in sys.modules}})
+from device_app.ui.app import _build_app_class, configure_kivy
+configure_kivy()
+app = _build_app_class()(client, start_worker=False)
+app.build()
+app.refresh_status()
+assert app.typing.badge.text.startswith("no server | "), app.typing.badge.text
+print(json.dumps({{"suggested": suggested, "app": sorted({{m.split(".")[0] for m in sys.modules}})}}))
+'''
+
+
+def test_the_keyboard_starts_without_its_network_crypto_and_battery_stacks(tmp_path: Path) -> None:
+    loaded = json.loads(run_blocked(START_SCRIPT.format(data=str(tmp_path / "device"))).strip().splitlines()[-1])
+    assert "numpy" in loaded["suggested"] and "kivy" in loaded["app"]  # the measurement sees imports
+    assert [m for m in LAZY_STACKS if m in loaded["suggested"]] == []
+    assert [m for m in LAZY_STACKS if m in loaded["app"]] == []
 
 
 def test_shipped_templates_are_what_the_exporter_makes_for_the_committed_bundle(tmp_path: Path) -> None:

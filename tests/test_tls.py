@@ -25,7 +25,8 @@ from device_app.eligibility import EligibilitySettings
 from device_app.fleet import FleetConfig, run_fleet
 from device_app.http_client import Offline, ServerAPI, UntrustedServer
 from device_app.testing import SAMPLE_MESSAGES, vocab_for
-from device_app.transport import CertificatePinMismatch, PinnedTransport, TransportPolicyError
+from device_app.tls_transport import CertificatePinMismatch, PinnedTransport
+from device_app.transport import TransportPolicyError
 from models.config import preset
 from models.data.types import ClientData, FederatedDataset
 from server import tls

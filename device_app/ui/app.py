@@ -254,14 +254,15 @@ def _build_app_class():
             p.value = fraction if busy else 0.0
 
         def refresh_status(self, dt: float = 0.0) -> None:
-            status = self.client.status()
-            gv = status.get("global_version")
-            conn = status.get("connection")
-            model = status.get("model") or {}
+            c = self.client
+            if self.sm.current == "status":
+                status = c.status()
+                self.status_screen.update(status, self.worker.current)
+                conn, gv, model = status.get("connection"), status.get("global_version"), status.get("model") or {}
+            else:  # the typing screen's badge only: no battery probe (psutil) or store count twice a second
+                conn, gv, model = c.connection, c.models.global_version, c.models.status()
             cache = "+cache" if (model.get("cache") or {}).get("weight") else ""
             self.typing.badge.text = f"{conn} | " + ("no model" if gv is None else f"v{gv} {model.get('serving')}{cache}")
-            if self.sm.current == "status":
-                self.status_screen.update(status, self.worker.current)
 
     return KeyboardApp
 
