@@ -50,7 +50,8 @@ auth.py         registration (key, rate limit, cap), bearer tokens (stored as SH
 ratelimit.py    per-address token buckets (registration)
 host.py         what the privacy services may ask of the round manager (RoundHost)
 bootstrap.py    first model from a bundle or a preset
-db.py           SQLite schema + queries; WAL, synchronous=FULL, one writer lock
+db.py           schema + queries on SQLite (WAL, synchronous=FULL) or PostgreSQL (db_dialect.py), one writer lock
+cluster.py      --cluster: the round lock across server processes and the aggregator's lease (advisory locks)
 store.py        model / update / optimizer-state files: temp + fsync + rename before the row commits
 optimizers.py   models/fedavg.py's server optimizers (sgd ... adagrad) with persisted state;  metrics.py  Prometheus text
 status_page.py  HTML + server-rendered SVG (no JavaScript);  config.py  ServerConfig (frozen per round)
