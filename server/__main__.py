@@ -7,7 +7,8 @@ Every ServerConfig field is a flag (--round-goal 100, --dp-mode distributed, --n
 --config FILE.json sets several at once (flags win). --port 0 binds a free port; --port-file writes it.
 --init-bundle / --init-preset only act on a data dir that has no model yet.
 The store is <data-dir>/server.sqlite3 unless --database postgresql://... selects PostgreSQL (the blobs stay
-in the data dir either way; docs/scaling.md, "Running on PostgreSQL").
+in the data dir either way; docs/scaling.md, "Running on PostgreSQL"). --cluster lets several server processes
+serve one fleet on that database and a data dir they share (one aggregates, by lease; /healthz says which).
 HTTPS: --tls-cert FILE --tls-key FILE, or --tls-self-signed (created once in the data dir; its path and
 SHA-256 fingerprint are printed for the devices' --ca-file / --pin-sha256).
 DP settings whose noise would swamp the model (a round's expected noise norm on the mean of min_count
