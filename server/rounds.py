@@ -27,8 +27,9 @@ transaction. Crash safety: files are durable before the row that references them
 
 Several processes (--cluster, server/cluster.py): `self.lock` is a ClusterLock (the same serialisation
 across processes), and only the process holding the aggregator's lease runs the round worker's duties;
-the others serve the API. The lease's new holder does what a start does (`take_over`), except that files
-younger than ORPHAN_MIN_AGE_S stay: another process may be about to commit the row naming one.
+the others serve the API. The lease's new holder does what a start does (`take_over`), except that, while
+other server processes are connected, files younger than ORPHAN_MIN_AGE_S stay: one may be another
+process's upload about to commit its row.
 """
 from __future__ import annotations
 
@@ -353,7 +354,7 @@ class RoundManager:
         # serialises its own adds), so other uploads validate and commit meanwhile. Aggregation
         # waits for in-flight adds (wait_for_adds) and rebuilds from disk if one failed.
         try:
-            if state is not None or self.leadership is None:
+            if state is not None:  # (None: a stateless strategy, or --cluster)
                 strategy.accept(state, update, weight)
         except BaseException:
             with self.lock:
