@@ -20,6 +20,13 @@ cosine decay in language-model training (e.g. Hoffmann et al. 2022); with 0 the 
 barely move the model (their clients' work is nearly wasted), and a run extended past its schedule (tff_sim
 allows raising --rounds) would freeze at lr 0 instead of going on at the floor. min_lr_fraction 0 is there
 for whoever wants the textbook cosine.
+
+The clients' learning rate may decay with the server's (`decay_at`, tff_sim's --client-lr-decay, the
+server's client_lr_decay): the same decay applied to the client lr, without the warmup ramp. Why decay it:
+a server step averages client deltas, each K local SGD steps at the client lr; lowering only the server lr
+shrinks the step but keeps every client's drift towards its own text, which only a smaller client lr
+reduces (the local steps' noise, as in central training's annealing). Why no warmup: warmup protects the
+server optimizer's momentum from the first rounds' large pseudo-gradients; a client starts fresh each round.
 """
 from __future__ import annotations
 
@@ -120,6 +127,13 @@ class LrSchedule:
     def lr_at(self, round_num: int, base_lr: float) -> float:
         return server_lr_at(round_num, base_lr, self.name, self.total_rounds, self.warmup_rounds,
                             self.min_lr_fraction, self.step_rounds, self.gamma)
+
+    def decay_at(self, round_num: int, base_lr: float) -> float:
+        """The rate of round `round_num` without the warmup ramp: base_lr through the warmup rounds, then
+        lr_at (the clients' decayed learning rate; module docstring)."""
+        if self.warmup_rounds and 1 <= round_num <= self.warmup_rounds:
+            return float(base_lr)
+        return self.lr_at(round_num, base_lr)
 
     def describe(self, base_lr: float) -> str:
         """One phrase for reports and logs, e.g. "cosine from 1 to 0.1 over 600 rounds, 20 warmup rounds"."""

@@ -51,19 +51,24 @@ def bearer_token(authorization: str | None) -> str | None:
     return value.strip()
 
 
-def ensure_admin_token(configured: str | None, data_dir: Path) -> str:
-    """The configured admin token, or the one stored in the data dir (created on first use)."""
-    if configured:
-        return configured
-    path = data_dir / "admin_token"
+def ensure_secret_file(path: Path) -> str:
+    """The secret stored in `path`, or a new random one written there (mode 0600) on first use."""
     if path.exists():
         return path.read_text(encoding="utf-8").strip()
-    token = secrets.token_urlsafe(32)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    secret = secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # created meanwhile by another process: use that one
+        return path.read_text(encoding="utf-8").strip()
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(token + "\n")
-    return token
+        f.write(secret + "\n")
+    return secret
+
+
+def ensure_admin_token(configured: str | None, data_dir: Path) -> str:
+    """The configured admin token, or the one stored in the data dir (created on first use)."""
+    return configured or ensure_secret_file(data_dir / "admin_token")
 
 
 class RateLimited(Rejection):

@@ -9,7 +9,6 @@ import dataclasses
 import json
 import math
 import os
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from models.dp_ftrl import adaptive_value_noise_multiplier
 from models.dp_noise_check import DEFAULT_MAX_NOISE_TO_CLIP
 from models.fedavg import SERVER_OPTIMIZERS, FedAvgHyperparams, task_fields
 from models.lr_schedule import DEFAULT_GAMMA, DEFAULT_MIN_LR_FRACTION, LrSchedule
+from server.auth import ensure_secret_file
 from server.db_url import POSTGRES_SCHEMES, redact_url
 
 AGGREGATORS = ("mean", "trimmed_mean", "median")
@@ -34,20 +34,6 @@ ADMIN_TOKEN_ENV = "FK_ADMIN_TOKEN"
 REGISTRATION_KEY_ENV = "FK_REGISTRATION_KEY"
 REGISTRATION_KEY_FILE = "registration_key"  # in the data dir, generated unless configured (issue #18)
 
-
-def ensure_secret_file(path: Path) -> str:
-    """The secret stored in `path`, or a new random one written there (mode 0600) on first use."""
-    if path.exists():
-        return path.read_text(encoding="utf-8").strip()
-    secret = secrets.token_urlsafe(32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # created meanwhile by another process: use that one
-        return path.read_text(encoding="utf-8").strip()
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(secret + "\n")
-    return secret
 
 # Other accepted spellings of config keys (files and flags) -> the field. adam_*: the names before
 # models/fedavg.py; client_lr / client_epochs: FedAvgHyperparams' names for the fields that keep the
@@ -170,6 +156,7 @@ class ServerConfig:
     server_lr_total_rounds: int | None = None  # cosine: the steps it decays over (required here)
     server_lr_step_rounds: int | None = None  # step: multiply by server_lr_gamma every N steps
     server_lr_gamma: float = DEFAULT_GAMMA
+    client_lr_decay: bool = False  # the task's learning_rate decays with the schedule, without its warmup
     seed: int = 0  # random init of a preset model (central-DP noise uses a secret random seed per round)
 
     # --- uploads
@@ -295,6 +282,8 @@ class ServerConfig:
             schedule = LrSchedule.from_fields(self)  # validates it
         except ValueError as exc:
             need(False, str(exc))
+        need(not self.client_lr_decay or schedule.name != "constant", "client_lr_decay follows the server lr "
+             "schedule's decay: set server_lr_schedule (cosine, step or inverse_sqrt)")
         need(self.dp_mode != "ftrl" or schedule.is_constant, "DP-FTRL needs a constant server learning rate (FTRL's "
              "tree noise cancels across rounds only with one lr): drop server_lr_schedule / server_lr_warmup_rounds")
         need(all(d in WIRE_DTYPES for d in self.upload_dtypes) and self.upload_dtypes, "bad upload_dtypes")
@@ -394,8 +383,9 @@ class ServerConfig:
     def max_eval_admitted(self) -> int:
         return math.ceil(self.eval_goal * self.over_admit - 1e-9)
 
-    def round_params(self) -> dict[str, Any]:
-        """The parameters frozen into a training round when it opens."""
+    def round_params(self, server_step: int = 1) -> dict[str, Any]:
+        """The parameters frozen into a training round when it opens; its aggregate will be the server's step
+        `server_step` (the devices' learning rate decays with it under client_lr_decay)."""
         # With a selection draw the cohort is the draw: no goal and no admission cap cut it first-come
         # (only selection_max_cohort, accounted for); see selection_q above.
         cohort = None if self.selection_q is None else self.selection_max_cohort or SELECTION_UNCAPPED
@@ -405,6 +395,8 @@ class ServerConfig:
             "max_admitted": self.max_admitted if cohort is None else cohort,
             "deadline_s": self.deadline_s,
             **task_fields(self.fedavg),  # epochs, batch_size, learning_rate: the task's names for them
+            **({"learning_rate": LrSchedule.from_fields(self).decay_at(server_step, self.learning_rate)}
+               if self.client_lr_decay else {}),
             "dp_mode": self.dp_mode,
             "clip_norm": self.clip_norm,
             "noise_multiplier": self.noise_multiplier,

@@ -162,7 +162,7 @@ class RoundManager:
         if not m.initialized:
             return
         if self._training_due():
-            base = self.config.round_params()
+            base = self.config.round_params(m.next_server_step() if self.config.client_lr_decay else 1)
             params = self._strategy_for_params(parse_params("train", base)).open_params(base)  # type: ignore[arg-type]
             with self.db.write():
                 rid = self.db.create_round(kind="train", base_version=m.global_version(),

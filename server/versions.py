@@ -88,6 +88,15 @@ class ModelVersions:
     def candidate_version(self) -> int | None:
         return self.db.get_meta("candidate_version")
 
+    def next_server_step(self) -> int:
+        """The server step a training round opened now aggregates into: 1 + the steps behind the global
+        version's optimizer state (server/optimizers.py counts them under a schedule; none saved: step 1)."""
+        version = self.global_version()
+        row = self.db.get_model(version) if version is not None else None
+        if not row or not row.get("opt_state_file"):
+            return 1
+        return int(self.store.read_opt_state(row["opt_state_file"]).get("round", 0)) + 1
+
     def training_enabled(self) -> bool:
         return bool(self.db.get_meta("training_enabled", False))
 

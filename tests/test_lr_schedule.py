@@ -86,3 +86,13 @@ def test_describe_names_the_schedule():
     assert LrSchedule("cosine", 600, 20).describe(1.0) == "cosine from 1 to 0.1 over 600 rounds, 20 warmup rounds"
     assert LrSchedule().describe(0.5) == "constant 0.5"
     assert "every 10 rounds" in LrSchedule("step", step_rounds=10).describe(1.0)
+
+
+def test_decay_at_is_the_schedule_without_its_warmup() -> None:
+    s = LrSchedule("cosine", 100, 10, 0.1)
+    assert [s.decay_at(r, 0.5) for r in (1, 5, 10, 11)] == [0.5, 0.5, 0.5, 0.5]
+    assert s.lr_at(1, 0.5) == pytest.approx(0.05)  # the server's warmup ramp, which the clients skip
+    for r in (12, 50, 100, 150):
+        assert s.decay_at(r, 0.5) == s.lr_at(r, 0.5) < 0.5
+    assert s.decay_at(150, 0.5) == pytest.approx(0.05)  # past the schedule: the floor
+    assert LrSchedule().decay_at(7, 0.3) == 0.3

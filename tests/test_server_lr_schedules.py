@@ -13,6 +13,7 @@ from models import fedavg
 from models.lr_schedule import LrSchedule, server_lr_at
 from server.config import ServerConfig
 from server.optimizers import ServerOptimizer
+from tests.server_fixtures import server_factory  # noqa: F401  (a fixture)
 from tff_sim.config import SimConfig, parse_args
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "yogi", "adagrad")
@@ -106,6 +107,32 @@ def test_server_config_flags_build_the_schedule():
                      server_lr_step_rounds=10)
 
 
+def test_devices_get_the_client_lr_decayed_with_the_server_steps_through_a_restart(server_factory):
+    """client_lr_decay: round r's task carries LrSchedule.decay_at(r, learning_rate), r = the server step its
+    aggregate makes (counted in the global version's optimizer state, so a restart keeps the count)."""
+    from tests.server_fixtures import dyadic_delta, encode_delta
+
+    srv = server_factory("--round-goal", "1", "--min-count", "1", "--server-optimizer", "nesterov",
+                         "--server-lr-schedule", "cosine", "--server-lr-total-rounds", "4",
+                         "--server-lr-warmup-rounds", "1", "--learning-rate", "0.4", "--client-lr-decay",
+                         "--deadline-s", "60")
+    schedule = LrSchedule("cosine", 4, 1, 0.1)
+    d = srv.device()
+    got = []
+    for r in range(1, 6):
+        if r == 3:
+            srv.restart()
+            d.client.base_url = srv.url
+        task = d.task()
+        got.append(task["learning_rate"])
+        assert d.upload(task["round_id"], encode_delta(dyadic_delta(r), task["base_version"])).status_code == 200
+        assert srv.wait_round(task["round_id"])["outcome"]["server_lr"] == pytest.approx(schedule.lr_at(r, 1.0))
+    assert got == pytest.approx([schedule.decay_at(r, 0.4) for r in range(1, 6)])
+    assert got[0] == got[1] == 0.4 and got[1] > got[2] > got[3] > got[4] == pytest.approx(0.04)
+    with pytest.raises(ValueError, match="client_lr_decay follows the server lr schedule"):
+        ServerConfig(client_lr_decay=True)
+
+
 # --------------------------------------------------------------------------- tff_sim configuration
 
 
@@ -124,6 +151,18 @@ def test_sim_config_schedule_fields_flags_and_identity():
         SimConfig(server_lr_schedule="step")
     with pytest.raises(ValueError, match="DP-FTRL needs a constant server learning rate"):
         SimConfig(dp=True, dp_mechanism="dp-ftrl", server_optimizer="momentum", server_lr_schedule="inverse_sqrt")
+
+
+def test_sim_config_client_lr_decay_follows_the_schedule_without_its_warmup():
+    cfg = parse_args(["--server-lr-schedule", "cosine", "--server-lr-warmup-rounds", "3", "--rounds", "30",
+                      "--client-lr", "0.4", "--client-lr-decay"])
+    assert cfg.client_lr_decay and cfg.client_lr_at(1) == cfg.client_lr_at(4) == 0.4  # no warmup ramp
+    assert cfg.client_lr_at(20) == pytest.approx(0.4 * cfg.server_lr_at(20)) and cfg.client_lr_at(40) == pytest.approx(0.04)
+    assert cfg.replace(client_lr_decay=False).client_lr_at(20) == 0.4
+    assert cfg.config_hash() != cfg.replace(client_lr_decay=False).config_hash()
+    assert "client_lr_decay" not in SimConfig().identity()  # older runs keep their hash
+    with pytest.raises(ValueError, match="--client-lr-decay follows the server lr schedule"):
+        SimConfig(client_lr_decay=True, server_lr_warmup_rounds=5)  # a warmup alone decays nothing
 
 
 def test_the_documented_cosine_runs_and_the_sweep_report(tmp_path):
@@ -186,6 +225,20 @@ def test_tff_rounds_with_the_lr_set_through_hparams_equal_numpy_fedavg_with_the_
     both.assert_same_weights()
 
 
+def test_tff_round_at_a_client_lr_set_through_hparams_equals_plain_clients_at_that_lr(data):
+    from tff_sim.plain_fedavg import KerasClientTrainer
+
+    cfg = SimConfig(**FAST, rounds=1, client_lr=0.5)
+    both = FedAvgComparison(cfg, data)
+    both.state = process.set_client_lr(both.learning, both.state, 0.125)
+    both.trainer = KerasClientTrainer(data.model_config, 0.125)
+    datasets, batches = both.cohort(1)
+    both.state = both.learning.next(both.state, datasets).state
+    results = [both.trainer.train(both.plain.weights, b) for b in batches]
+    both.plain = fedavg.fedavg_round(both.plain, [t for t, _, _ in results], [n for _, n, _ in results], both.server)
+    both.assert_same_weights()
+
+
 def test_dp_fedavg_process_exposes_the_server_lr(data):
     cfg = SimConfig(**FAST, rounds=2, dp=True, noise_multiplier=0.5, allow_noisy_dp=True, server_optimizer="momentum",
                     server_lr_schedule="cosine")
@@ -196,11 +249,12 @@ def test_dp_fedavg_process_exposes_the_server_lr(data):
 
 def test_tiny_cosine_run_records_the_lr_per_round_and_a_resumed_run_continues_the_schedule(data, tmp_path):
     cfg = SimConfig(**FAST, rounds=5, eval_every=5, server_lr_schedule="cosine", server_lr_warmup_rounds=1,
-                    server_lr_min_fraction=0.1)
+                    server_lr_min_fraction=0.1, client_lr_decay=True)
     want = [server_lr_at(r, 1.0, "cosine", total_rounds=5, warmup_rounds=1, min_lr_fraction=0.1) for r in range(1, 6)]
     assert want[0] == want[1] == 1.0 and want[2] > want[3] > want[4] > 0.1
     whole = run(cfg.replace(output=str(tmp_path / "whole"), tensorboard=True), data)
     assert [row["server_lr"] for row in whole.history if row["round"] > 0] == want
+    assert [row["client_lr"] for row in whole.history if row["round"] > 0] == pytest.approx([0.5 * x for x in want])
     with open(tmp_path / "whole" / "metrics.csv", newline="") as f:
         lrs = [float(row["server_lr"]) for row in csv.DictReader(f) if row["server_lr"]]
     assert lrs == pytest.approx(want)
@@ -223,6 +277,6 @@ def test_tiny_cosine_run_records_the_lr_per_round_and_a_resumed_run_continues_th
     for a, b in zip(whole.weights, resumed.weights):
         np.testing.assert_array_equal(a, b)  # the resumed run recomputed rounds 3-5's rates: bit-exact
     constant = run(cfg.replace(output=str(tmp_path / "constant"), server_lr_schedule="constant",
-                               server_lr_warmup_rounds=0), data)
+                               server_lr_warmup_rounds=0, client_lr_decay=False), data)
     assert all(row["server_lr"] == 1.0 for row in constant.history if row["round"] > 0)
     assert not all(np.array_equal(a, b) for a, b in zip(whole.weights, constant.weights))

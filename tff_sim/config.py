@@ -40,7 +40,7 @@ _ADDED_LATER = {"beta1": 0.9, "beta2": 0.99, "eps": 1e-3, "dp_mechanism": "dp-fe
                 "ftrl_efficient": True, "population": "all", "vocab_source": None, "init_bundle": None,
                 "server_lr_schedule": "constant", "server_lr_warmup_rounds": 0,
                 "server_lr_min_fraction": DEFAULT_MIN_LR_FRACTION, "server_lr_total_rounds": None,
-                "server_lr_step_rounds": None, "server_lr_gamma": DEFAULT_GAMMA}
+                "server_lr_step_rounds": None, "server_lr_gamma": DEFAULT_GAMMA, "client_lr_decay": False}
 POPULATIONS = ("all", "donors", "federated")  # = models.data.POPULATIONS (docs/donors.md)
 VOCAB_SOURCES = ("all", "donors", "wordfreq")  # = models.data.VOCAB_SOURCES
 
@@ -65,6 +65,7 @@ class SimConfig:
     batch_size: int = 16
     client_lr: float = 0.5
     client_momentum: float = 0.0
+    client_lr_decay: bool = False  # the client lr decays with the server lr schedule, without its warmup
     # server optimizer (models/fedavg.py defines each): sgd | momentum | nesterov (Gboard: Nesterov 0.9) |
     # adam (FedAdam) | yogi (FedYogi) | adagrad (FedAdagrad)
     server_optimizer: str = "nesterov"
@@ -177,6 +178,9 @@ class SimConfig:
             raise ValueError(f"dp_mechanism must be one of {DP_MECHANISMS}, got {self.dp_mechanism!r}")
         if self.ftrl_restart not in FTRL_RESTARTS:
             raise ValueError(f"ftrl_restart must be one of {FTRL_RESTARTS}, got {self.ftrl_restart!r}")
+        if self.client_lr_decay and self.lr_schedule.name == "constant":
+            raise ValueError("--client-lr-decay follows the server lr schedule's decay: set --server-lr-schedule "
+                             "(cosine, step or inverse_sqrt)")
         if self.dp_mechanism == "dp-ftrl":
             if not self.dp:
                 raise ValueError("--dp-mechanism dp-ftrl needs --dp")
@@ -214,6 +218,11 @@ class SimConfig:
     def server_lr_at(self, round_num: int) -> float:
         """The server learning rate of round `round_num` (1-based)."""
         return self.lr_schedule.lr_at(round_num, self.server_lr)
+
+    def client_lr_at(self, round_num: int) -> float:
+        """The client learning rate of round `round_num`: client_lr, decayed with the server's schedule
+        when client_lr_decay."""
+        return self.lr_schedule.decay_at(round_num, self.client_lr) if self.client_lr_decay else self.client_lr
 
     @property
     def ftrl_sampling(self) -> str:
@@ -334,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--client-epochs", type=int, help=f"default {default('client_epochs')}")
     g.add_argument("--batch-size", type=int, help=f"default {default('batch_size')}")
     g.add_argument("--client-lr", type=float, help=f"client SGD learning rate (default {default('client_lr')})")
+    _bool_flag(g, "client-lr-decay", "decay the client lr with the server lr schedule, without its warmup "
+               "(models/lr_schedule.py: LrSchedule.decay_at)")
     g.add_argument("--client-momentum", type=float, help=f"client SGD momentum (default {default('client_momentum')})")
     g.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS,
                    help="nesterov = Gboard's SGD with Nesterov momentum; adam/yogi/adagrad = FedAdam/FedYogi/FedAdagrad "

@@ -8,7 +8,8 @@
 
 The server learning rate of a round (models/lr_schedule.py) goes into the state before the round through
 the process's get_hparams / set_hparams (`set_server_lr`): every server optimizer here (TFF's sgdm, adam,
-yogi, adagrad and tff_sim/nesterov.py) keeps it in its state under LEARNING_RATE_KEY.
+yogi, adagrad and tff_sim/nesterov.py) keeps it in its state under LEARNING_RATE_KEY. A decaying client
+lr (--client-lr-decay) goes the same way into the client work's hyperparameters (`set_client_lr`).
 """
 from __future__ import annotations
 
@@ -188,6 +189,19 @@ def set_server_lr(process: tff.learning.templates.LearningProcess, state, lr: fl
     """`state` with the server optimizer's learning rate set to `lr`, everything else unchanged."""
     hparams = process.get_hparams(state)
     _finalizer_hparams(hparams)[tff.learning.optimizers.LEARNING_RATE_KEY] = np.float32(lr)
+    return process.set_hparams(state, hparams)
+
+
+def set_client_lr(process: tff.learning.templates.LearningProcess, state, lr: float):
+    """`state` with the clients' optimizer learning rate set to `lr` (the client work's hyperparameters,
+    which TFF hands every client of the next round), everything else unchanged."""
+    hparams = process.get_hparams(state)
+    key = tff.learning.optimizers.LEARNING_RATE_KEY
+    optimizer = hparams.get("client_work") if hasattr(hparams, "get") else None  # the client optimizer's hparams
+    if optimizer is None or key not in optimizer:
+        raise ValueError(f"this learning process exposes no client optimizer {key!r} in its hyperparameters "
+                         f"({hparams!r}): its client lr cannot decay")
+    optimizer[key] = np.float32(lr)
     return process.set_hparams(state, hparams)
 
 

@@ -177,9 +177,13 @@ def run(cfg: SimConfig, data: client_data.SimData | None = None,
                 # A function of r alone, set before every round: a resumed run recomputes it, and the
                 # checkpointed state's rate (the previous round's) is overwritten here.
                 state = process.set_server_lr(learning, state, lr)
+            if cfg.client_lr_decay:
+                state = process.set_client_lr(learning, state, cfg.client_lr_at(r))
             started, traffic = time.time(), workers.mark()
             output = learning.next(state, datasets) if datasets else None  # Poisson may draw nobody
             row = train_row(r, len(ids), output, time.time() - started, server_lr=lr)
+            if cfg.client_lr_decay:
+                row["client_lr"] = cfg.client_lr_at(r)
             row.update(workers.since(traffic))  # --workers: worker count, bytes each way this round
             # The round is done: state, history and last_done move together, so a checkpoint
             # written from here on (even by the error handler) is consistent.
@@ -260,6 +264,7 @@ def finish(cfg: SimConfig, data: client_data.SimData, out: Path, weights: list[n
         "rounds_done": len(trained),
         "sampling": cfg.sampling_mode,
         "server_lr_schedule": cfg.lr_schedule.describe(cfg.server_lr),
+        "client_lr_decay": cfg.client_lr_decay,
         "data": data.summary(),
         "model_config": data.model_config.to_dict(),
         "model_parameters": data.model_config.num_parameters(),
