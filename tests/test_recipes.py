@@ -17,7 +17,7 @@ from tff_sim.sweep import load_sweep, run_fields
 
 ROOT = Path(__file__).resolve().parents[1]
 # recipe file -> (sweep file, run name): the measured run each recipe reproduces
-RECIPES = {"federated-from-donors.json": ("docs/sweeps/chitchat-donors.toml", "nesterov-cosine600-cap1024")}
+RECIPES = {"federated-from-donors.json": ("docs/sweeps/chitchat-donors.toml", "nesterov-cosine600-cap1024-clientdecay")}
 
 
 def sweep_run(sweep: str, name: str) -> SimConfig:
@@ -42,6 +42,8 @@ def test_recipe_trains_as_its_sweep_run(recipe: str) -> None:
     assert schedule == sim.lr_schedule
     rounds = (1, 20, 21, 300, 600, 601)
     assert [schedule.lr_at(r, server.server_lr) for r in rounds] == [sim.server_lr_at(r) for r in rounds]
+    assert server.client_lr_decay == sim.client_lr_decay
+    assert [server.round_params(r)["learning_rate"] for r in rounds] == [sim.client_lr_at(r) for r in rounds]
     assert server.round_goal == server.min_count == sim.clients_per_round  # every round averages this many
     assert sim.sampling_mode == "uniform"  # a round takes the first devices to check in, no secret Poisson draw
     assert server.max_examples_per_update == sim.max_examples_per_client
