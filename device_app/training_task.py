@@ -32,7 +32,7 @@ def run_train_task(task: Any, *, should_drop: Callable[[], bool] | None, should_
         return Outcome("no_model", "no global model", rid)
     config, vocab = models.config, models.vocab
     assert config is not None and vocab is not None
-    examples = local_examples(store.training_messages(), vocab, config.seq_len, task.max_examples)
+    examples = local_examples(store.training_messages(), vocab, config.seq_len, task.max_examples, rng)
     if len(examples[0]) == 0:
         return Outcome("no_data", "no local text to train on yet", rid)
     ctx.progress.report(0.05, f"round {rid}: getting model {task.base_version}")

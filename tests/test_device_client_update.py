@@ -37,8 +37,9 @@ def _task(**kw) -> Task:
     return Task(**fields)
 
 
-def _examples(bundle: Bundle, max_examples: int | None = None):
-    return local_examples(list(SAMPLE_MESSAGES) * 2, bundle.vocab, bundle.config.seq_len, max_examples)
+def _examples(bundle: Bundle, max_examples: int | None = None, seed: int = 0):
+    return local_examples(list(SAMPLE_MESSAGES) * 2, bundle.vocab, bundle.config.seq_len, max_examples,
+                          np.random.default_rng(seed))
 
 
 # ----------------------------------------------------------------------------------- train_round
@@ -90,10 +91,18 @@ def test_task_hyperparameters_reach_the_trainer(bundle: Bundle) -> None:
     assert out.num_examples == 10 and out.training["epochs"] == 2 and out.training["steps"] == 2 * 3
 
 
-def test_local_examples_keep_the_newest_windows(bundle: Bundle) -> None:
+def test_capped_local_examples_are_a_fresh_uniform_draw_each_round(bundle: Bundle) -> None:
+    """As the simulation's round_epochs: a new random subset per round, so rounds together reach all the text."""
     x, y = _examples(bundle)
-    cx, cy = _examples(bundle, 5)
-    assert len(cx) == 5 and np.array_equal(cx, x[-5:]) and np.array_equal(cy, y[-5:])
+    pairs = {(a.tobytes(), b.tobytes()) for a, b in zip(x, y)}
+    assert len(pairs) > 8
+    draws = [_examples(bundle, 5, seed) for seed in range(40)]
+    for cx, cy in draws:
+        assert len(cx) == len(cy) == 5 and {(a.tobytes(), b.tobytes()) for a, b in zip(cx, cy)} <= pairs
+    assert len({cx.tobytes() for cx, _ in draws}) > 30  # a fresh draw, not one fixed subset
+    assert {(a.tobytes(), b.tobytes()) for cx, cy in draws for a, b in zip(cx, cy)} == pairs  # nothing left unseen
+    fx, _ = _examples(bundle, len(x) + 3)
+    assert np.array_equal(fx, x)  # under the cap: every window, in order
 
 
 def test_train_round_stops_when_asked(bundle: Bundle) -> None:
