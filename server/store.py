@@ -147,6 +147,11 @@ class Store:
         with np.load(self.root / rel) as data:
             return {k: data[k] for k in data.files}
 
+    def read_opt_steps(self, rel: str) -> int:
+        """The server steps counted in an optimizer state file (0 without a count), reading only that entry."""
+        with np.load(self.root / rel) as data:
+            return int(data["round"]) if "round" in data.files else 0
+
     # ------------------------------------------------------------------ recovery
     def collect_garbage(self, live: set[str], min_age_s: float = 0.0) -> list[str]:
         """Delete temp files and any blob no database row references; returns what was removed. Files and

@@ -95,7 +95,7 @@ class ModelVersions:
         row = self.db.get_model(version) if version is not None else None
         if not row or not row.get("opt_state_file"):
             return 1
-        return int(self.store.read_opt_state(row["opt_state_file"]).get("round", 0)) + 1
+        return self.store.read_opt_steps(row["opt_state_file"]) + 1
 
     def training_enabled(self) -> bool:
         return bool(self.db.get_meta("training_enabled", False))
