@@ -86,6 +86,14 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+def check_dropout(rate: float) -> float:
+    """A training dropout rate in [0, 1): anything else is refused (1 would zero every activation)."""
+    rate = float(rate)
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {rate!r}")
+    return rate
+
+
 def preset(name: str, vocab_size: int | None = None) -> ModelConfig:
     """A preset config, optionally resized to an actual vocabulary."""
     try:

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import tensorflow as tf
 
-from models.config import ModelConfig
+from models.config import ModelConfig, check_dropout
 
 PAD_ID = 0
 BOS_ID = 1
@@ -135,11 +135,14 @@ class TiedOutput(tf.keras.layers.Layer):
         return tf.TensorShape(input_shape)[:-1].concatenate([self._tied_embedding.input_dim])
 
 
-def build_model(config: ModelConfig, seed: int | None = None) -> tf.keras.Model:
+def build_model(config: ModelConfig, seed: int | None = None, dropout: float = 0.0) -> tf.keras.Model:
     """The uncompiled model: int32 ids [batch, time] -> logits [batch, time, vocab].
 
     Depends on nothing but `config` (and `seed`), so it can be rebuilt from config JSON
-    and created inside a TFF model_fn.
+    and created inside a TFF model_fn. `dropout` > 0 drops that share of the LSTM's inputs
+    (the embedded words) and of its projected outputs while training (`training=True`) only
+    (Zaremba et al. 2014's non-recurrent dropout): it holds no weights, so the layout, the wire
+    format and every bundle are the same with and without it.
     """
     ids = tf.keras.Input(shape=(None,), dtype=tf.int32, name="ids")
     embedding = tf.keras.layers.Embedding(
@@ -150,7 +153,14 @@ def build_model(config: ModelConfig, seed: int | None = None) -> tf.keras.Model:
     )
     cifg = CIFGLSTM(config.units, config.embedding_dim, seed=seed, name="cifg")
     output = TiedOutput(embedding, name="output")
-    logits = output(cifg(embedding(ids)))
+    rate = check_dropout(dropout)
+    hidden = embedding(ids)
+    if rate > 0:
+        hidden = tf.keras.layers.Dropout(rate, name="input_dropout")(hidden)
+    hidden = cifg(hidden)
+    if rate > 0:
+        hidden = tf.keras.layers.Dropout(rate, name="output_dropout")(hidden)
+    logits = output(hidden)
     model = tf.keras.Model(inputs=ids, outputs=logits, name=f"cifg_{config.preset}")
     _check_layout(model, config)
     return model

@@ -183,3 +183,21 @@ def test_tiny_model_learns_repeating_corpus():
     assert initial > 5.0  # ~ log(504) at start
     assert final < 0.2 * initial
     assert evaluate_logits(model.predict(x, verbose=0), y)["top1_recall"] > 0.9
+
+
+def test_dropout_acts_in_training_only_and_keeps_the_layout():
+    """Dropout holds no weights (same layout, same bundles) and changes nothing at inference."""
+    from models.config import check_dropout
+
+    plain, dropped = build_model(MICRO), build_model(MICRO, dropout=0.5)
+    assert [v.shape for v in dropped.trainable_weights] == [v.shape for v in plain.trainable_weights]
+    weights = _random_weights(MICRO, 3)
+    set_weights(plain, weights, MICRO)
+    set_weights(dropped, weights, MICRO)
+    ids = np.random.default_rng(0).integers(2, MICRO.vocab_size, size=(4, MICRO.seq_len)).astype(np.int32)
+    np.testing.assert_allclose(dropped(ids, training=False).numpy(), plain(ids).numpy(), rtol=1e-6, atol=1e-6)
+    trained = dropped(ids, training=True).numpy()
+    assert np.max(np.abs(trained - plain(ids).numpy())) > 1e-3
+    for bad in (1.0, -0.1, 2):
+        with pytest.raises(ValueError, match="dropout"):
+            check_dropout(bad)

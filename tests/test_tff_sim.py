@@ -103,6 +103,24 @@ def test_tff_round_equals_plain_keras_fedavg(data, server_optimizer):
     assert moved > 1e-2  # far beyond the tolerance: the comparison can fail
 
 
+def test_tff_clients_train_with_dropout(data):
+    """--dropout reaches TFF's client training: at dropout 0 a round equals plain FedAvg (above); at 0.5
+    the same cohort's round lands far from it, and from a second dropout run (fresh masks)."""
+    cfg = SimConfig(**FAST, rounds=1, dropout=0.5)
+    both = FedAvgComparison(cfg, data)
+    datasets, batches = both.cohort(1)
+    first = both.learning.next(both.state, datasets).state
+    second = both.learning.next(both.state, datasets).state
+    from tff_sim.plain_fedavg import plain_round
+
+    plain, _ = plain_round(both.trainer, both.plain, batches, both.server)
+    w1, w2 = (process.get_weights_from_state(both.learning, s) for s in (first, second))
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(w1, plain.weights)) > 1e-3
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(w1, w2)) > 1e-3
+    with pytest.raises(ValueError, match="dropout"):
+        SimConfig(**FAST, dropout=1.0)
+
+
 def test_dp_epsilon_is_finite_and_grows_and_resume_equals_uninterrupted(data, tmp_path):
     cfg = SimConfig(**FAST, rounds=4, dp=True, noise_multiplier=0.8, clip=0.5, eval_every=0, allow_noisy_dp=True)
     whole = run(cfg.replace(output=str(tmp_path / "whole")), data)

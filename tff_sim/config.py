@@ -16,6 +16,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Sequence
 
+from models.config import check_dropout
 from models.dp_noise_check import DEFAULT_MAX_NOISE_TO_CLIP
 from models.fedavg import SERVER_OPTIMIZERS, FedAvgHyperparams
 from models.lr_schedule import DEFAULT_GAMMA, DEFAULT_MIN_LR_FRACTION, SCHEDULES, LrSchedule
@@ -40,7 +41,8 @@ _ADDED_LATER = {"beta1": 0.9, "beta2": 0.99, "eps": 1e-3, "dp_mechanism": "dp-fe
                 "ftrl_efficient": True, "population": "all", "vocab_source": None, "init_bundle": None,
                 "server_lr_schedule": "constant", "server_lr_warmup_rounds": 0,
                 "server_lr_min_fraction": DEFAULT_MIN_LR_FRACTION, "server_lr_total_rounds": None,
-                "server_lr_step_rounds": None, "server_lr_gamma": DEFAULT_GAMMA, "client_lr_decay": False}
+                "server_lr_step_rounds": None, "server_lr_gamma": DEFAULT_GAMMA, "client_lr_decay": False,
+                "dropout": 0.0}
 POPULATIONS = ("all", "donors", "federated")  # = models.data.POPULATIONS (docs/donors.md)
 VOCAB_SOURCES = ("all", "donors", "wordfreq")  # = models.data.VOCAB_SOURCES
 
@@ -58,6 +60,7 @@ class SimConfig:
     # model
     preset: str = "gboard"  # gboard (Hard et al. 2018, the baselines' preset) | small | tiny
     vocab_size: int | None = None  # words + 4 specials; None: the preset's
+    dropout: float = 0.0  # clients train with this dropout on the LSTM's inputs and outputs (no weights: same bundle)
     # federated training
     rounds: int = 50
     clients_per_round: int = 10
@@ -178,6 +181,7 @@ class SimConfig:
             raise ValueError(f"dp_mechanism must be one of {DP_MECHANISMS}, got {self.dp_mechanism!r}")
         if self.ftrl_restart not in FTRL_RESTARTS:
             raise ValueError(f"ftrl_restart must be one of {FTRL_RESTARTS}, got {self.ftrl_restart!r}")
+        check_dropout(self.dropout)
         if self.client_lr_decay and self.lr_schedule.name == "constant":
             raise ValueError("--client-lr-decay follows the server lr schedule's decay: set --server-lr-schedule "
                              "(cosine, step or inverse_sqrt)")
@@ -329,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--preset", choices=("tiny", "small", "gboard"), help=f"model size (default {default('preset')})")
     g.add_argument("--vocab-size", type=int, help="vocabulary incl. 4 special tokens (default: the preset's)")
+    g.add_argument("--dropout", type=float, help="dropout rate on the LSTM's inputs and outputs in the clients' "
+                   f"training (models/keras_model.py; default {default('dropout')})")
     g.add_argument("--population", choices=POPULATIONS,
                    help="train on all training clients, only the federated ones (not the donors) or only the "
                    "donors; held-out evaluation is unchanged (docs/donors.md; default all)")

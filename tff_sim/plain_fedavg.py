@@ -21,9 +21,9 @@ from models.keras_model import build_model, get_weights, masked_loss, set_weight
 class KerasClientTrainer:
     """One Keras model reused for every client; one traced SGD step."""
 
-    def __init__(self, config: ModelConfig, client_lr: float) -> None:
+    def __init__(self, config: ModelConfig, client_lr: float, dropout: float = 0.0) -> None:
         self.config = config
-        self.model = build_model(config)
+        self.model = build_model(config, dropout=dropout)
         self.loss = masked_loss()
         lr = tf.constant(client_lr, tf.float32)
         spec = tf.TensorSpec([None, config.seq_len], tf.int32)

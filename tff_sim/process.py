@@ -53,12 +53,14 @@ def eval_metrics() -> list[Callable[[], tf.keras.metrics.Metric]]:
     ]
 
 
-def make_model_fn(config: ModelConfig, metrics: Callable[[], list] = train_metrics) -> Callable[[], Any]:
-    """A no-argument model_fn: TFF calls it inside its own graphs, so it builds a fresh model each time."""
+def make_model_fn(config: ModelConfig, metrics: Callable[[], list] = train_metrics,
+                  dropout: float = 0.0) -> Callable[[], Any]:
+    """A no-argument model_fn: TFF calls it inside its own graphs, so it builds a fresh model each time.
+    `dropout` acts in the clients' training only (TFF's forward pass with training=True)."""
 
     def model_fn():
         return tff.learning.models.from_keras_model(
-            build_model(config),
+            build_model(config, dropout=dropout),
             loss=masked_loss(),
             input_spec=input_spec(config),
             metrics=[m() for m in metrics()],
@@ -140,7 +142,7 @@ def build_learning_process(
 ) -> tff.learning.templates.LearningProcess:
     """FedAvg without DP; DP-FedAvg (unweighted, clipped, noised) with cfg.dp; DP-FTRL with
     cfg.dp_mechanism "dp-ftrl" (tree restarted after every `restart_period` rounds, None: never)."""
-    model_fn = make_model_fn(model_config)
+    model_fn = make_model_fn(model_config, dropout=cfg.dropout)
     loop = loop_implementation(cfg.tff_loop)
     if not cfg.dp:
         return tff.learning.algorithms.build_weighted_fed_avg(
@@ -182,37 +184,38 @@ def build_learning_process(
 
 def server_lr(process: tff.learning.templates.LearningProcess, state) -> float:
     """The server optimizer's learning rate in `state` (the finalizer's hyperparameters)."""
-    return float(np.asarray(_finalizer_hparams(process.get_hparams(state))[tff.learning.optimizers.LEARNING_RATE_KEY]))
+    hparams = process.get_hparams(state)
+    return float(np.asarray(_optimizer_hparams(hparams, "finalizer")[tff.learning.optimizers.LEARNING_RATE_KEY]))
 
 
 def set_server_lr(process: tff.learning.templates.LearningProcess, state, lr: float):
     """`state` with the server optimizer's learning rate set to `lr`, everything else unchanged."""
-    hparams = process.get_hparams(state)
-    _finalizer_hparams(hparams)[tff.learning.optimizers.LEARNING_RATE_KEY] = np.float32(lr)
-    return process.set_hparams(state, hparams)
+    return _set_lr(process, state, "finalizer", lr)
 
 
 def set_client_lr(process: tff.learning.templates.LearningProcess, state, lr: float):
     """`state` with the clients' optimizer learning rate set to `lr` (the client work's hyperparameters,
     which TFF hands every client of the next round), everything else unchanged."""
+    return _set_lr(process, state, "client_work", lr)
+
+
+def _set_lr(process: tff.learning.templates.LearningProcess, state, part: str, lr: float):
     hparams = process.get_hparams(state)
-    key = tff.learning.optimizers.LEARNING_RATE_KEY
-    optimizer = hparams.get("client_work") if hasattr(hparams, "get") else None  # the client optimizer's hparams
-    if optimizer is None or key not in optimizer:
-        raise ValueError(f"this learning process exposes no client optimizer {key!r} in its hyperparameters "
-                         f"({hparams!r}): its client lr cannot decay")
-    optimizer[key] = np.float32(lr)
+    _optimizer_hparams(hparams, part)[tff.learning.optimizers.LEARNING_RATE_KEY] = np.float32(lr)
     return process.set_hparams(state, hparams)
 
 
-def _finalizer_hparams(hparams: Any) -> Any:
-    """The server optimizer's part of a composed process's hyperparameters ({client_work, finalizer})."""
+_SCHEDULED = {"finalizer": "its server lr cannot follow a schedule", "client_work": "its client lr cannot decay"}
+
+
+def _optimizer_hparams(hparams: Any, part: str) -> Any:
+    """One optimizer's part of a composed process's hyperparameters ({client_work, finalizer})."""
     key = tff.learning.optimizers.LEARNING_RATE_KEY
-    finalizer = hparams.get("finalizer") if hasattr(hparams, "get") else None
-    if finalizer is None or key not in finalizer:
-        raise ValueError(f"this learning process exposes no server {key!r} in its hyperparameters "
-                         f"({hparams!r}): it cannot follow a server lr schedule")
-    return finalizer
+    found = hparams.get(part) if hasattr(hparams, "get") else None
+    if found is None or key not in found:
+        raise ValueError(f"this learning process exposes no {part} {key!r} in its hyperparameters "
+                         f"({hparams!r}): {_SCHEDULED[part]}")
+    return found
 
 
 def build_eval_process(model_config: ModelConfig, loop: str = "iterator") -> tff.learning.templates.LearningProcess:

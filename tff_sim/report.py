@@ -225,7 +225,8 @@ def write_report(out: Path, summary: dict[str, Any], history: Sequence[dict[str,
     lines += [
         f"- Algorithm: {algo}, TFF {summary.get('tff_version', '?')}; server optimizer {cfg['server_optimizer']} "
         f"(lr {summary.get('server_lr_schedule') or cfg['server_lr']}), client SGD lr {cfg['client_lr']}"
-        f"{' decayed with the server lr (no warmup)' if cfg.get('client_lr_decay') else ''}",
+        f"{' decayed with the server lr (no warmup)' if cfg.get('client_lr_decay') else ''}"
+        f"{' with dropout %g' % cfg['dropout'] if cfg.get('dropout') else ''}",
         f"- Rounds: {summary['rounds_done']} of {cfg['rounds']}, {cfg['clients_per_round']} clients per round "
         f"({summary.get('sampling')} sampling), {cfg['client_epochs']} local epoch(s), batch {cfg['batch_size']}, "
         f"at most {cfg['max_examples_per_client']} examples per client per round",
