@@ -181,11 +181,39 @@ def test_hyperparams_validate_and_map_to_the_task_keys():
     assert fedavg.hyperparams_from_task({}) == FedAvgHyperparams()
 
 
+def test_iterate_average_is_the_bias_corrected_ema_of_the_rounds_models():
+    from models.iterate_average import check_decay, ema_update, ema_weights
+
+    rng = np.random.default_rng(0)
+    rounds = [[rng.normal(size=(3, 2)).astype(np.float32), rng.normal(size=4).astype(np.float32)] for _ in range(4)]
+    b = 0.9
+    m = None
+    for t, w in enumerate(rounds, start=1):
+        m = ema_update(m, w, b)
+        got = ema_weights(m, t, b)
+        # by hand: sum_i b^(t-i) (1-b) w_i / (1 - b^t)
+        coeffs = [(1 - b) * b ** (t - i) for i in range(1, t + 1)]
+        for k in range(2):
+            want = sum(c * rounds[i][k].astype(np.float64) for i, c in enumerate(coeffs)) / (1 - b ** t)
+            np.testing.assert_allclose(got[k], want, rtol=1e-6, atol=1e-7)
+            assert got[k].dtype == np.float32
+    np.testing.assert_array_equal(ema_weights(ema_update(None, rounds[0], b), 1, b)[1], rounds[0][1])  # round 1: w_1
+    zero = ema_weights(ema_update(ema_update(None, rounds[0], 0.0), rounds[1], 0.0), 2, 0.0)
+    np.testing.assert_array_equal(zero[0], rounds[1][0])  # decay 0: the last round's model
+    for bad in (1.0, -0.01):
+        with pytest.raises(ValueError, match="decay"):
+            check_decay(bad)
+    with pytest.raises(ValueError, match="at least one round"):
+        ema_weights(m, 0, b)
+    with pytest.raises(ValueError, match="tensors"):
+        ema_update(m, rounds[0][:1], b)
+
+
 def test_models_fedavg_imports_no_tensorflow_or_other_packages():
     import subprocess
     import sys
 
-    code = ("import sys, models.fedavg\n"
+    code = ("import sys, models.fedavg, models.iterate_average\n"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'server', 'tff_sim', 'device_app')]\n"
             "assert not bad, bad\n")
     root = Path(__file__).resolve().parents[1]

@@ -121,6 +121,35 @@ def test_tff_clients_train_with_dropout(data):
         SimConfig(**FAST, dropout=1.0)
 
 
+def test_averaged_run_serves_the_ema_of_its_rounds_models_and_resumes(data, tmp_path):
+    """--average-decay: training is unchanged (the last round's model is the plain run's), while the run's
+    model (evaluated, exported) is the bias-corrected EMA of the rounds' models, also across a resume."""
+    from models.bundle import load_bundle
+    from models.iterate_average import ema_update, ema_weights
+
+    plain_cfg = dict(FAST, eval_every=0, output=str(tmp_path / "plain"))
+    iterates = [run(SimConfig(**plain_cfg, rounds=r), data).weights for r in (1, 2, 3)]  # each extends the last
+    decay = 0.6
+    cfg = SimConfig(**FAST, rounds=3, eval_every=3, average_decay=decay, output=str(tmp_path / "avg"))
+    averaged = interrupt_and_resume(cfg, data, stop_after=2)
+    m = None
+    for w in iterates:
+        m = ema_update(m, w, decay)
+    want = ema_weights(m, 3, decay)
+    for got, expect, last in zip(averaged.weights, want, iterates[-1]):
+        np.testing.assert_allclose(got, expect, atol=1e-5)
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(want, iterates[-1])) > 1e-3  # the check can fail
+    for got, expect in zip(load_bundle(averaged.output / "model").weights, want):
+        np.testing.assert_allclose(got, expect, atol=1e-5)
+    summary = averaged.summary
+    assert summary["average_decay"] == decay and summary["final"] != summary["final_iterate"]
+    plain_final = json.loads((tmp_path / "plain" / "summary.json").read_text())["final"]
+    assert summary["final_iterate"]["heldout"]["top1_recall"] == pytest.approx(plain_final["heldout"]["top1_recall"])
+    assert "average of the rounds' models at decay 0.6" in (averaged.output / "report.md").read_text()
+    with pytest.raises(ValueError, match="decay"):
+        SimConfig(**FAST, average_decay=1.0)
+
+
 def test_dp_epsilon_is_finite_and_grows_and_resume_equals_uninterrupted(data, tmp_path):
     cfg = SimConfig(**FAST, rounds=4, dp=True, noise_multiplier=0.8, clip=0.5, eval_every=0, allow_noisy_dp=True)
     whole = run(cfg.replace(output=str(tmp_path / "whole")), data)

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from models.config import check_dropout
 from models.dp_noise_check import DEFAULT_MAX_NOISE_TO_CLIP
+from models.iterate_average import check_decay
 from models.fedavg import SERVER_OPTIMIZERS, FedAvgHyperparams
 from models.lr_schedule import DEFAULT_GAMMA, DEFAULT_MIN_LR_FRACTION, SCHEDULES, LrSchedule
 
@@ -42,7 +43,7 @@ _ADDED_LATER = {"beta1": 0.9, "beta2": 0.99, "eps": 1e-3, "dp_mechanism": "dp-fe
                 "server_lr_schedule": "constant", "server_lr_warmup_rounds": 0,
                 "server_lr_min_fraction": DEFAULT_MIN_LR_FRACTION, "server_lr_total_rounds": None,
                 "server_lr_step_rounds": None, "server_lr_gamma": DEFAULT_GAMMA, "client_lr_decay": False,
-                "dropout": 0.0}
+                "dropout": 0.0, "average_decay": 0.0}
 POPULATIONS = ("all", "donors", "federated")  # = models.data.POPULATIONS (docs/donors.md)
 VOCAB_SOURCES = ("all", "donors", "wordfreq")  # = models.data.VOCAB_SOURCES
 
@@ -69,6 +70,7 @@ class SimConfig:
     client_lr: float = 0.5
     client_momentum: float = 0.0
     client_lr_decay: bool = False  # the client lr decays with the server lr schedule, without its warmup
+    average_decay: float = 0.0  # serve (evaluate, export) the EMA of the rounds' global models at this decay (0: off)
     # server optimizer (models/fedavg.py defines each): sgd | momentum | nesterov (Gboard: Nesterov 0.9) |
     # adam (FedAdam) | yogi (FedYogi) | adagrad (FedAdagrad)
     server_optimizer: str = "nesterov"
@@ -182,6 +184,7 @@ class SimConfig:
         if self.ftrl_restart not in FTRL_RESTARTS:
             raise ValueError(f"ftrl_restart must be one of {FTRL_RESTARTS}, got {self.ftrl_restart!r}")
         check_dropout(self.dropout)
+        check_decay(self.average_decay)
         if self.client_lr_decay and self.lr_schedule.name == "constant":
             raise ValueError("--client-lr-decay follows the server lr schedule's decay: set --server-lr-schedule "
                              "(cosine, step or inverse_sqrt)")
@@ -351,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--client-lr", type=float, help=f"client SGD learning rate (default {default('client_lr')})")
     _bool_flag(g, "client-lr-decay", "decay the client lr with the server lr schedule, without its warmup "
                "(models/lr_schedule.py: LrSchedule.decay_at)")
+    g.add_argument("--average-decay", type=float,
+                   help="evaluate, export and push the exponential moving average of the rounds' global models "
+                   "(bias-corrected, models/iterate_average.py), training going on from the rounds' own; "
+                   f"0: the last round's model (default {default('average_decay')})")
     g.add_argument("--client-momentum", type=float, help=f"client SGD momentum (default {default('client_momentum')})")
     g.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS,
                    help="nesterov = Gboard's SGD with Nesterov momentum; adam/yogi/adagrad = FedAdam/FedYogi/FedAdagrad "

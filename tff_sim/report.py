@@ -265,11 +265,17 @@ def write_report(out: Path, summary: dict[str, Any], history: Sequence[dict[str,
         ] + ([f"- Guarantee: {privacy['guarantee']}"] if privacy.get("guarantee") else [])
     lines += ["", "## Results (top-1 / top-3 recall of the next word, %)", "",
               "| model | split | top-1 | top-3 | perplexity | tokens |", "|---|---|---|---|---|---|"]
-    for split in ("test", "heldout"):
-        m = final.get(split)
-        if m:
-            lines.append(f"| federated (this run) | {split} | {_pct(m['top1_recall'])} | {_pct(m['top3_recall'])} | "
-                         f"{_num(m.get('perplexity'), 1)} | {m.get('tokens', '-')} |")
+    averaged = summary.get("final_iterate") is not None  # --average-decay: the run's model is the average
+    rows = [("federated (this run" + (f", average of the rounds' models at decay {summary['average_decay']:g})"
+                                       if averaged else ")"), final)]
+    if averaged:
+        rows.append(("federated, the last round's model (not averaged)", summary["final_iterate"]))
+    for name, results in rows:
+        for split in ("test", "heldout"):
+            m = results.get(split)
+            if m:
+                lines.append(f"| {name} | {split} | {_pct(m['top1_recall'])} | {_pct(m['top3_recall'])} | "
+                             f"{_num(m.get('perplexity'), 1)} | {m.get('tokens', '-')} |")
     for r in baselines:
         lines.append(f"| {r['model']} (baseline) | {r.get('split', '-')} | {_pct(r['top1_recall'])} | "
                      f"{_pct(r.get('top3_recall'))} | {_num(r.get('perplexity'), 1)} | {r.get('tokens', '-')} |")

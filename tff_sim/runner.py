@@ -13,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from models import interrupts
+from models.iterate_average import ema_update, ema_weights
 from tff_sim import checkpoint, client_data, privacy, report, sampling
 from tff_sim.config import SimConfig, dp_noise_refusal
 
@@ -131,14 +132,22 @@ def run(cfg: SimConfig, data: client_data.SimData | None = None,
     w0 = data.initial_weights if data.initial_weights is not None else process.initial_weights(model_config, cfg.seed)
     log.info("phase: starting TFF's worker and initialising the server state")
     state = process.initialize(learning, w0)
+    # --average-decay: m_r of models/iterate_average.py (m_0 = 0), checkpointed with the TFF state
+    average = [np.zeros(np.shape(w), np.float64) for w in w0] if cfg.average_decay else None
     history: list[dict[str, Any]] = []
     start_round, resumed_from = 0, None
     if resume:
-        state, header = checkpoint.load(out, state)
+        if average is None:
+            state, header = checkpoint.load(out, state)
+        else:
+            (state, average), header = checkpoint.load(out, (state, average))
         history, start_round = header["history"], int(header["round"])
         timer.before = float(header.get("wall_seconds", 0.0))
         resumed_from = start_round
         log.info("resuming from the checkpoint of round %d", start_round)
+    saved = lambda: state if average is None else (state, average)  # noqa: E731
+    served = lambda r: (process.get_weights_from_state(learning, state) if average is None or r == 0  # noqa: E731
+                        else ema_weights(average, r, cfg.average_decay))
     save_header = lambda r: {  # noqa: E731
         "round": r, "config_hash": cfg.config_hash(), "history": history, "wall_seconds": timer.total,
         "config": cfg.public_dict(),
@@ -187,19 +196,21 @@ def run(cfg: SimConfig, data: client_data.SimData | None = None,
             row.update(workers.since(traffic))  # --workers: worker count, bytes each way this round
             # The round is done: state, history and last_done move together, so a checkpoint
             # written from here on (even by the error handler) is consistent.
-            if output is not None:
-                state = output.state
+            new_state = output.state if output is not None else state
+            if average is not None:
+                average = ema_update(average, process.get_weights_from_state(learning, new_state), cfg.average_decay)
+            state = new_state
             history.append(row)
             last_done = r
             if plan:
                 for acc, eps in plan.epsilon(r).items():
                     row[f"epsilon_{acc}"] = eps
             if eval_process is not None and ((cfg.eval_every and r % cfg.eval_every == 0) or r == cfg.rounds):
-                row.update(evaluate(process.get_weights_from_state(learning, state)))
+                row.update(evaluate(served(r)))
             tb.log(row)
             report.write_metrics(out, history)
             if cfg.checkpoint_every and (r % cfg.checkpoint_every == 0 or r == cfg.rounds):
-                checkpoint.save(out, state, save_header(r))
+                checkpoint.save(out, saved(), save_header(r))
             if on_round is not None:
                 on_round(row)
             if bar is None:
@@ -218,7 +229,7 @@ def run(cfg: SimConfig, data: client_data.SimData | None = None,
         if interrupts.caused_by_stop(exc):
             interrupts.acknowledge(exc)  # a second Ctrl-C must not cut the checkpoint short
         if last_done > start_round or not checkpoint.exists(out):
-            checkpoint.save(out, state, save_header(last_done))
+            checkpoint.save(out, saved(), save_header(last_done))
             log.warning("stopped after round %d; checkpoint saved in %s (rerun the same command to resume)",
                         last_done, out)
         raise
@@ -228,8 +239,9 @@ def run(cfg: SimConfig, data: client_data.SimData | None = None,
         tb.close()
 
     interrupts.check()
-    weights = process.get_weights_from_state(learning, state)
-    summary = finish(cfg, data, out, weights, history, plan, timer, resumed_from, tff.__version__)
+    weights = served(last_done)
+    iterate = process.get_weights_from_state(learning, state) if average is not None else None
+    summary = finish(cfg, data, out, weights, history, plan, timer, resumed_from, tff.__version__, iterate)
     return RunResult(out, weights, history, summary, data)
 
 
@@ -245,7 +257,9 @@ def final_evaluation(data: client_data.SimData, weights: list[np.ndarray]) -> di
 
 def finish(cfg: SimConfig, data: client_data.SimData, out: Path, weights: list[np.ndarray],
            history: list[dict[str, Any]], plan: privacy.PrivacyPlan | None, timer: _Timer,
-           resumed_from: int | None, tff_version: str) -> dict[str, Any]:
+           resumed_from: int | None, tff_version: str, iterate: list[np.ndarray] | None = None) -> dict[str, Any]:
+    """Final evaluation, model export, plots and report of the run's model `weights` (with --average-decay the
+    average; `iterate`, the last round's own model, is then scored too, for comparison)."""
     from tff_sim import workers
     from tff_sim.export import export_model
 
@@ -273,6 +287,9 @@ def finish(cfg: SimConfig, data: client_data.SimData, out: Path, weights: list[n
         "mean_round_seconds": round(train_seconds / max(1, len(trained)), 4),
         "resumed_from": resumed_from,
     }
+    if iterate is not None:
+        summary["average_decay"] = cfg.average_decay
+        summary["final_iterate"] = final_evaluation(data, iterate)
     if (on_workers := workers.run_summary(cfg.workers, trained)) is not None:  # --workers: count, bytes per round
         summary["workers"] = on_workers
     if plan:

@@ -31,7 +31,7 @@ from tff_sim.report import baseline_lines, cumulative_examples, load_baselines
 
 ROOT = Path(__file__).resolve().parents[1]
 _SHOWN = ("server_optimizer", "server_lr", "server_lr_schedule", "client_lr", "client_lr_decay", "dropout",
-          "clients_per_round",
+          "average_decay", "clients_per_round",
           "client_epochs", "batch_size", "max_examples_per_client", "rounds")
 
 
@@ -117,7 +117,8 @@ def write_report(out: Path, rows: list[dict[str, Any]], baselines: list[dict[str
         ratio = f"{r['final_heldout_top1'] / kn:.3f}" if kn and r["final_heldout_top1"] else "-"
         lines.append(
             f"| {r['name']} | {r['server_optimizer']} | {r['server_lr']:g}{_schedule_note(r)} | {r['client_lr']:g}{' (decayed)' if r.get('client_lr_decay') else ''}"
-            f"{', dropout %g' % r['dropout'] if r.get('dropout') else ''} | "
+            f"{', dropout %g' % r['dropout'] if r.get('dropout') else ''}"
+            f"{', served: average at decay %g' % r['average_decay'] if r.get('average_decay') else ''} | "
             f"{r['clients_per_round']} | "
             f"{r['client_epochs']} | {r['batch_size']} | {r['max_examples_per_client']} | {r['rounds_done']}/{r['rounds']} | "
             f"{pct(r['final_heldout_top1'])} | {pct(r['final_heldout_top3'])} | {ratio} | {pct(r['best_eval_top1'])} "
