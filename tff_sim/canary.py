@@ -292,7 +292,7 @@ def run(cfg: CanaryConfig, log=print) -> dict[str, Any]:
 
     tf.keras.utils.set_random_seed(cfg.seed)
     init = get_weights(build_model(config, seed=cfg.seed))
-    trainer = KerasClientTrainer(config, cfg.client_lr, cfg.dropout)
+    trainer = KerasClientTrainer(config, cfg.client_lr)
     scorer = build_model(config)
     prefix_ids = vocab.encode(prefix)
     alphabet_ids = vocab.encode(alphabet)
