@@ -16,8 +16,11 @@ from tff_sim.config import SimConfig
 from tff_sim.sweep import load_sweep, run_fields
 
 ROOT = Path(__file__).resolve().parents[1]
-# recipe file -> (sweep file, run name): the measured run each recipe reproduces
-RECIPES = {"federated-from-donors.json": ("docs/sweeps/chitchat-donors.toml", "nesterov-cosine600-cap1024-clientdecay")}
+# recipe file -> (sweep file, run name): the measured run each recipe reproduces. The server serves each round's own
+# model: a run that also scored the average of its rounds' models (average_decay) stands for the recipe with the
+# figure of its last round's model (summary.json final_iterate).
+RECIPES = {"federated-from-donors.json": ("docs/sweeps/chitchat-donors.toml",
+                                          "nesterov-cosine600-floor0.01-cap1024-clientdecay-all")}
 
 
 def sweep_run(sweep: str, name: str) -> SimConfig:
