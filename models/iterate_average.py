@@ -13,7 +13,8 @@ With decay b and the iterates w_1, w_2, ... (w_0, the start, is not averaged):
     average_t = m_t / (1 - b^t)                      (ema_weights: Adam's bias correction)
 
 so round 1's average is w_1, and an open-ended server's average is defined from its first round on, with
-an effective window of about 1 / (1 - b) rounds. Pure numpy: the simulation and the server share it.
+an effective window of about 1 / (1 - b) rounds. Pure numpy, so the aggregation server can use it as is;
+today only tff_sim (--average-decay) serves the average, the server each round's own model.
 """
 from __future__ import annotations
 
