@@ -80,7 +80,7 @@ def fixed_name(weight: float) -> str:
 def replay_user(messages: list[str], past: float, bundle: Any, model: Any, trainer: Any, settings: Any,
                 seed: int, fixed_weights: tuple[float, ...] = (), kappa: float = 0.0,
                 oracle: bool = False) -> dict[str, Any] | None:
-    """One user's row: the four variants' metrics on their future messages (and the oracles' with `oracle`)."""
+    """One user's row: the variants' metrics on their future messages (and the oracles' with `oracle`)."""
     from device_app.local_training import examples_for
     from device_app.store import TextStore
     from models.keras_model import set_weights
@@ -116,29 +116,31 @@ def replay_user(messages: list[str], past: float, bundle: Any, model: Any, train
     # of the training messages: which model is served, and each model's cache weight.
     sel = select_personal(hx, hy, g_held, t_held, cache_of(x, y),
                           min_tokens=settings.min_heldout_tokens, min_weight_tokens=settings.min_weight_tokens)
-    served_future = t_future if sel.served == "personal" else g_future
     w_cache, w_both = sel.weight_global, sel.weight
     past_x, past_y = np.concatenate([x, hx]), np.concatenate([y, hy])
     row: dict[str, Any] = {"messages": len(messages), "train_messages": len(train_msgs), "heldout_messages": len(held_msgs),
                            "future_messages": len(future), "heldout_tokens": sel.heldout_tokens,
                            "enough_text": sel.enough_text, "serve_finetuned": sel.served == "personal",
                            "weight_cache": w_cache, "weight_both": w_both}
+    # One pass per model over the future text, every weight at once (each pass needs its own growing cache).
+    on_global = evaluate_blend(fx, fy, g_future, cache_of(past_x, past_y),
+                               sorted({0.0, w_cache, w_both, *fixed_weights, *(WEIGHT_GRID if oracle else ())}))
+    on_tuned = evaluate_blend(fx, fy, t_future, cache_of(past_x, past_y),
+                              sorted({0.0, w_both, *(WEIGHT_GRID if oracle else ())}))
+    served = on_tuned if sel.served == "personal" else on_global
     scored = {
-        "global": evaluate_blend(fx, fy, g_future, cache_of(past_x, past_y), (0.0,)).metrics[0],
-        "cache": evaluate_blend(fx, fy, g_future, cache_of(past_x, past_y), (w_cache,)).metrics[0],
-        "finetune": evaluate_blend(fx, fy, served_future, cache_of(past_x, past_y), (0.0,)).metrics[0],
-        "both": evaluate_blend(fx, fy, served_future, cache_of(past_x, past_y), (w_both,)).metrics[0],
-        "finetune-all": evaluate_blend(fx, fy, t_future, cache_of(past_x, past_y), (0.0,)).metrics[0],
+        "global": on_global.metrics_of(0.0),
+        "cache": on_global.metrics_of(w_cache),
+        "finetune": served.metrics_of(0.0),
+        "both": served.metrics_of(w_both),
+        "finetune-all": on_tuned.metrics_of(0.0),
     }
     # Fixed weights on the global model (what a device serves before any weight was chosen for it).
-    fixed = evaluate_blend(fx, fy, g_future, cache_of(past_x, past_y), fixed_weights)
     for w in fixed_weights:
-        scored[fixed_name(w)] = fixed.metrics_of(w)
+        scored[fixed_name(w)] = on_global.metrics_of(w)
     if oracle:
-        on_global = evaluate_blend(fx, fy, g_future, cache_of(past_x, past_y), WEIGHT_GRID).metrics
-        on_tuned = evaluate_blend(fx, fy, t_future, cache_of(past_x, past_y), WEIGHT_GRID).metrics
-        scored["cache-oracle"] = best_top1(on_global)
-        scored["both-oracle"] = best_top1([*on_global, *on_tuned])
+        scored["cache-oracle"] = best_top1(on_global.metrics)
+        scored["both-oracle"] = best_top1([*on_global.metrics, *on_tuned.metrics])
     for name, m in scored.items():
         row[f"{name}_top1"], row[f"{name}_top3"] = m["top1_recall"], m["top3_recall"]
     row["tokens"] = int(scored["global"]["tokens"])
@@ -202,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     users = [c for c in ds.heldout_ids if len(ds.clients[c]) >= args.min_messages]
     if args.users:
         users = users[: args.users]
-    settings = PersonalizationSettings()
-    settings = dataclasses.replace(settings, epochs=args.ft_epochs or settings.epochs, lr=args.ft_lr or settings.lr)
+    default = PersonalizationSettings()
+    settings = dataclasses.replace(default, epochs=args.ft_epochs or default.epochs, lr=args.ft_lr or default.lr)
     model, trainer = build_model(bundle.config), trainer_for(bundle.config)
     rows, started = [], time.time()
     for i, cid in enumerate(users, 1):
